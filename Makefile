@@ -1,0 +1,34 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first, idempotently.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The stamp is newer than pyproject.toml once its dependencies are installed; a second `make install`
+# then only checks that the package still imports.
+STAMP := $(VENV)/.autotune-installed
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+	@$(BIN)/python -c "import autotune, profilers, search_spaces" && echo "autotune environment ready in $(VENV)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+# pytest exits 5 when it collected nothing: a suite that runs no test is a failure, said plainly.
+test: install
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+demo: install
+	$(BIN)/autotune profile
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

@@ -1,0 +1,1 @@
+"""The knobs autotune searches: knob types, spaces, candidates and presets (see DESIGN.md)."""

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random BERT-family models and synthetic labelled text, all made locally.
+
+Nothing here touches a model hub: tokenizers are built from a vocabulary file written to a temp dir, and
+models are initialised from configs (2 layers, hidden 32), so the whole suite stays fast on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+POSITIVE_WORDS = ["good", "great", "fine", "superb", "lovely", "fun", "moving", "smart"]
+NEGATIVE_WORDS = ["bad", "awful", "dull", "boring", "weak", "messy", "flat", "silly"]
+NEUTRAL_WORDS = ["the", "movie", "film", "plot", "story", "was", "a", "and", "cast", "it", "very", "quite"]
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIAL_TOKENS + POSITIVE_WORDS + NEGATIVE_WORDS + NEUTRAL_WORDS
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A WordPiece tokenizer over the tiny vocabulary, saved as a fast tokenizer."""
+    from transformers import BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+
+
+def tiny_config(family: str = "bert", num_labels: int = 2):
+    """A 2-layer, hidden-32 config of the given family with 4 heads and FFN 64."""
+    from transformers import BertConfig, DistilBertConfig, RobertaConfig
+
+    common = dict(vocab_size=len(VOCAB), num_labels=num_labels, max_position_embeddings=128)
+    if family == "bert":
+        return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, **common)
+    if family == "roberta":
+        return RobertaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            pad_token_id=0, bos_token_id=2, eos_token_id=3, **common,
+        )
+    if family == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, pad_token_id=0, **common)
+    raise ValueError(family)
+
+
+def save_tiny_model(directory: Path, family: str = "bert", num_labels: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny classifier (safetensors) plus tokenizer into `directory`."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, num_labels))
+    model.save_pretrained(directory, safe_serialization=True)
+    write_tokenizer(directory)
+    return directory
+
+
+def synthetic_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """Short sentences whose label is carried by the sentiment words they contain (learnable, not trivial)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        cue = POSITIVE_WORDS if label == 1 else NEGATIVE_WORDS
+        words = rng.sample(NEUTRAL_WORDS, rng.randint(2, 8)) + rng.sample(cue, rng.randint(1, 2))
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, int]], text_column: str = "text", label_column: str = "label") -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([text_column, label_column])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny saved classifier per supported family."""
+    return {f: save_tiny_model(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in ("bert", "roberta", "distilbert")}
+
+
+@pytest.fixture(scope="session")
+def synthetic_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", synthetic_rows(240))
