@@ -1,0 +1,112 @@
+"""What the CPU is: model, cores, the ISA extensions inference kernels dispatch on, caches, NUMA.
+
+Facts come from py-cpuinfo (CPUID / /proc/cpuinfo) and psutil; only what neither library exposes (per-cache
+sizes, NUMA nodes) is read from sysfs. Nothing here measures speed; see microbench.py for that.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import psutil
+
+# ISA extensions that change which GEMM / attention kernels ONNX Runtime, oneDNN and FBGEMM can use.
+INFERENCE_FLAG_PATTERN = re.compile(
+    r"^(sse4_1|sse4_2|ssse3|avx|avx2|fma|f16c|avx512\w*|avx_vnni\w*|avx_ifma|avx_ne_convert|amx\w*"
+    r"|neon|asimd\w*|sve\w*|sme\d*|sme_\w+|i8mm|bf16|fphp|asimdhp|dotprod)$"
+)
+SYSFS_CPU = Path("/sys/devices/system/cpu")
+SYSFS_NODE = Path("/sys/devices/system/node")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    vendor: str
+    model_name: str
+    architecture: str
+    physical_cores: int
+    logical_cores: int
+    max_frequency_mhz: float | None
+    current_frequency_mhz: float | None
+    flags: tuple[str, ...]
+    l1d_bytes: int | None
+    l2_bytes: int | None
+    l3_bytes: int | None
+    numa_nodes: int
+
+
+def inference_flags(all_flags: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The sorted subset of CPU flags that matter for inference kernels."""
+    return tuple(sorted({f.lower() for f in all_flags if INFERENCE_FLAG_PATTERN.match(f.lower())}))
+
+
+def parse_cache_size(text: str) -> int:
+    """sysfs cache sizes look like '32K' or '1024K' or '32M'."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)\s*", text)
+    if not match:
+        raise ValueError(f"unrecognised cache size {text!r}")
+    scale = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[match.group(2)]
+    return int(match.group(1)) * scale
+
+
+def sysfs_cache_sizes(cpu_dir: Path = SYSFS_CPU / "cpu0") -> dict[str, int]:
+    """Per-instance cache sizes of one core, keyed 'l1d', 'l2', 'l3' (what one core sees, not a sum)."""
+    sizes: dict[str, int] = {}
+    for index in sorted((cpu_dir / "cache").glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = parse_cache_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction":
+            continue
+        key = "l1d" if level == "1" else f"l{level}"
+        sizes[key] = size
+    return sizes
+
+
+def numa_node_count(node_dir: Path = SYSFS_NODE) -> int:
+    nodes = [p for p in node_dir.glob("node[0-9]*")] if node_dir.exists() else []
+    return max(1, len(nodes))
+
+
+def _frequency_mhz(raw: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """(max, current) in MHz: psutil first; VMs often report max 0, then the advertised clock stands in."""
+    freq = psutil.cpu_freq()
+    current = freq.current if freq and freq.current else None
+    maximum = freq.max if freq and freq.max else None
+    if maximum is None and raw.get("hz_advertised"):
+        maximum = raw["hz_advertised"][0] / 1e6
+    return maximum, current
+
+
+def cpu_info_from(raw: Mapping[str, Any], caches: Mapping[str, int], numa_nodes: int) -> CpuInfo:
+    """Assemble CpuInfo from py-cpuinfo's dict; pure apart from psutil's core counts and frequency."""
+    maximum, current = _frequency_mhz(raw)
+    logical = psutil.cpu_count(logical=True) or raw.get("count") or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    return CpuInfo(
+        vendor=str(raw.get("vendor_id_raw") or "unknown"),
+        model_name=str(raw.get("brand_raw") or platform.processor() or "unknown"),
+        architecture=str(raw.get("arch_string_raw") or platform.machine()),
+        physical_cores=int(physical),
+        logical_cores=int(logical),
+        max_frequency_mhz=maximum,
+        current_frequency_mhz=current,
+        flags=inference_flags(raw.get("flags", [])),
+        l1d_bytes=caches.get("l1d", raw.get("l1_data_cache_size")),
+        l2_bytes=caches.get("l2", raw.get("l2_cache_size")),
+        l3_bytes=caches.get("l3", raw.get("l3_cache_size")),
+        numa_nodes=numa_nodes,
+    )
+
+
+def probe_cpu() -> CpuInfo:
+    import cpuinfo
+
+    return cpu_info_from(cpuinfo.get_cpu_info(), sysfs_cache_sizes(), numa_node_count())

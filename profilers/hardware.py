@@ -1,0 +1,151 @@
+"""HardwareProfile: what this machine is and how fast it runs, as one frozen, JSON-round-trippable value.
+
+A latency only means something on the hardware it was measured on, so every measurement autotune stores is
+tagged with the profile's `fingerprint`: a hash of what determines speed (CPU model, cores, ISA flags, caches,
+NUMA, GPU models, runtime versions and the thread count used). Volatile facts (free memory, current clock,
+GPU uuid, measured throughput) are recorded but left out of the hash, so the same machine gives the same
+fingerprint run after run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from profilers.cpu import CpuInfo, probe_cpu
+from profilers.gpu import GpuInfo, probe_gpus
+from profilers.memory import MemoryInfo, probe_memory
+from profilers.microbench import BenchPlan, Microbench, run_cpu_microbench, run_gpu_microbench
+from profilers.software import SoftwareInfo, probe_software
+
+SCHEMA_VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A hardware profile file that cannot be used: unreadable, corrupt, or of another schema version."""
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    schema_version: int
+    created_at: str
+    threads: int
+    cpu: CpuInfo
+    memory: MemoryInfo
+    gpus: tuple[GpuInfo, ...]
+    gpu_unavailable_reason: str | None
+    software: SoftwareInfo
+    microbench: Microbench | None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fingerprint": self.fingerprint}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "hardware profile") -> "HardwareProfile":
+        """Validate and rebuild a profile; any problem is one ProfileError sentence naming `source`."""
+        if not isinstance(data, dict):
+            raise ProfileError(f"{source} is not a JSON object.")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ProfileError(
+                f"{source} has schema_version {version!r}, but this autotune reads schema_version {SCHEMA_VERSION}; "
+                "re-run `autotune profile` on that machine."
+            )
+        stored_fingerprint = data.get("fingerprint")
+        fields = {k: v for k, v in data.items() if k != "fingerprint"}
+        try:
+            profile = _ADAPTER.validate_python(fields, strict=False)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ProfileError(f"{source} is not a valid hardware profile: field {where}: {first['msg']}.") from None
+        if stored_fingerprint is not None and stored_fingerprint != profile.fingerprint:
+            raise ProfileError(f"{source} was edited or corrupted: its fingerprint does not match its contents.")
+        return profile
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "hardware profile") -> "HardwareProfile":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"{source} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}).") from None
+        return cls.from_dict(data, source)
+
+
+_ADAPTER = TypeAdapter(HardwareProfile)
+
+
+def fingerprint_fields(profile: HardwareProfile) -> dict[str, Any]:
+    """The facts that determine inference speed; everything hashed into the fingerprint and nothing else."""
+    cpu = profile.cpu
+    return {
+        "cpu": [cpu.vendor, cpu.model_name, cpu.architecture, cpu.physical_cores, cpu.logical_cores,
+                list(cpu.flags), cpu.l1d_bytes, cpu.l2_bytes, cpu.l3_bytes, cpu.numa_nodes],
+        "gpus": [[g.name, g.compute_capability, g.memory_total_bytes, g.sm_count] for g in profile.gpus],
+        "software": [profile.software.torch, profile.software.onnxruntime, list(profile.software.onnxruntime_providers)],
+        "threads": profile.threads,
+    }
+
+
+def fingerprint_of(profile: HardwareProfile) -> str:
+    canonical = json.dumps(fingerprint_fields(profile), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def default_threads(cpu: CpuInfo) -> int:
+    """All physical cores: SMT siblings share the FPUs that GEMMs saturate, so they rarely help inference."""
+    return max(1, cpu.physical_cores)
+
+
+def collect_profile(threads: int | None = None, *, quick: bool = False, microbench: bool = True) -> HardwareProfile:
+    """Probe this machine; with `microbench`, also measure its throughput at `threads` (default: physical cores).
+
+    quick: smaller problems and ~1 s per figure (the whole profile in seconds) instead of ~6 s per figure.
+    """
+    cpu = probe_cpu()
+    threads = default_threads(cpu) if threads is None else threads
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    gpus, reason = probe_gpus()
+    plan = BenchPlan.for_mode(quick)
+    bench = run_cpu_microbench(threads, plan) if microbench else None
+    if microbench:
+        gpus = run_gpu_microbench(gpus, plan)
+    return HardwareProfile(
+        schema_version=SCHEMA_VERSION,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        threads=threads,
+        cpu=cpu,
+        memory=probe_memory(),
+        gpus=gpus,
+        gpu_unavailable_reason=reason,
+        software=probe_software(),
+        microbench=bench,
+    )
+
+
+def load_profile(path: str | os.PathLike[str]) -> HardwareProfile:
+    """Read a profile written by `autotune profile -o`; every failure is one ProfileError sentence."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"hardware profile {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"hardware profile {path} cannot be read ({exc}).") from None
+    return HardwareProfile.from_json(text, source=f"hardware profile {path}")
+

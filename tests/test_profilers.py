@@ -1,0 +1,233 @@
+"""The hardware profile agrees with what the OS says, round-trips through JSON, and fingerprints stably."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from profilers.cpu import inference_flags, parse_cache_size
+from profilers.gpu import cuda_version_text, probe_gpus
+from profilers.hardware import SCHEMA_VERSION, HardwareProfile, ProfileError, collect_profile, load_profile
+from profilers.microbench import BenchPlan, run_gpu_microbench
+
+
+@pytest.fixture(scope="module")
+def facts() -> HardwareProfile:
+    return collect_profile(microbench=False)
+
+
+@pytest.fixture(scope="module")
+def quick() -> HardwareProfile:
+    return collect_profile(quick=True)
+
+
+def proc_cpuinfo_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_cpu_facts_match_the_os(facts: HardwareProfile) -> None:
+    assert facts.cpu.logical_cores == os.cpu_count()
+    assert 1 <= facts.cpu.physical_cores <= facts.cpu.logical_cores
+    assert facts.cpu.numa_nodes >= 1
+    assert facts.cpu.model_name and facts.cpu.model_name != "unknown"
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux /proc/cpuinfo")
+def test_isa_flags_are_the_inference_subset_of_proc_cpuinfo(facts: HardwareProfile) -> None:
+    assert set(facts.cpu.flags) == set(inference_flags(sorted(proc_cpuinfo_flags())))
+    if "avx2" in proc_cpuinfo_flags():
+        assert "avx2" in facts.cpu.flags
+    assert "smep" not in facts.cpu.flags  # security flags are not inference ISA
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="needs Linux /proc/meminfo")
+def test_memory_total_matches_proc_meminfo(facts: HardwareProfile) -> None:
+    line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal:"))
+    assert facts.memory.total_bytes == int(line.split()[1]) * 1024
+    assert 0 < facts.memory.available_bytes <= facts.memory.total_bytes
+
+
+def test_cache_size_parsing() -> None:
+    assert parse_cache_size("32K") == 32 * 1024
+    assert parse_cache_size("1024K\n") == 1024 * 1024
+    assert parse_cache_size("32M") == 32 * 1024**2
+    with pytest.raises(ValueError):
+        parse_cache_size("lots")
+
+
+def test_quick_microbench_measures_positive_figures_with_methods(quick: HardwareProfile) -> None:
+    bench = quick.microbench
+    assert bench is not None and bench.threads == quick.threads
+    assert bench.fp32_gemm_gflops > 1 and bench.int8_gemm_gops > 1 and bench.memory_bandwidth_gbps > 0.5
+    for name in ("fp32_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbps"):
+        method = bench.methods[name]
+        assert method.threads == quick.threads and method.runs >= 5 and method.shape
+
+
+def test_json_names_that_other_parts_rely_on(quick: HardwareProfile) -> None:
+    data = json.loads(quick.to_json())
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert isinstance(data["cpu"]["logical_cores"], int) and isinstance(data["cpu"]["physical_cores"], int)
+    assert isinstance(data["cpu"]["flags"], list) and isinstance(data["memory"]["total_bytes"], int)
+    assert isinstance(data["gpus"], list)
+    for key in ("fp32_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbps"):
+        assert isinstance(data["microbench"][key], float)
+    assert data["fingerprint"] == quick.fingerprint
+
+
+def test_json_round_trip_is_exact(quick: HardwareProfile, tmp_path: Path) -> None:
+    assert HardwareProfile.from_json(quick.to_json()) == quick
+    path = tmp_path / "box.json"
+    path.write_text(quick.to_json())
+    assert load_profile(path) == quick
+
+
+def test_fingerprint_is_stable_and_tracks_what_determines_speed(facts: HardwareProfile) -> None:
+    again = collect_profile(microbench=False)
+    assert again.fingerprint == facts.fingerprint
+    assert replace(facts, threads=facts.threads + 1).fingerprint != facts.fingerprint
+    other_cpu = replace(facts.cpu, model_name=facts.cpu.model_name + " v2")
+    assert replace(facts, cpu=other_cpu).fingerprint != facts.fingerprint
+    fewer_cores = replace(facts.cpu, physical_cores=facts.cpu.physical_cores + 2, logical_cores=facts.cpu.logical_cores + 2)
+    assert replace(facts, cpu=fewer_cores).fingerprint != facts.fingerprint
+    # Volatile facts do not move it.
+    assert replace(facts, memory=replace(facts.memory, available_bytes=1)).fingerprint == facts.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("{not json", "not valid JSON (line 1"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"schema_version": 99}', "schema_version 99"),
+        ('{"schema_version": 1, "threads": 2}', "not a valid hardware profile: field"),
+    ],
+)
+def test_bad_profiles_are_refused_in_one_sentence(text: str, fragment: str) -> None:
+    with pytest.raises(ProfileError, match="^hardware profile") as info:
+        HardwareProfile.from_json(text)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_edited_profile_fails_its_fingerprint_check(quick: HardwareProfile) -> None:
+    data = quick.to_dict()
+    data["cpu"]["logical_cores"] += 1
+    with pytest.raises(ProfileError, match="fingerprint does not match"):
+        HardwareProfile.from_dict(data)
+
+
+def test_missing_profile_file(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="does not exist"):
+        load_profile(tmp_path / "absent.json")
+
+
+# ---- GPUs through a fake NVML: there is no GPU on the CI machine ----------------------------------------
+
+
+class NVMLError(Exception):
+    pass
+
+
+def fake_nvml(devices: list[dict], *, init_error: Exception | None = None, count_error: Exception | None = None,
+              unsupported: frozenset[str] = frozenset()) -> SimpleNamespace:
+    """A stand-in for pynvml. `unsupported` names queries that raise as NVML's NotSupported would."""
+
+    def query(name, fn):
+        def call(*args):
+            if name in unsupported:
+                raise NVMLError(f"{name}: Not Supported")
+            return fn(*args)
+        call.__name__ = name
+        return call
+
+    def init():
+        if init_error:
+            raise init_error
+
+    def count():
+        if count_error:
+            raise count_error
+        return len(devices)
+
+    return SimpleNamespace(
+        NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2,
+        nvmlInit=init, nvmlShutdown=lambda: None, nvmlDeviceGetCount=count,
+        nvmlSystemGetDriverVersion=query("driver", lambda: b"580.95"),
+        nvmlSystemGetCudaDriverVersion=query("cuda", lambda: 13000),
+        nvmlDeviceGetHandleByIndex=lambda i: devices[i],
+        nvmlDeviceGetName=lambda h: h["name"],
+        nvmlDeviceGetUUID=query("uuid", lambda h: h["uuid"]),
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(total=h["total"], free=h["free"], used=h["total"] - h["free"]),
+        nvmlDeviceGetCudaComputeCapability=query("capability", lambda h: h["cc"]),
+        nvmlDeviceGetAttributes_v2=query("attributes", lambda h: SimpleNamespace(multiprocessorCount=h["sms"])),
+        nvmlDeviceGetMaxClockInfo=query("clocks", lambda h, kind: h["clocks"][kind]),
+        nvmlDeviceGetPowerManagementLimit=query("power", lambda h: h["power_mw"]),
+    )
+
+
+H200 = {"name": "NVIDIA H200", "uuid": "GPU-1111", "total": 143771 << 20, "free": 140000 << 20, "cc": (9, 0),
+        "sms": 132, "clocks": {1: 1980, 2: 3201}, "power_mw": 700000}
+L4 = {"name": b"NVIDIA L4", "uuid": b"GPU-2222", "total": 23034 << 20, "free": 22000 << 20, "cc": (8, 9),
+      "sms": 58, "clocks": {1: 2040, 2: 6251}, "power_mw": 72000}
+
+
+def test_fake_nvml_reports_every_gpu() -> None:
+    gpus, reason = probe_gpus(fake_nvml([H200, L4]))
+    assert reason is None and len(gpus) == 2
+    h200, l4 = gpus
+    assert (h200.name, h200.uuid, h200.compute_capability, h200.sm_count) == ("NVIDIA H200", "GPU-1111", "9.0", 132)
+    assert (h200.max_sm_clock_mhz, h200.max_memory_clock_mhz, h200.power_limit_w) == (1980, 3201, 700.0)
+    assert (h200.driver_version, h200.cuda_driver_version) == ("580.95", "13.0")
+    assert l4.name == "NVIDIA L4" and l4.uuid == "GPU-2222" and l4.index == 1  # bytes from old bindings decoded
+
+
+def test_unsupported_nvml_queries_become_none() -> None:
+    gpus, reason = probe_gpus(fake_nvml([H200], unsupported=frozenset({"attributes", "power", "clocks", "cuda"})))
+    assert reason is None
+    assert gpus[0].sm_count is None and gpus[0].power_limit_w is None and gpus[0].max_sm_clock_mhz is None
+    assert gpus[0].cuda_driver_version is None and gpus[0].memory_total_bytes == H200["total"]
+
+
+@pytest.mark.parametrize(
+    ("nvml", "fragment"),
+    [
+        (fake_nvml([], init_error=NVMLError("NVML Shared Library Not Found")), "NVML unavailable"),
+        (fake_nvml([]), "no NVIDIA GPU"),
+        (fake_nvml([H200], count_error=NVMLError("Unknown Error")), "NVML query failed"),
+    ],
+)
+def test_no_gpu_is_an_empty_list_and_a_reason(nvml: SimpleNamespace, fragment: str) -> None:
+    gpus, reason = probe_gpus(nvml)
+    assert gpus == () and fragment in reason
+
+
+def test_gpu_figures_fingerprint_and_json(facts: HardwareProfile) -> None:
+    gpus, _ = probe_gpus(fake_nvml([H200]))
+    measured = run_gpu_microbench(gpus, BenchPlan.for_mode(True), measure_one=lambda g, dev, plan: replace(
+        g, fp16_gemm_tflops=700.0, bf16_gemm_tflops=690.0, memory_bandwidth_gbps=4000.0))
+    with_gpu = replace(facts, gpus=measured, gpu_unavailable_reason=None)
+    data = json.loads(with_gpu.to_json())
+    gpu = data["gpus"][0]
+    import torch
+
+    if torch.cuda.is_available():
+        assert gpu["fp16_gemm_tflops"] == 700.0 and gpu["bf16_gemm_tflops"] == 690.0 and gpu["memory_bandwidth_gbps"] == 4000.0
+    else:  # without CUDA torch the figures stay unmeasured rather than invented
+        assert gpu["fp16_gemm_tflops"] is None and gpu["memory_bandwidth_gbps"] is None
+    assert HardwareProfile.from_dict(data) == with_gpu
+    assert with_gpu.fingerprint != facts.fingerprint
+    other_uuid = replace(with_gpu, gpus=(replace(measured[0], uuid="GPU-9999"),))
+    assert other_uuid.fingerprint == with_gpu.fingerprint  # the uuid names a card, not its speed
+
+
+def test_cuda_version_decoding() -> None:
+    assert cuda_version_text(12040) == "12.4" and cuda_version_text(13000) == "13.0" and cuda_version_text(None) is None
