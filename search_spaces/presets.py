@@ -1,0 +1,70 @@
+"""Preset spaces derived from the teacher's shape, so one name fits any size of the same family."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from search_spaces.candidate import BIT_WIDTHS, SPARSITY_PATTERNS
+from search_spaces.knobs import Categorical, IntRange
+from search_spaces.space import Space, SpaceError, TeacherShape, did_you_mean
+
+WIDTH_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+SPARSITY_AMOUNTS = (0.0, 0.3, 0.5, 0.7)
+
+
+def _scaled(full: int, fraction: float, multiple: int) -> int:
+    """`full * fraction` rounded down to a multiple of `multiple`, never below one multiple."""
+    return max(multiple, int(full * fraction) // multiple * multiple)
+
+
+def head_choices(teacher_heads: int) -> tuple[int, ...]:
+    """The teacher's head count and its divisors by 2, 3 and 4 (where they divide it)."""
+    return tuple(sorted({teacher_heads // d for d in (1, 2, 3, 4) if teacher_heads % d == 0}, reverse=True))
+
+
+def bert_default(teacher: TeacherShape) -> Space:
+    """Every depth from the teacher's down to 1; hidden and FFN at 100/75/50/25% of the teacher's; the teacher's
+    heads and their divisors; sparsity {0, 0.3, 0.5, 0.7} unstructured or 2:4; all bit widths.
+
+    Hidden sizes are multiples of the teacher's head count, hence of every head choice, so every point of
+    the product is a valid architecture.
+    """
+    hidden = tuple(sorted({_scaled(teacher.hidden, f, teacher.heads) for f in WIDTH_FRACTIONS}, reverse=True))
+    ffn = tuple(sorted({_scaled(teacher.ffn, f, 8 if teacher.ffn >= 32 else 1) for f in WIDTH_FRACTIONS}, reverse=True))
+    return Space(
+        knobs=(
+            IntRange("layers", 1, teacher.layers),
+            Categorical("hidden", hidden),
+            Categorical("heads", head_choices(teacher.heads)),
+            Categorical("ffn", ffn),
+            Categorical("sparsity", SPARSITY_AMOUNTS),
+            Categorical("sparsity_pattern", SPARSITY_PATTERNS),
+            Categorical("bits", BIT_WIDTHS),
+        ),
+        teacher=teacher,
+    )
+
+
+def quantize_only(teacher: TeacherShape) -> Space:
+    """The teacher's own architecture at every bit width: compression without any training."""
+    return Space(
+        knobs=(
+            Categorical("layers", (teacher.layers,)),
+            Categorical("hidden", (teacher.hidden,)),
+            Categorical("heads", (teacher.heads,)),
+            Categorical("ffn", (teacher.ffn,)),
+            Categorical("sparsity", (0.0,)),
+            Categorical("sparsity_pattern", ("unstructured",)),
+            Categorical("bits", BIT_WIDTHS),
+        ),
+        teacher=teacher,
+    )
+
+
+PRESETS: dict[str, Callable[[TeacherShape], Space]] = {"bert-default": bert_default, "quantize-only": quantize_only}
+
+
+def preset(name: str, teacher: TeacherShape) -> Space:
+    if name not in PRESETS:
+        raise SpaceError(f"unknown search space preset {name!r}{did_you_mean(name, list(PRESETS))}; presets: {sorted(PRESETS)}")
+    return PRESETS[name](teacher)

@@ -1,0 +1,145 @@
+"""Search spaces: every point is a valid model, candidates are stable cache keys, hardware removes what it can't run."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import pytest
+
+from profilers.hardware import collect_profile
+from search_spaces import (
+    Candidate, Categorical, IntRange, FloatRange, SpaceError, TeacherShape, preset, restrict_to_hardware, with_overrides,
+)
+
+MINILM = TeacherShape(layers=6, hidden=384, heads=12, ffn=1536)
+BERT_BASE = TeacherShape(layers=12, hidden=768, heads=12, ffn=3072)
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return collect_profile(microbench=False)
+
+
+@pytest.mark.parametrize("teacher", [MINILM, BERT_BASE, TeacherShape(2, 32, 4, 64)])
+def test_every_point_of_the_default_preset_is_a_valid_candidate(teacher: TeacherShape) -> None:
+    space = preset("bert-default", teacher)
+    assert space.knob("layers").values() == tuple(range(1, teacher.layers + 1))
+    assert max(space.knob("hidden").values()) == teacher.hidden and max(space.knob("ffn").values()) == teacher.ffn
+    assert teacher.heads in space.knob("heads").values()
+    names = [k.name for k in space.knobs]
+    for values in itertools.product(*(k.values() for k in space.knobs)):
+        candidate = space.candidate(dict(zip(names, values)))  # raises if invalid
+        assert space.contains(candidate)
+
+
+def test_minilm_preset_values() -> None:
+    space = preset("bert-default", MINILM)
+    assert space.knob("hidden").values() == (384, 288, 192, 96)
+    assert space.knob("heads").values() == (12, 6, 4, 3)
+    assert space.knob("ffn").values() == (1536, 1152, 768, 384)
+    assert space.knob("sparsity").values() == (0.0, 0.3, 0.5, 0.7)
+    assert space.knob("bits").values() == (32, 16, 8, 4)
+
+
+def test_candidate_is_hashable_round_trips_and_canonicalises() -> None:
+    a = Candidate.canonical(layers=4, hidden=384, heads=12, ffn=1536, sparsity=0.3, sparsity_pattern="2:4", bits=8)
+    b = Candidate.canonical(layers=4, hidden=384, heads=12, ffn=1536, sparsity=0.7, sparsity_pattern="2:4", bits=8)
+    assert a == b and a.sparsity == 0.5 and hash(a) == hash(b) and a.key == b.key
+    dense = Candidate.canonical(layers=4, hidden=384, heads=12, ffn=1536, sparsity=0.0, sparsity_pattern="2:4", bits=8)
+    assert dense.sparsity_pattern == "unstructured"
+    assert Candidate.from_dict(a.to_dict()) == a
+    assert len({a, b, dense}) == 2
+
+
+def test_cache_keys_separate_what_latency_and_training_depend_on() -> None:
+    base = Candidate(layers=4, hidden=384, heads=12, ffn=1536, sparsity=0.3, bits=8)
+    other_bits = replace(base, bits=4)
+    other_sparsity = replace(base, sparsity=0.5)
+    assert other_bits.student_key == base.student_key and other_bits.shape_key != base.shape_key
+    assert other_sparsity.shape_key == base.shape_key and other_sparsity.student_key != base.student_key
+    assert "4 layers x 384 hidden" in base.describe() and "int8" in base.describe()
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"hidden": 100, "heads": 12}, "not a multiple of heads"),
+        ({"bits": 6}, "bits must be one of"),
+        ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
+        ({"sparsity_pattern": "4:8", "sparsity": 0.5}, "sparsity_pattern must be one of"),
+        ({"sparsity_pattern": "2:4", "sparsity": 0.3}, "exactly half"),
+        ({"layers": 0}, "positive integer"),
+    ],
+)
+def test_invalid_candidates_are_refused(fields: dict, fragment: str) -> None:
+    base = dict(layers=2, hidden=384, heads=12, ffn=1536)
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        Candidate(**{**base, **fields})
+    with pytest.raises(ValueError, match="unknown candidate field"):
+        Candidate.from_dict({**base, "depth": 3})
+
+
+def test_overrides_narrow_or_replace_knobs() -> None:
+    space = with_overrides(preset("bert-default", MINILM), {"layers": [2, 4], "bits": [8], "sparsity": {"low": 0.0, "high": 0.5}})
+    assert space.knob("layers").values() == (2, 4) and space.knob("bits").values() == (8,)
+    assert isinstance(space.knob("sparsity"), FloatRange)
+    assert isinstance(with_overrides(space, {"layers": {"low": 1, "high": 3}}).knob("layers"), IntRange)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"layer": [2]}, "did you mean 'layers'"),
+        ({"layers": [7]}, "outside 1..6"),
+        ({"hidden": [384, 100]}, "not a multiple of heads"),
+        ({"bits": [32, 2]}, "accepted: [32, 16, 8, 4]"),
+        ({"sparsity": [0.0, 1.5]}, "fractions in [0, 1)"),
+        ({"sparsity_pattern": ["1:8"]}, "accepted: ['unstructured', '2:4']"),
+        ({"layers": {"low": 4, "high": 2}}, "above high"),
+        ({"layers": {"lo": 1, "high": 2}}, "needs 'low' and 'high'"),
+        ({"bits": []}, "no values"),
+    ],
+)
+def test_bad_overrides_are_one_clear_error(overrides: dict, fragment: str) -> None:
+    with pytest.raises(ValueError) as info:
+        with_overrides(preset("bert-default", MINILM), overrides)
+    assert fragment in str(info.value)
+
+
+def test_unknown_preset_suggests_the_name() -> None:
+    with pytest.raises(SpaceError, match="did you mean 'bert-default'"):
+        preset("bert-defualt", MINILM)
+
+
+def test_hardware_removes_what_this_cpu_cannot_run_with_reasons(profile) -> None:
+    space = preset("bert-default", MINILM)
+    no_fp16_cpu = replace(profile, cpu=replace(profile.cpu, flags=("avx2", "fma")))
+    restricted, removals = restrict_to_hardware(space, no_fp16_cpu, "onnxruntime", "cpu")
+    assert 16 not in restricted.knob("bits").values() and "2:4" not in restricted.knob("sparsity_pattern").values()
+    assert {(r.knob, r.value) for r in removals} == {("bits", 16), ("sparsity_pattern", "2:4")}
+    assert all(r.reason for r in removals)
+    fp16_cpu = replace(profile, cpu=replace(profile.cpu, flags=("avx512f", "avx512_fp16")))
+    kept, _ = restrict_to_hardware(space, fp16_cpu, "onnxruntime", "cpu")
+    assert 16 in kept.knob("bits").values()
+    torch_cpu, removals = restrict_to_hardware(space, no_fp16_cpu, "torch", "cpu")
+    assert set(torch_cpu.knob("bits").values()) == {32, 8}
+
+
+def test_hardware_refuses_to_empty_a_knob(profile) -> None:
+    only_fp16 = with_overrides(preset("bert-default", MINILM), {"bits": [16]})
+    no_fp16_cpu = replace(profile, cpu=replace(profile.cpu, flags=("avx2",)))
+    with pytest.raises(SpaceError, match="no value left on this machine"):
+        restrict_to_hardware(only_fp16, no_fp16_cpu, "onnxruntime", "cpu")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        restrict_to_hardware(only_fp16, profile, "tensorrt", "cpu")
+
+
+def test_knob_types_validate_themselves() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        Categorical("bits", (8, 8))
+    with pytest.raises(ValueError, match="log scale"):
+        IntRange("layers", 0, 4, log=True)
+    assert FloatRange("sparsity", 0.0, 0.6, step=0.2).values() == (0.0, 0.2, 0.4, 0.6)
+    with pytest.raises(ValueError, match="continuous"):
+        FloatRange("sparsity", 0.0, 0.6).values()
