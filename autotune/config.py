@@ -1,0 +1,221 @@
+"""The tune spec: pydantic models shared by the YAML file, the Python API and the CLI.
+
+Every way a spec can be wrong ends as one `ConfigError` sentence that names the field and what would be
+accepted (an unknown key gets a "did you mean"), so the CLI can print it and exit 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A tune spec that cannot be used; the message is one sentence."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    path: str = Field(description="a local model directory, or builtin:all-MiniLM-L6-v2")
+    task: Literal["text-classification"] = "text-classification"
+    num_labels: int = Field(2, ge=2)
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+class SplitSpec(Strict):
+    validation: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> "SplitSpec":
+        if self.validation + self.test >= 0.9:
+            raise ValueError(f"validation + test must leave at least 10% for training, got {self.validation} + {self.test}")
+        return self
+
+
+class DataSpec(Strict):
+    path: str
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(128, ge=8, le=4096)
+    split: SplitSpec = SplitSpec()
+    limit: int | None = Field(None, ge=20, description="use a stratified subset of this many rows (quick runs)")
+
+
+class TargetSpec(Strict):
+    latency_ms: float | None = Field(None, gt=0)
+    speedup: float | None = Field(None, gt=1, description="baseline latency / speedup, resolved on this machine")
+    percentile: float = Field(95, gt=0, le=100)
+    batch_size: int = Field(1, ge=1)
+    seq_len: int = Field(64, ge=1)
+    threads: Union[int, str] = "auto"
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _positive_threads(cls, value: Any) -> int | str:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"threads must be a positive integer or 'auto' (all physical cores), got {value!r}")
+
+    @field_validator("percentile")
+    @classmethod
+    def _reported_percentile(cls, value: float) -> float:
+        if value not in (50, 90, 95, 99):
+            raise ValueError(f"percentile must be one of 50, 90, 95, 99 (the percentiles the harness reports), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "TargetSpec":
+        if (self.latency_ms is None) == (self.speedup is None):
+            raise ValueError("give exactly one of latency_ms (absolute) or speedup (relative to the baseline)")
+        return self
+
+
+class SpaceSpec(Strict):
+    preset: str = "bert-default"
+    knobs: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchSpec(Strict):
+    sampler: Literal["nsga2", "tpe", "gp", "random"] = "nsga2"
+    trials: int = Field(20, ge=1)
+    timeout_min: float | None = Field(None, gt=0)
+    storage: str | None = None
+    seed: int = 0
+    minimize_size: bool = False
+
+
+class TrainingSpec(Strict):
+    """How students are distilled. Defaults are sized for 2 CPU cores: short, length-bucketed epochs."""
+
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+    teacher_epochs: float = Field(2.0, gt=0)
+    teacher_lr: float = Field(5e-5, gt=0)
+
+
+class TuneSpec(Strict):
+    name: str = Field(min_length=1)
+    model: ModelSpec
+    data: DataSpec
+    target: TargetSpec
+    space: SpaceSpec = SpaceSpec()
+    search: SearchSpec = SearchSpec()
+    training: TrainingSpec = TrainingSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError(f"name becomes a directory under runs/, so it may not contain '/' or start with '.', got {value!r}")
+        return value
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _preset_shorthand(cls, value: Any) -> Any:
+        """`space: bert-default` is shorthand for `space: {preset: bert-default}`."""
+        return {"preset": value} if isinstance(value, str) else value
+
+
+TuneConfig = TuneSpec
+
+
+def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc`, to suggest the names it accepts."""
+    model: type[BaseModel] | None = TuneSpec
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _sentence(error: Mapping[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    where = ".".join(str(p) for p in loc) or "spec"
+    if error["type"] == "extra_forbidden":
+        owner = _model_for(loc)
+        options = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown key {where!r}{hint} Accepted keys here: {', '.join(options)}."
+    if error["type"] == "missing":
+        return f"{where} is required."
+    message = str(error["msg"]).removeprefix("Value error, ")
+    given = error.get("input")
+    if error["type"] != "value_error" and not isinstance(given, (dict, list)):
+        message = f"{message[0].lower() + message[1:]}, got {given!r}"
+    return f"{where}: {message}" + ("" if message.endswith(".") else ".")
+
+
+def parse_spec(data: Any, source: str = "spec") -> TuneSpec:
+    """Validate a mapping; the first problem becomes one ConfigError sentence prefixed by `source`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the spec must be a mapping of keys to values, got {type(data).__name__}.")
+    try:
+        return TuneSpec.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_sentence(exc.errors()[0])}") from None
+
+
+def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML spec with safe_load; a missing file or a syntax error is one sentence with the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"spec file {path} does not exist.") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"spec file {path} is not UTF-8 text.") from None
+    except OSError as exc:
+        raise ConfigError(f"spec file {path} cannot be read ({exc.strerror}).") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"spec file {path} has a YAML syntax error{line}: {problem}.") from None
+    if data is None:
+        raise ConfigError(f"spec file {path} is empty.")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides win; nested mappings merge key by key (so `search.trials` keeps the rest of `search`)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_spec(spec: "TuneSpec | str | os.PathLike[str] | Mapping[str, Any]", overrides: Mapping[str, Any] | None = None) -> TuneSpec:
+    """A validated spec from a TuneSpec, a YAML path or a mapping, with nested overrides applied."""
+    if isinstance(spec, TuneSpec):
+        data, source = spec.model_dump(), "spec"
+    elif isinstance(spec, Mapping):
+        data, source = dict(spec), "spec"
+    else:
+        data, source = read_spec(spec), f"spec file {spec}"
+    if not isinstance(data, Mapping):
+        return parse_spec(data, source)  # refuses it with the one-sentence message
+    return parse_spec(deep_merge(data, overrides or {}), source)

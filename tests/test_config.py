@@ -1,0 +1,92 @@
+"""The tune spec: defaults a user expects, and one clear sentence for every way it can be wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autotune.config import ConfigError, TuneSpec, load_spec, parse_spec
+
+BASE = {"name": "demo", "model": {"path": "m"}, "data": {"path": "d.csv"}, "target": {"latency_ms": 5}}
+
+
+def test_defaults_a_user_would_expect() -> None:
+    spec = parse_spec(BASE)
+    assert (spec.data.text_column, spec.data.label_column) == ("text", "label")
+    t = spec.target
+    assert (t.percentile, t.batch_size, t.threads, t.runtime, t.device) == (95, 1, "auto", "onnxruntime", "cpu")
+    assert spec.space.preset == "bert-default" and spec.search.sampler == "nsga2"
+
+
+def test_yaml_file_with_shorthand_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "tune.yaml"
+    path.write_text("name: demo\nmodel: {path: m}\ndata: {path: d.csv}\ntarget: {speedup: 4}\nspace: quantize-only\n"
+                    "search: {trials: 5, sampler: tpe}\n")
+    spec = load_spec(path, {"search": {"trials": 9}})
+    assert spec.space.preset == "quantize-only" and spec.target.speedup == 4 and spec.target.latency_ms is None
+    assert spec.search.trials == 9 and spec.search.sampler == "tpe"  # override merged, not replacing `search`
+    assert load_spec(spec) == spec and isinstance(spec, TuneSpec)
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        ({"serch": {}}, "unknown key 'serch'; did you mean 'search'?"),
+        ({"target": {"latency_ms": 5, "percentil": 95}}, "did you mean 'percentile'?"),
+        ({"target": {"latency_ms": 5, "threads": 0}}, "target.threads: threads must be a positive integer or 'auto'"),
+        ({"target": {"latency_ms": "fast"}}, "target.latency_ms"),
+        ({"target": {"latency_ms": 0}}, "target.latency_ms: input should be greater than 0, got 0"),
+        ({"target": {"latency_ms": 5, "percentile": 0}}, "target.percentile: input should be greater than 0"),
+        ({"target": {"latency_ms": 5, "percentile": 101}}, "target.percentile: input should be less than or equal to 100"),
+        ({"target": {"latency_ms": 5, "percentile": 42}}, "one of 50, 90, 95, 99"),
+        ({"target": {"latency_ms": 5, "batch_size": 0}}, "target.batch_size"),
+        ({"target": {"latency_ms": 5, "seq_len": 0}}, "target.seq_len"),
+        ({"target": {"latency_ms": 5, "runtime": "tensorrt"}}, "'onnxruntime' or 'torch', got 'tensorrt'"),
+        ({"target": {}}, "exactly one of latency_ms"),
+        ({"target": {"latency_ms": 5, "speedup": 2}}, "exactly one of latency_ms"),
+        ({"search": {"trials": 0}}, "search.trials: input should be greater than or equal to 1, got 0"),
+        ({"search": {"sampler": "grid"}}, "search.sampler"),
+        ({"data": {"path": "d.csv", "split": {"validation": 0.5, "test": 0.5}}}, "at least 10% for training"),
+        ({"name": "../escape"}, "may not contain '/'"),
+        ({"model": "m"}, "model: input should be a valid dictionary"),
+    ],
+)
+def test_bad_fields_are_one_sentence(patch: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_spec({**BASE, **patch})
+    message = str(info.value)
+    assert fragment in message and "\n" not in message and message.startswith("spec: ")
+
+
+def test_missing_required_section() -> None:
+    with pytest.raises(ConfigError, match="spec: model is required"):
+        parse_spec({k: v for k, v in BASE.items() if k != "model"})
+
+
+def test_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_spec(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: demo\ntarget: {latency_ms: 5\nsearch: []\n")
+    with pytest.raises(ConfigError, match=r"YAML syntax error at line \d+"):
+        load_spec(broken)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_spec(empty)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_spec(binary)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_spec(listing)
+
+
+def test_yaml_is_read_safely(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="YAML syntax error"):
+        load_spec(evil)
