@@ -28,9 +28,8 @@ def write_tokenizer(directory: Path) -> None:
     from transformers import BertTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
-    vocab_file = directory / "vocab.txt"
-    vocab_file.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    # transformers 5 ignores vocab_file= on the fast tokenizer (every word would become [UNK]); pass the mapping.
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(VOCAB)}, do_lower_case=True)
     tokenizer.save_pretrained(directory)
 
 

@@ -1,0 +1,20 @@
+"""The deployment runtime: ONNX export, graph fusion, and one interface over ONNX Runtime and torch sessions."""
+
+from autotune.runtime.export import Artifact, derive_artifact, export_artifact, export_onnx, load_artifact
+from autotune.runtime.fusion import fuse_onnx, op_counts
+from autotune.runtime.sessions import InferenceRuntime, OrtRuntime, TorchRuntime, feeds_for, open_runtime
+
+__all__ = [
+    "Artifact",
+    "InferenceRuntime",
+    "OrtRuntime",
+    "TorchRuntime",
+    "derive_artifact",
+    "export_artifact",
+    "export_onnx",
+    "feeds_for",
+    "fuse_onnx",
+    "load_artifact",
+    "op_counts",
+    "open_runtime",
+]

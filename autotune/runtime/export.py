@@ -1,0 +1,214 @@
+"""Export a Hugging Face sequence classifier to a self-contained ONNX artifact directory.
+
+An artifact directory holds `model.onnx`, the tokenizer files and `artifact.json`, so whatever consumes it
+(evaluation, the latency gate, a user deploying it) needs nothing but the directory:
+`AutoTokenizer.from_pretrained(dir)` and an ONNX Runtime session.
+
+Exporter choice, measured with torch 2.13 / ONNX Runtime 1.32: the TorchScript exporter
+(`torch.onnx.export(..., dynamo=False)`) still exists, needs no extra package (the dynamo exporter needs
+onnxscript), and, with the model switched to eager attention for the export, yields a graph on which ONNX
+Runtime's BERT optimizer fuses every layer (Attention, SkipLayerNormalization, BiasGelu, and
+EmbedLayerNormalization for BERT/DistilBERT). With transformers' SDPA attention the mask subgraph
+(IsNaN/Where guards) defeats the Attention fusion, so eager attention is not optional here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ONNX_FILENAME = "model.onnx"
+ARTIFACT_JSON = "artifact.json"
+DEFAULT_OPSET = 17
+LOGITS = "logits"
+
+#: Which inputs each supported family's forward actually uses. RoBERTa's token_type_ids is a single
+#: all-zero segment and DistilBERT has none, so only BERT exports them.
+FAMILY_INPUTS: dict[str, tuple[str, ...]] = {
+    "bert": ("input_ids", "attention_mask", "token_type_ids"),
+    "roberta": ("input_ids", "attention_mask"),
+    "distilbert": ("input_ids", "attention_mask"),
+}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A deployable model directory: the ONNX file, its tokenizer and what it is.
+
+    `bits` and `fused` say which variant the ONNX file is (the plain export is 32 bits, unfused);
+    `size_bytes` is the ONNX file's size on disk, the figure reports quote.
+    """
+
+    dir: Path
+    onnx_path: Path
+    family: str
+    input_names: tuple[str, ...]
+    num_heads: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    bits: int
+    fused: bool
+    opset: int
+    size_bytes: int
+    labels: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The `artifact.json` payload: paths are stored relative to the directory so it can move."""
+        payload = asdict(self)
+        payload["dir"] = "."
+        payload["onnx_path"] = self.onnx_path.name
+        payload["input_names"] = list(self.input_names)
+        payload["labels"] = list(self.labels) if self.labels is not None else None
+        return payload
+
+
+def model_family(model: torch.nn.Module) -> str:
+    """The supported family of a transformers model, or ValueError naming the accepted ones."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in FAMILY_INPUTS:
+        raise ValueError(f"model family must be one of {sorted(FAMILY_INPUTS)}, got {family!r}")
+    return family
+
+
+@contextmanager
+def eager_attention(model: Any) -> Iterator[None]:
+    """Switch the model to eager attention for the block (fusable graph), restoring the previous setting."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _example_inputs(input_names: Sequence[str], vocab_size: int) -> tuple[torch.Tensor, ...]:
+    """Batch 2 x seq 8 example tensors: >1 on both axes so the tracer cannot specialise either to 1."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (2, 8), generator=generator, dtype=torch.int64)
+    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    return tuple(tensors[name] for name in input_names)
+
+
+def export_onnx(model: torch.nn.Module, onnx_path: Path, *, opset: int = DEFAULT_OPSET) -> tuple[str, ...]:
+    """Export `model` to `onnx_path` with dynamic batch and sequence axes; returns the input names.
+
+    Weights go in as initializers unchanged (constant folding only transposes), so pruned zeros stay exact.
+    """
+    family = model_family(model)
+    input_names = FAMILY_INPUTS[family]
+    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | {LOGITS: {0: "batch"}}
+    args = _example_inputs(input_names, int(model.config.vocab_size))
+    was_training = model.training
+    model.eval()
+    try:
+        with eager_attention(model), torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter's own deprecation notices, tracer notes on shape-dependent Python in
+            # transformers' mask code, and its generic advice about negative indices (the mask path indexes
+            # with arange, never negative) are known and covered by the export tests.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message="You are using the legacy TorchScript")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
+            torch.onnx.export(
+                model,
+                args,
+                str(onnx_path),
+                input_names=list(input_names),
+                output_names=[LOGITS],
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    finally:
+        model.train(was_training)
+    logger.info("exported %s to %s (opset %d)", family, onnx_path, opset)
+    return input_names
+
+
+def write_artifact_json(artifact: Artifact) -> None:
+    (artifact.dir / ARTIFACT_JSON).write_text(json.dumps(artifact.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def export_artifact(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    labels: Sequence[str] | None = None,
+) -> Artifact:
+    """Export `model` (fp32, unfused) plus `tokenizer` into `out_dir` and describe it in `artifact.json`."""
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx_path = directory / ONNX_FILENAME
+    input_names = export_onnx(model, onnx_path, opset=opset)
+    tokenizer.save_pretrained(directory)
+    config = model.config
+    artifact = Artifact(
+        dir=directory,
+        onnx_path=onnx_path,
+        family=model_family(model),
+        input_names=input_names,
+        num_heads=int(config.num_attention_heads),
+        hidden_size=int(config.hidden_size),
+        num_layers=int(config.num_hidden_layers),
+        vocab_size=int(config.vocab_size),
+        bits=32,
+        fused=False,
+        opset=opset,
+        size_bytes=onnx_path.stat().st_size,
+        labels=tuple(labels) if labels is not None else None,
+    )
+    write_artifact_json(artifact)
+    return artifact
+
+
+def load_artifact(directory: str | Path) -> Artifact:
+    """Read an artifact directory's `artifact.json` back into an Artifact rooted at `directory`."""
+    root = Path(directory)
+    payload = json.loads((root / ARTIFACT_JSON).read_text(encoding="utf-8"))
+    labels = payload.pop("labels")
+    return Artifact(
+        **{
+            **payload,
+            "dir": root,
+            "onnx_path": root / payload["onnx_path"],
+            "input_names": tuple(payload["input_names"]),
+            "labels": tuple(labels) if labels is not None else None,
+        }
+    )
+
+
+def derive_artifact(source: Artifact, out_dir: str | Path, *, bits: int, fuse: bool = True, **variant_options: Any) -> Artifact:
+    """A new artifact directory holding `source`'s tokenizer and a `bits`-wide (optionally fused) ONNX model.
+
+    This is how a trial turns the one fp32 export into each bit width it evaluates ("train once, quantize
+    many"); `variant_options` (calibration, static) pass through to `build_variant`.
+    """
+    from autotune.compress.quantization import build_variant
+
+    if source.bits != 32 or source.fused:
+        raise ValueError(f"derive_artifact needs the plain fp32 export as source, got bits={source.bits}, fused={source.fused}")
+    directory = Path(out_dir)
+    if directory.resolve() == source.dir.resolve():
+        raise ValueError(f"out_dir must differ from the source artifact's directory {source.dir}")
+    shutil.copytree(source.dir, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ONNX_FILENAME, ARTIFACT_JSON))
+    onnx_path = directory / ONNX_FILENAME
+    build_variant(
+        source.onnx_path, onnx_path, bits, fuse=fuse, num_heads=source.num_heads, hidden_size=source.hidden_size, **variant_options
+    )
+    artifact = replace(source, dir=directory, onnx_path=onnx_path, bits=bits, fused=fuse, size_bytes=onnx_path.stat().st_size)
+    write_artifact_json(artifact)
+    return artifact

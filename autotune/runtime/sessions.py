@@ -1,0 +1,191 @@
+"""One small runtime interface for everything that runs a model: evaluation and latency measurement.
+
+Accuracy and latency must come from the same deployable thing in the same runtime setting, otherwise a
+report can pair the accuracy of one model with the speed of another. So both go through an
+`InferenceRuntime`: `run(feeds)` returns logits for evaluation, `measure(batch, seq, settings)` times the same
+object on synthetic feeds of that shape through `profilers.latency`.
+
+- `OrtRuntime`: an ONNX file in an ONNX Runtime session built by `profilers.ort.make_session` (spinning off,
+  so several runtimes alive in one process do not steal each other's cores).
+- `TorchRuntime`: an in-memory transformers model in fp32, bf16 or dynamic int8 (Linear layers).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from autotune.runtime.export import FAMILY_INPUTS, Artifact, load_artifact, model_family
+from profilers.isolated import feeds_for
+from profilers.latency import LatencyStats, MeasureSettings, measure_ort_session, measure_torch_module, torch_threads
+from profilers.ort import CPU_PROVIDER, CUDA_PROVIDER, make_session, session_threads
+
+logger = logging.getLogger(__name__)
+
+Device = Literal["cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "int8"]
+RuntimeName = Literal["onnxruntime", "torch"]
+Feeds = Mapping[str, np.ndarray]
+
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
+RUNTIMES: tuple[str, ...] = ("onnxruntime", "torch")
+
+
+def _check_choice(field: str, value: str, accepted: Sequence[str]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{field} must be one of {', '.join(accepted)}, got {value!r}")
+
+
+def select_feeds(feeds: Feeds, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The model's own inputs from `feeds` as int64 (tokenizers may return more, e.g. token_type_ids for RoBERTa)."""
+    missing = [name for name in input_names if name not in feeds]
+    if missing:
+        raise ValueError(f"feeds lack model inputs {missing}; the model takes {list(input_names)}")
+    return {name: np.asarray(feeds[name], dtype=np.int64) for name in input_names}
+
+
+class InferenceRuntime(ABC):
+    """A runnable deployable model: logits for evaluation, latency for the search, one description for reports."""
+
+    input_names: tuple[str, ...]
+    vocab_size: int
+    threads: int
+
+    @abstractmethod
+    def run(self, feeds: Feeds) -> np.ndarray:
+        """Float32 logits of shape (batch, num_labels) for `feeds` (extra keys are ignored)."""
+
+    @abstractmethod
+    def measure_feeds(self, feeds: Feeds, *, batch_size: int, settings: MeasureSettings) -> LatencyStats:
+        """Latency of `run` on these exact feeds."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready facts about this runtime (kind, device, threads, precision or file) for reports."""
+
+    def measure(self, batch_size: int, seq_len: int, settings: MeasureSettings = MeasureSettings(), *, seed: int = 0) -> LatencyStats:
+        """Latency at one shape, on synthetic feeds from `feeds_for`."""
+        feeds = feeds_for(self.input_names, batch_size, seq_len, self.vocab_size, seed)
+        return self.measure_feeds(feeds, batch_size=batch_size, settings=settings)
+
+
+class OrtRuntime(InferenceRuntime):
+    """An ONNX model in one ONNX Runtime session (CPU or CUDA provider), `threads` intra-op threads, no spinning."""
+
+    def __init__(self, onnx_path: str | os.PathLike[str], *, threads: int, vocab_size: int, device: Device = "cpu") -> None:
+        _check_choice("device", device, DEVICES)
+        providers = (CUDA_PROVIDER, CPU_PROVIDER) if device == "cuda" else (CPU_PROVIDER,)
+        available = ort.get_available_providers()
+        if device == "cuda" and CUDA_PROVIDER not in available:
+            raise RuntimeError(
+                f"device='cuda' needs ONNX Runtime's {CUDA_PROVIDER} (the onnxruntime-gpu build); "
+                f"this installation only has {available}"
+            )
+        self.onnx_path = Path(onnx_path)
+        self.device = device
+        self.threads = threads
+        self.vocab_size = vocab_size
+        self.session = make_session(self.onnx_path, threads=threads, providers=providers)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self._output_names = [self.session.get_outputs()[0].name]
+
+    def run(self, feeds: Feeds) -> np.ndarray:
+        logits = self.session.run(self._output_names, select_feeds(feeds, self.input_names))[0]
+        return np.asarray(logits, dtype=np.float32)
+
+    def measure_feeds(self, feeds: Feeds, *, batch_size: int, settings: MeasureSettings) -> LatencyStats:
+        return measure_ort_session(self.session, select_feeds(feeds, self.input_names), batch_size=batch_size, settings=settings)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "runtime": "onnxruntime",
+            "onnxruntime_version": ort.__version__,
+            "onnx_path": str(self.onnx_path),
+            "device": self.device,
+            "providers": self.session.get_providers(),
+            "threads": session_threads(self.session),
+            "input_names": list(self.input_names),
+        }
+
+
+def _prepare_torch_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """A copy of `model` in `precision`, so the caller's model (e.g. a teacher still in use) is untouched."""
+    if precision == "int8":
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    if precision == "bf16":
+        return copy.deepcopy(model).to(torch.bfloat16).eval()
+    return model.eval()
+
+
+class TorchRuntime(InferenceRuntime):
+    """A transformers classifier run by PyTorch in fp32, bf16 (weights and compute) or dynamic int8 Linear layers."""
+
+    def __init__(self, model: torch.nn.Module, *, threads: int, precision: Precision = "fp32", device: Device = "cpu") -> None:
+        _check_choice("precision", precision, PRECISIONS)
+        _check_choice("device", device, DEVICES)
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' needs a CUDA build of torch and a visible GPU; torch.cuda.is_available() is False")
+        if device == "cuda" and precision == "int8":
+            raise ValueError("precision='int8' (torch dynamic quantization) runs on CPU only; use fp32 or bf16 on cuda")
+        self.input_names = FAMILY_INPUTS[model_family(model)]
+        self.vocab_size = int(model.config.vocab_size)
+        self.threads = threads
+        self.precision = precision
+        self.device = device
+        self.model = _prepare_torch_model(model, precision).to(device)
+
+    def _tensors(self, feeds: Feeds) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(array).to(self.device) for name, array in select_feeds(feeds, self.input_names).items()}
+
+    def run(self, feeds: Feeds) -> np.ndarray:
+        with torch_threads(self.threads), torch.inference_mode():
+            logits = self.model(**self._tensors(feeds)).logits
+        return logits.float().cpu().numpy()
+
+    def measure_feeds(self, feeds: Feeds, *, batch_size: int, settings: MeasureSettings) -> LatencyStats:
+        return measure_torch_module(self.model, self._tensors(feeds), batch_size=batch_size, threads=self.threads, settings=settings)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "runtime": "torch",
+            "torch_version": torch.__version__,
+            "model": type(self.model).__name__,
+            "precision": self.precision,
+            "device": self.device,
+            "threads": self.threads,
+            "input_names": list(self.input_names),
+        }
+
+
+def open_runtime(
+    target: Artifact | str | os.PathLike[str] | torch.nn.Module,
+    runtime: RuntimeName = "onnxruntime",
+    *,
+    threads: int,
+    device: Device = "cpu",
+    precision: Precision = "fp32",
+) -> InferenceRuntime:
+    """The runtime for an artifact (object or directory) under ONNX Runtime, or for a torch model under torch.
+
+    `precision` applies to torch only: an artifact's precision is fixed by the bit width it was built with.
+    """
+    _check_choice("runtime", runtime, RUNTIMES)
+    if isinstance(target, torch.nn.Module):
+        if runtime != "torch":
+            raise ValueError("a torch model runs with runtime='torch'; export it with export_artifact to use onnxruntime")
+        return TorchRuntime(target, threads=threads, precision=precision, device=device)
+    if runtime != "onnxruntime":
+        raise ValueError("an ONNX artifact runs with runtime='onnxruntime'; pass the torch model itself for runtime='torch'")
+    artifact = target if isinstance(target, Artifact) else load_artifact(target)
+    return OrtRuntime(artifact.onnx_path, threads=threads, vocab_size=artifact.vocab_size, device=device)

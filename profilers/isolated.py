@@ -1,0 +1,93 @@
+"""Time an ONNX model in a fresh child process, where no other thread pool can steal the cores.
+
+In a tuning process, torch's OpenMP workers keep spinning for a while after training and other ORT sessions
+may be alive; measured on 2 cores, either made latencies 3-5x too high. A child process that imports only
+ONNX Runtime and numpy has nothing else running, costs well under a second to start, and makes a latency
+measured right after training equal to one measured on a quiet machine.
+
+The child builds its own synthetic feeds (random token ids, full attention mask) from a small JSON request,
+so nothing large crosses the process boundary; it answers with the LatencyStats as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from profilers.latency import LatencyStats, MeasureSettings
+
+
+class MeasurementError(RuntimeError):
+    """The child process could not measure the model; the message carries its last error line."""
+
+
+@dataclass(frozen=True)
+class OnnxRequest:
+    """What to time: the model, the synthetic input shape, and how."""
+
+    onnx_path: str
+    input_names: tuple[str, ...]
+    batch_size: int
+    seq_len: int
+    vocab_size: int
+    threads: int
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    seed: int = 0
+
+
+def feeds_for(input_names: Sequence[str], batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Synthetic int64 feeds of one shape: random token ids, a full attention mask, a single segment.
+
+    Latency depends on shape, not on which tokens, so this is what the latency gate and benchmarks time.
+    """
+    if batch_size < 1 or seq_len < 1 or vocab_size < 1:
+        raise ValueError(f"batch_size, seq_len and vocab_size must be >= 1, got {batch_size}, {seq_len}, {vocab_size}")
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, seq_len)
+    makers = {
+        "input_ids": lambda: rng.integers(0, vocab_size, size=shape, dtype=np.int64),
+        "attention_mask": lambda: np.ones(shape, dtype=np.int64),
+        "token_type_ids": lambda: np.zeros(shape, dtype=np.int64),
+    }
+    unknown = [name for name in input_names if name not in makers]
+    if unknown:
+        raise ValueError(f"cannot synthesise inputs {unknown}; known inputs: {sorted(makers)}")
+    return {name: makers[name]() for name in input_names}
+
+
+def measure_onnx_isolated(request: OnnxRequest, settings: MeasureSettings = MeasureSettings(), timeout_s: float = 600) -> LatencyStats:
+    """Run the measurement in `python -m profilers.isolated` and return its LatencyStats."""
+    payload = json.dumps({"request": asdict(request), "settings": asdict(settings)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(request.threads)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "profilers.isolated"], input=payload, capture_output=True, text=True, timeout=timeout_s, env=env,
+    )
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MeasurementError(f"measuring {request.onnx_path} failed in a child process: {last}")
+    return LatencyStats(**json.loads(proc.stdout))
+
+
+def _child() -> None:
+    from profilers.latency import measure_onnx
+
+    message = json.loads(sys.stdin.read())
+    request = OnnxRequest(**{k: tuple(v) if isinstance(v, list) else v for k, v in message["request"].items()})
+    settings = MeasureSettings(**message["settings"])
+    if not Path(request.onnx_path).exists():
+        raise SystemExit(f"model {request.onnx_path} does not exist")
+    feeds = feeds_for(request.input_names, request.batch_size, request.seq_len, request.vocab_size, request.seed)
+    stats = measure_onnx(request.onnx_path, feeds, threads=request.threads, batch_size=request.batch_size,
+                         providers=request.providers, settings=settings)
+    sys.stdout.write(json.dumps(asdict(stats)))
+
+
+if __name__ == "__main__":
+    _child()
