@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 from pathlib import Path
 
 import torch
@@ -147,13 +148,21 @@ def _check_path(path: str | Path) -> None:
         raise ModelError(f"Model path '{text}' does not exist.")
 
 
+class LoadedClassifier(NamedTuple):
+    """A loaded model and tokenizer; `new_head` says the classifier head is freshly initialised (untrained)."""
+
+    model: nn.Module
+    tokenizer: Any
+    new_head: bool
+
+
 def load_classifier(
     path: str | Path,
     num_labels: int,
     *,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
-) -> tuple[nn.Module, object]:
+) -> "LoadedClassifier":
     """Load a BERT-family sequence classifier and its tokenizer, in eval mode.
 
     Weights come only from safetensors unless `allow_pickle` (a pickle can run code on load). A checkpoint
@@ -194,7 +203,7 @@ def load_classifier(
             source, num_labels, ", ".join(new),
         )
     model.eval()
-    return model, tokenizer
+    return LoadedClassifier(model, tokenizer, new_head=bool(new))
 
 
 def state_fingerprint(model: nn.Module) -> str:

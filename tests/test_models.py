@@ -14,11 +14,11 @@ from conftest import tiny_config, write_tokenizer
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
 def test_loads_each_supported_family_in_eval_mode(tiny_model_dirs: dict[str, Path], family: str) -> None:
-    model, tokenizer = load_classifier(tiny_model_dirs[family], num_labels=2)
+    model, tokenizer, new_head = load_classifier(tiny_model_dirs[family], num_labels=2)
     assert family_of(model) is FAMILIES[family]
     assert shape_of(model).layers == 2 and shape_of(model).hidden == 32
     assert not model.training
-    assert tokenizer is not None
+    assert tokenizer is not None and not new_head
 
 
 def test_headless_checkpoint_gets_a_fresh_head_and_a_log_line(tmp_path: Path, caplog) -> None:
@@ -28,8 +28,8 @@ def test_headless_checkpoint_gets_a_fresh_head_and_a_log_line(tmp_path: Path, ca
     BertModel(tiny_config("bert")).save_pretrained(tmp_path, safe_serialization=True)
     write_tokenizer(tmp_path)
     with caplog.at_level(logging.WARNING, logger="autotune.models"):
-        model, _ = load_classifier(tmp_path, num_labels=3)
-    assert model.classifier.out_features == 3
+        model, _, new_head = load_classifier(tmp_path, num_labels=3)
+    assert model.classifier.out_features == 3 and new_head
     assert model(input_ids=torch.tensor([[2, 5, 3]])).logits.shape == (1, 3)
     assert any("new head" in record.getMessage() for record in caplog.records)
 
@@ -57,13 +57,13 @@ def test_directory_without_config_names_the_path(tmp_path: Path) -> None:
 
 
 def test_pickle_only_checkpoint_is_refused_unless_allowed(tmp_path: Path, tiny_model_dirs: dict[str, Path]) -> None:
-    model, _ = load_classifier(tiny_model_dirs["bert"], num_labels=2)
+    model, _, new_head = load_classifier(tiny_model_dirs["bert"], num_labels=2)
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     write_tokenizer(tmp_path)
     with pytest.raises(ModelError, match="safetensors"):
         load_classifier(tmp_path, num_labels=2)
-    loaded, _ = load_classifier(tmp_path, num_labels=2, allow_pickle=True)
+    loaded, _, _ = load_classifier(tmp_path, num_labels=2, allow_pickle=True)
     assert state_fingerprint(loaded) == state_fingerprint(model)
 
 

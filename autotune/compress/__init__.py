@@ -20,7 +20,7 @@ from autotune.compress.pruning import (
     sparsity_schedule,
 )
 from autotune.compress.quantization import ACCEPTED_BITS, build_variant, check_bits
-from autotune.compress.student import even_layer_indices, make_student
+from autotune.compress.student import even_layer_indices, make_student, shaped_like
 
 __all__ = [
     "ACCEPTED_BITS",
@@ -37,6 +37,7 @@ __all__ = [
     "mean_kd_loss",
     "measured_sparsity",
     "prune",
+    "shaped_like",
     "sparsity_schedule",
     "teacher_logits",
     "tokenize",

@@ -243,3 +243,16 @@ def make_student(
     if unfilled:
         raise RuntimeError(f"make_student left parameters at random init: {', '.join(unfilled)}.")
     return student.eval()
+
+
+def shaped_like(teacher: nn.Module, layers: int, hidden: int, heads: int, ffn: int) -> nn.Module:
+    """A model of the teacher's family in the student's shape, with random weights.
+
+    The latency gate times this instead of a trained student: latency depends on shape and bits, not on the
+    values of the weights, and building it costs no slicing and no training. Shapes are validated exactly
+    as `make_student` validates them.
+    """
+    family = family_of(teacher)
+    shape = Shape(layers=layers, hidden=hidden, heads=heads, ffn=ffn)
+    kept_layers = _validate(shape_of(teacher), shape, None)
+    return type(teacher)(_student_config(teacher, family, shape, kept_layers)).eval()
