@@ -20,6 +20,25 @@ class UsageError(Exception):
     """A user-facing problem with the command line: printed as one sentence, exit status 2."""
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (spec, model, data, storage, paths), not a bug: one sentence, exit 2."""
+    from autotune.builtin import BuiltinError
+    from autotune.config import ConfigError
+    from autotune.models import ModelError
+    from autotune.result import ResultError
+    from autotune.tasks import DataError
+    from profilers.hardware import ProfileError
+    from search_spaces import SpaceError
+
+    return (UsageError, ConfigError, ModelError, DataError, SpaceError, ProfileError, ResultError, BuiltinError,
+            FileExistsError, PermissionError)
+
+
+def one_sentence(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if text.endswith(".") else text + "."
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one sentence (no usage dump, no traceback) and exits 2."""
 
@@ -37,6 +56,26 @@ def thread_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer from 1 to {limit}, got {text!r}") from None
     if not 1 <= value <= limit:
         raise argparse.ArgumentTypeError(f"must be an integer from 1 to {limit} (this machine's logical CPUs), got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return value
 
 
@@ -80,6 +119,28 @@ def build_parser() -> Parser:
     profile.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     profile.add_argument("-o", "--output", type=writable_file, default=None, metavar="FILE", help="write the profile as JSON to FILE (for `autotune plan --hardware`)")
     profile.set_defaults(handler=run_profile)
+
+    tune = commands.add_parser(
+        "tune",
+        help="search for the most accurate compressed model that meets a latency target",
+        description=(
+            "Run a tuning study from a YAML spec: profile this machine, measure the baseline, then search student "
+            "architecture x sparsity x bit width with Optuna (accuracy up, latency down, latency target as a "
+            "constraint). Writes result.json, model/ (the recommended ONNX artifact with its tokenizer), baseline/ "
+            "and the study database to the output directory. Exit status: 0 with a recommendation, 3 when no "
+            "candidate met the target, 2 on bad input, 130 when interrupted (finished trials are kept; resume with "
+            "--resume)."
+        ),
+    )
+    tune.add_argument("spec", metavar="SPEC.yaml", help="the tune spec (see examples/)")
+    tune.add_argument("--trials", type=positive_int, default=None, metavar="N", help="the study's total trial budget (a resumed study runs only the rest)")
+    tune.add_argument("--timeout-min", type=positive_float, default=None, metavar="M", help="stop starting new trials after M minutes")
+    tune.add_argument("--out", default=None, metavar="DIR", help="output directory (default: runs/<name>/)")
+    tune.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
+    tune.add_argument("--sampler", choices=("nsga2", "tpe", "gp", "random"), default=None, help="Optuna sampler (default: the spec's, nsga2)")
+    tune.add_argument("--seed", type=int, default=None, metavar="K", help="sampler and training seed")
+    tune.add_argument("--resume", action="store_true", help="continue the study stored for this spec")
+    tune.set_defaults(handler=run_tune)
     return parser
 
 
@@ -105,16 +166,70 @@ def run_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXIT_NO_FEASIBLE = 3
+EXIT_INTERRUPTED = 130
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    import shlex
+
+    from rich.console import Console
+
+    from autotune.api import tune
+    from autotune.progress import TuneProgress
+
+    console = Console(stderr=True, log_path=False)
+    command = " ".join(["autotune", "tune", *(shlex.quote(a) for a in sys.argv[2:])]) if len(sys.argv) > 2 else None
+    try:
+        result = tune(args.spec, out=args.out, resume=args.resume, progress=TuneProgress(console), command=command,
+                      trials=args.trials, timeout_min=args.timeout_min, storage=args.storage, sampler=args.sampler,
+                      seed=args.seed)
+    except KeyboardInterrupt:
+        out = f" --out {shlex.quote(args.out)}" if args.out else ""
+        storage = f" --storage {shlex.quote(args.storage)}" if args.storage else ""
+        console.print(f"Interrupted: finished trials are saved. Resume with: autotune tune {shlex.quote(args.spec)}{out}{storage} --resume")
+        return EXIT_INTERRUPTED
+    console.print(f"Result: {result.run_dir / 'result.json'}")
+    recommended = result.recommended
+    if recommended is None:
+        console.print(f"No recommendation: {result.reason}")
+        return EXIT_NO_FEASIBLE
+    console.print(
+        f"Recommended: {recommended['description']}: p{result.data['target']['percentile']:g} "
+        f"{recommended['latency_ms']:.2f} ms (target {result.data['target']['latency_ms']:.2f} ms), "
+        f"validation accuracy {recommended['accuracy']['validation']:.4f}, speedup {recommended['speedup']:.2f}x. "
+        f"Artifact: {recommended['artifact']}"
+    )
+    return EXIT_OK
+
+
+def quiet_libraries() -> None:
+    """Progress is ours to show: libraries keep to warnings, and their progress bars stay off."""
+    import logging
+
+    import optuna
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is logged once, by autotune.study
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # ORT's BERT optimizer warns that a tiny vocabulary is smaller than the position table; harmless.
+    logging.getLogger("fusion_embedlayer").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "tune":
+        quiet_libraries()
     try:
         return args.handler(args)
-    except UsageError as exc:
-        sys.stderr.write(f"autotune {args.command}: error: {exc}\n")
+    except _user_errors() as exc:  # evaluated only when something was raised
+        sys.stderr.write(f"autotune {args.command}: error: {one_sentence(exc)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("autotune: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

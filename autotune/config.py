@@ -100,12 +100,12 @@ class SearchSpec(Strict):
 class TrainingSpec(Strict):
     """How students are distilled. Defaults are sized for 2 CPU cores: short, length-bucketed epochs."""
 
-    epochs: float = Field(1.0, gt=0)
+    epochs: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=1)
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)
-    teacher_epochs: float = Field(2.0, gt=0)
+    teacher_epochs: int = Field(2, ge=1)
     teacher_lr: float = Field(5e-5, gt=0)
 
 

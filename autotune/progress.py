@@ -1,0 +1,89 @@
+"""Live progress of a tuning run (rich): trials done/total, the running trial's stage, the best feasible
+configuration so far, gate rejections, elapsed time and ETA. The API gets a silent one by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from search_spaces import Candidate
+
+log = logging.getLogger(__name__)
+
+
+class SilentProgress:
+    """The interface TuneProgress implements, doing nothing: for library use and tests."""
+
+    def start(self, total: int, done: int, target_ms: float) -> None: ...
+    def trial_started(self, number: int, candidate: Candidate) -> None: ...
+    def stage(self, name: str) -> None: ...
+    def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
+    def note(self, message: str) -> None:
+        log.info(message)
+
+    def stop(self) -> None: ...
+
+
+class TuneProgress(SilentProgress):
+    """A progress bar on stderr whose description carries the run's state."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True, log_path=False)
+        self.progress = Progress(
+            TextColumn("[bold]trials"), MofNCompleteColumn(), BarColumn(bar_width=20), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"), console=self.console,
+            transient=False,
+        )
+        self.task: Any = None
+        self.running = ""
+        self.best = "no feasible trial yet"
+        self.best_accuracy = -1.0
+        self.rejections = 0
+        self.failures = 0
+        self.target_ms = 0.0
+
+    def start(self, total: int, done: int, target_ms: float) -> None:
+        self.target_ms = target_ms
+        self.progress.start()
+        self.task = self.progress.add_task("", total=total, completed=done)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        text = f"{self.running} | best feasible: {self.best} | gate rejections {self.rejections}"
+        if self.failures:
+            text += f" | failed {self.failures}"
+        self.progress.update(self.task, description=text)
+
+    def trial_started(self, number: int, candidate: Candidate) -> None:
+        self.running = f"#{number} {candidate.layers}x{candidate.hidden} {candidate.bits}b s{candidate.sparsity:g}"
+        self._refresh()
+
+    def stage(self, name: str) -> None:
+        self.running = f"{self.running.split(':')[0]}: {name}"
+        self._refresh()
+
+    def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        attrs = trial.user_attrs
+        if trial.state == TrialState.FAIL:
+            self.failures += 1
+        elif attrs.get("stage") == "gate":
+            self.rejections += 1
+        elif attrs.get("feasible") and attrs.get("accuracy") is not None and attrs["accuracy"] > self.best_accuracy:
+            self.best_accuracy = attrs["accuracy"]
+            self.best = f"acc {attrs['accuracy']:.4f} at {attrs['latency_ms']:.2f} ms"
+        self.running = f"#{trial.number} done"
+        self.progress.advance(self.task)
+        self._refresh()
+
+    def note(self, message: str) -> None:
+        self.console.log(message)
+
+    def stop(self) -> None:
+        self.progress.stop()
+

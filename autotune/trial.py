@@ -1,0 +1,260 @@
+"""The life of one trial: candidate -> latency gate -> student -> deployable artifact -> measured outcome.
+
+`TrialPipeline.run(candidate)` is called once per Optuna trial (by study.py, which never sees a tensor):
+
+1. **Gate** (`gate`). The candidate's *shape* is built with random weights, exported, quantized to its bit
+   width and timed in the target runtime, in a child process where nothing else spins. Latency depends on
+   shape and bits, not on trained weights, so this costs seconds. Beyond the target by more than the
+   measurement noise, the trial ends here: no training is spent. Gate results are cached by (shape, bits,
+   runtime, device, batch, seq_len, threads, hardware fingerprint).
+2. **Student** (`student`). Initialised from the teacher (layer selection + importance slicing) and
+   distilled on the cached teacher logits; sparsity is applied gradually during distillation and held.
+   Trained students are cached by (teacher, data, architecture, sparsity, training settings): bits are
+   applied after training, so one student serves every bit width. The teacher's own shape, dense, is the
+   teacher itself: nothing to train.
+3. **Deploy** (`deploy`). fp32 export once per student, then the fused bits-wide variant per candidate.
+4. **Evaluate**. Validation accuracy of the artifact in the target runtime, and its latency re-measured
+   (the deployable file, not the gate's stand-in), its size on disk. The test split is never touched here.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from autotune.caches import key_of, publish_dir, read_json, write_json_atomic
+from autotune.compress import PruningSchedule, distill, make_student, measured_sparsity, shaped_like
+from autotune.config import TrainingSpec
+from autotune.runtime import Artifact, OrtRuntime, derive_artifact, export_artifact, load_artifact
+from autotune.tasks import LabeledTexts, evaluate
+from autotune.compress.distillation import TokenizedData
+from profilers.isolated import OnnxRequest, measure_onnx_isolated
+from profilers.latency import LatencyStats, MeasureSettings
+from profilers.ort import CPU_PROVIDER, CUDA_PROVIDER
+from search_spaces import Candidate, TeacherShape
+
+log = logging.getLogger(__name__)
+
+STAGES = ("gate", "trained", "evaluated")
+MIN_NOISE_MARGIN = 0.05
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Target:
+    """The latency constraint and exactly how it is measured."""
+
+    latency_ms: float
+    percentile: float
+    batch_size: int
+    seq_len: int
+    threads: int
+    runtime: str
+    device: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def noise_margin(stats: LatencyStats) -> float:
+    """Relative margin within which a latency is indistinguishable from the target: twice the measured
+    half-width of the median's confidence interval, and never under 5% (shared machines drift between runs)."""
+    return max(MIN_NOISE_MARGIN, 2.0 * stats.median_ci_rel_halfwidth)
+
+
+def clearly_over(stats: LatencyStats, target: Target) -> bool:
+    """Over the target beyond the noise: only then may the gate reject without training."""
+    return stats.percentile_ms(target.percentile) > target.latency_ms * (1.0 + noise_margin(stats))
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """Everything one trial measured. `accuracy` is None when the trial never reached evaluation."""
+
+    candidate: Candidate
+    stage: str
+    feasible: bool
+    latency: dict[str, Any]
+    latency_ms: float
+    size_mb: float
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    achieved_sparsity: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    gate_cache_hit: bool = False
+    student_cache_hit: bool | None = None
+    artifact: str | None = None
+
+
+@dataclass
+class TrialContext:
+    """What every trial of a run shares: the teacher, the data, the target and where caches live."""
+
+    teacher: nn.Module
+    tokenizer: Any
+    teacher_shape: TeacherShape
+    teacher_key: str
+    train: TokenizedData
+    teacher_logits: np.ndarray
+    validation: LabeledTexts
+    max_length: int
+    target: Target
+    fingerprint: str
+    training: TrainingSpec
+    seed: int
+    cache_dir: Path
+    artifacts_dir: Path
+    measure_settings: MeasureSettings = MeasureSettings(warmup=5, min_runs=20, max_runs=400, max_seconds=3.0)
+
+
+Stage = Callable[[str], None]
+
+
+def _no_stage(name: str) -> None:
+    return None
+
+
+class TrialPipeline:
+    """Runs candidates through the stages above; holds the in-process caches of one run."""
+
+    def __init__(self, ctx: TrialContext) -> None:
+        self.ctx = ctx
+        self.counters = {"gate_cache_hits": 0, "student_cache_hits": 0, "students_trained": 0, "gates_measured": 0}
+
+    # -- measurement -------------------------------------------------------------------------------------
+
+    def providers(self) -> tuple[str, ...]:
+        return (CUDA_PROVIDER, CPU_PROVIDER) if self.ctx.target.device == "cuda" else (CPU_PROVIDER,)
+
+    def measure(self, artifact: Artifact) -> LatencyStats:
+        """Latency of an artifact at the target shape and threads, timed in a fresh child process."""
+        t = self.ctx.target
+        request = OnnxRequest(
+            onnx_path=str(artifact.onnx_path), input_names=artifact.input_names, batch_size=t.batch_size,
+            seq_len=t.seq_len, vocab_size=artifact.vocab_size, threads=t.threads, providers=self.providers(),
+        )
+        return measure_onnx_isolated(request, self.ctx.measure_settings)
+
+    # -- 1. gate -----------------------------------------------------------------------------------------
+
+    def gate_key(self, candidate: Candidate) -> str:
+        t = self.ctx.target
+        return key_of("gate", candidate.shape_key, type(self.ctx.teacher).__name__, self.ctx.teacher.config.vocab_size,
+                      t.runtime, t.device, t.batch_size, t.seq_len, t.threads, self.ctx.fingerprint)
+
+    def gate(self, candidate: Candidate) -> tuple[LatencyStats, float, bool]:
+        """(latency, size in MB, cache hit) of the candidate's shape with random weights."""
+        path = self.ctx.cache_dir / "gate" / f"{self.gate_key(candidate)}.json"
+        cached = read_json(path)
+        if cached is not None:
+            self.counters["gate_cache_hits"] += 1
+            return LatencyStats(**cached["latency"]), cached["size_mb"], True
+        model = shaped_like(self.ctx.teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
+        with tempfile.TemporaryDirectory(prefix="autotune-gate-") as tmp:
+            plain = export_artifact(model, self.ctx.tokenizer, Path(tmp) / "fp32")
+            variant = derive_artifact(plain, Path(tmp) / "variant", bits=candidate.bits)
+            stats = self.measure(variant)
+            size_mb = variant.size_bytes / MB
+        self.counters["gates_measured"] += 1
+        write_json_atomic(path, {"latency": stats.to_dict(), "size_mb": size_mb, "candidate": candidate.to_dict()})
+        return stats, size_mb, False
+
+    # -- 2. student --------------------------------------------------------------------------------------
+
+    def is_teacher(self, candidate: Candidate) -> bool:
+        s = self.ctx.teacher_shape
+        return (candidate.layers, candidate.hidden, candidate.heads, candidate.ffn) == (s.layers, s.hidden, s.heads, s.ffn) \
+            and candidate.sparsity == 0.0
+
+    def student_key(self, candidate: Candidate) -> str:
+        return key_of("student", self.ctx.teacher_key, self.ctx.train.fingerprint(), candidate.student_key,
+                      self.ctx.training.model_dump(), self.ctx.seed)
+
+    def student(self, candidate: Candidate, on_progress: Callable[[int, int, float], None] | None = None) -> tuple[nn.Module, float, bool]:
+        """(trained student, measured sparsity, cache hit)."""
+        if self.is_teacher(candidate):
+            return self.ctx.teacher, measured_sparsity(self.ctx.teacher), True
+        final = self.ctx.cache_dir / "students" / self.student_key(candidate)
+        if (final / "config.json").exists():
+            self.counters["student_cache_hits"] += 1
+            model = type(self.ctx.teacher).from_pretrained(final, use_safetensors=True).eval()
+            return model, measured_sparsity(model), True
+        training = self.ctx.training
+        student = make_student(self.ctx.teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
+        schedule = None
+        if candidate.sparsity > 0:
+            amount = None if candidate.sparsity_pattern == "2:4" else candidate.sparsity
+            schedule = PruningSchedule(final_amount=amount, pattern=candidate.sparsity_pattern)
+        result = distill(
+            student, None, self.ctx.train, epochs=training.epochs, lr=training.lr, temperature=training.temperature,
+            alpha=training.alpha, batch_size=training.batch_size, seed=self.ctx.seed,
+            teacher_logits=self.ctx.teacher_logits, pruning_schedule=schedule, progress=on_progress,
+        )
+        model = result.model.eval()
+        staging = Path(tempfile.mkdtemp(prefix=".student-", dir=final.parent if final.parent.exists() else None))
+        model.save_pretrained(staging, safe_serialization=True)
+        publish_dir(staging, final)
+        self.counters["students_trained"] += 1
+        return model, measured_sparsity(model), False
+
+    # -- 3. deploy ---------------------------------------------------------------------------------------
+
+    def deploy(self, candidate: Candidate, model: nn.Module) -> Artifact:
+        """The fused bits-wide artifact of a trained model, under artifacts/<candidate key>/ (reused if there)."""
+        final = self.ctx.artifacts_dir / candidate.key
+        if (final / "artifact.json").exists():
+            return load_artifact(final)
+        self.ctx.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".deploy-", dir=self.ctx.artifacts_dir) as tmp:
+            plain = export_artifact(model, self.ctx.tokenizer, Path(tmp) / "fp32")
+            derive_artifact(plain, Path(tmp) / "variant", bits=candidate.bits)
+            publish_dir(Path(tmp) / "variant", final)
+        return load_artifact(final)
+
+    def validation_accuracy(self, artifact: Artifact) -> tuple[float, float]:
+        runtime = OrtRuntime(artifact.onnx_path, threads=self.ctx.target.threads, vocab_size=artifact.vocab_size,
+                             device=self.ctx.target.device)
+        result = evaluate(runtime.run, self.ctx.tokenizer, self.ctx.validation, max_length=self.ctx.max_length)
+        return result.accuracy, result.macro_f1
+
+    # -- the whole trial ---------------------------------------------------------------------------------
+
+    def run(self, candidate: Candidate, on_stage: Stage = _no_stage) -> TrialOutcome:
+        target = self.ctx.target
+        seconds: dict[str, float] = {}
+        on_stage("gate")
+        start = time.perf_counter()
+        gate_stats, gate_size, gate_hit = self.gate(candidate)
+        seconds["gate"] = time.perf_counter() - start
+        if clearly_over(gate_stats, target):
+            return TrialOutcome(
+                candidate=candidate, stage="gate", feasible=False, latency=gate_stats.to_dict(),
+                latency_ms=gate_stats.percentile_ms(target.percentile), size_mb=gate_size, seconds=seconds,
+                gate_cache_hit=gate_hit,
+            )
+        on_stage("training")
+        start = time.perf_counter()
+        model, sparsity, student_hit = self.student(candidate)
+        seconds["train"] = time.perf_counter() - start
+        on_stage("evaluating")
+        start = time.perf_counter()
+        artifact = self.deploy(candidate, model)
+        accuracy, f1 = self.validation_accuracy(artifact)
+        stats = self.measure(artifact)
+        seconds["evaluate"] = time.perf_counter() - start
+        latency_ms = stats.percentile_ms(target.percentile)
+        return TrialOutcome(
+            candidate=candidate, stage="evaluated", feasible=latency_ms <= target.latency_ms, latency=stats.to_dict(),
+            latency_ms=latency_ms, size_mb=artifact.size_bytes / MB, accuracy=accuracy, macro_f1=f1,
+            achieved_sparsity=sparsity, seconds=seconds, gate_cache_hit=gate_hit, student_cache_hit=student_hit,
+            artifact=str(artifact.dir),
+        )
