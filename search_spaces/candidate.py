@@ -97,5 +97,7 @@ class Candidate:
         """In words, e.g. '4 layers x 384 hidden (12 heads, FFN 1536), 50% unstructured sparsity, int8'."""
         sparsity = "dense" if self.sparsity == 0 else f"{self.sparsity:.0%} {self.sparsity_pattern} sparsity"
         threads = f", {self.threads} threads" if self.threads else ""
-        return (f"{self.layers} layers x {self.hidden} hidden ({self.heads} heads, FFN {self.ffn}), "
+        heads = f"{self.heads} head" + ("s" if self.heads != 1 else "")
+        layers = f"{self.layers} layer" + ("s" if self.layers != 1 else "")
+        return (f"{layers} x {self.hidden} hidden ({heads}, FFN {self.ffn}), "
                 f"{sparsity}, {BITS_NAMES[self.bits]}{threads}")

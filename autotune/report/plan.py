@@ -1,0 +1,129 @@
+"""Deployment planning from a result.json alone: the answer in one line, what changes with the target, and
+how much traffic this machine can serve. Pure functions over the result's dict, so every figure in a report
+can be traced back to a measured number in result.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from search_spaces import Candidate
+
+TARGET_SCALES = (0.5, 0.75, 1.5, 2.0)
+
+
+def evaluated(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Trials with a measured accuracy (gate-rejected and failed trials have none)."""
+    return [t for t in result["trials"] if t["stage"] == "evaluated" and t["accuracy"] is not None]
+
+
+def architecture(candidate: dict[str, Any]) -> str:
+    return f"{candidate['layers']}x{candidate['hidden']} ({candidate['heads']}h, FFN {candidate['ffn']})"
+
+
+def describe(candidate: dict[str, Any]) -> str:
+    return Candidate.from_dict(candidate).describe()
+
+
+def percentile_name(result: dict[str, Any]) -> str:
+    return f"p{result['target']['percentile']:g}"
+
+
+def one_line_answer(result: dict[str, Any]) -> str:
+    """The recommendation in words with its latency vs the target, accuracy vs the teacher, speedup and size."""
+    target = result["target"]
+    pct = percentile_name(result)
+    rec = result["recommended"]
+    if rec is None:
+        return f"No configuration met {pct} <= {target['latency_ms']:.2f} ms on this machine: {result['reason']}."
+    base = result["baseline"]
+    headroom = 1 - rec["latency_ms"] / target["latency_ms"]
+    val, test = rec["accuracy"]["validation"], rec["accuracy"]["test"]
+    base_val, base_test = base["accuracy"]["validation"], base["accuracy"]["test"]
+    test_part = (f", test {test:.4f} vs {base_test:.4f} ({test / base_test:.1%} kept)"
+                 if test is not None and base_test else "")
+    return (
+        f"Deploy {describe(rec['candidate'])}: {pct} {rec['latency_ms']:.2f} ms vs target {target['latency_ms']:.2f} ms "
+        f"({headroom:.0%} headroom); accuracy validation {val:.4f} vs teacher {base_val:.4f} "
+        f"({val / base_val:.1%} kept){test_part}; {rec['speedup']:.2f}x faster and "
+        f"{rec['size_mb']:.1f} MB vs {base['size_mb']:.1f} MB on disk."
+    )
+
+
+@dataclass(frozen=True)
+class TargetOption:
+    scale: float
+    target_ms: float
+    trial: dict[str, Any] | None
+
+
+def best_under(result: dict[str, Any], limit_ms: float) -> dict[str, Any] | None:
+    """The most accurate evaluated trial measured at or under `limit_ms` (ties: the faster one)."""
+    fitting = [t for t in evaluated(result) if t["latency_ms"] <= limit_ms]
+    return min(fitting, key=lambda t: (-t["accuracy"], t["latency_ms"])) if fitting else None
+
+
+def changed_targets(result: dict[str, Any]) -> list[TargetOption]:
+    target_ms = result["target"]["latency_ms"]
+    return [TargetOption(s, target_ms * s, best_under(result, target_ms * s)) for s in TARGET_SCALES]
+
+
+def teacher_needs_ms(result: dict[str, Any]) -> float:
+    """The tightest target the uncompressed teacher meets on its own: its measured latency at the percentile."""
+    key = f"p{result['target']['percentile']:g}"
+    return float(result["baseline"]["latency_ms"][key])
+
+
+@dataclass(frozen=True)
+class Capacity:
+    trial: dict[str, Any]
+    throughput_per_instance: float
+    instances: int
+    limited_by: str
+    requests_per_s: float
+    memory_per_instance_mb: float
+
+
+def capacity(result: dict[str, Any], trial: dict[str, Any]) -> Capacity:
+    """How many instances of one configuration this machine holds, and the requests/s they serve together.
+
+    An instance uses `threads` cores; its memory is its model file plus the peak resident growth measured
+    while it ran (both measured). The smaller of the two limits wins.
+    """
+    hardware = result["hardware"]
+    target = result["target"]
+    latency = trial["latency"]
+    throughput = target["batch_size"] * 1000.0 / latency["p50_ms"]
+    by_cores = max(1, hardware["cpu"]["physical_cores"] // target["threads"])
+    memory_mb = trial["size_mb"] + latency.get("peak_rss_delta_bytes", 0) / 2**20
+    by_memory = int(hardware["memory"]["available_bytes"] / 2**20 // max(memory_mb, 1e-6))
+    instances = max(1, min(by_cores, by_memory))
+    return Capacity(trial, throughput, instances, "cores" if by_cores <= by_memory else "memory",
+                    instances * throughput, memory_mb)
+
+
+def pareto_trials(result: dict[str, Any]) -> list[dict[str, Any]]:
+    by_number = {t["number"]: t for t in result["trials"]}
+    return sorted((by_number[n] for n in result["pareto"]), key=lambda t: t["latency_ms"])
+
+
+def cost_breakdown(result: dict[str, Any]) -> dict[str, float]:
+    """Seconds spent per stage over all trials, and how many trials ended at each stage."""
+    totals = {"gate": 0.0, "train": 0.0, "evaluate": 0.0}
+    for trial in result["trials"]:
+        for stage, seconds in (trial.get("seconds") or {}).items():
+            totals[stage] = totals.get(stage, 0.0) + seconds
+    return totals
+
+
+def stage_counts(result: dict[str, Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in result["trials"]:
+        stage = trial["stage"] if trial["state"] == "COMPLETE" else trial["state"].lower()
+        counts[stage] = counts.get(stage, 0) + 1
+    return counts
+
+
+def speedup(result: dict[str, Any], trial: dict[str, Any]) -> float:
+    return teacher_needs_ms(result) / trial["latency_ms"]

@@ -1,0 +1,209 @@
+"""report.html and report.md from result.json alone.
+
+The report's content is built once as a list of sections (paragraphs and tables of plain strings), then
+rendered twice: Markdown (plot as a PNG file next to it) and one self-contained HTML file (plot inlined as a
+data URI, CSS inline, no script, no CDN). Every string that came from the spec, the model or the data is
+escaped by the HTML renderer, so a run named `<script>` shows up as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autotune.report import plan
+from autotune.report.plot import accuracy_latency_png
+
+PLOT_FILE = "accuracy_latency.png"
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    paragraphs: tuple[str, ...] = ()
+    table: Table | None = None
+    plot: bool = False
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    title: str
+    answer: str
+    sections: tuple[Section, ...] = field(default_factory=tuple)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _hardware_section(result: dict[str, Any]) -> Section:
+    hw, target = result["hardware"], result["target"]
+    cpu, bench = hw["cpu"], hw.get("microbench") or {}
+    rows = (
+        ("fingerprint", hw["fingerprint"]),
+        ("CPU", f"{cpu['model_name']} ({cpu['architecture']}), {cpu['physical_cores']} physical / {cpu['logical_cores']} logical cores"),
+        ("ISA flags", " ".join(cpu["flags"])),
+        ("memory", f"{hw['memory']['total_bytes'] / 2**30:.1f} GiB total, {hw['memory']['available_bytes'] / 2**30:.1f} GiB available"),
+        ("GPUs", ", ".join(g["name"] for g in hw["gpus"]) or (hw.get("gpu_unavailable_reason") or "none")),
+        ("measured throughput", f"fp32 GEMM {bench.get('fp32_gemm_gflops', '-')} GFLOP/s, int8 GEMM {bench.get('int8_gemm_gops', '-')} GOP/s, "
+                                f"memory {bench.get('memory_bandwidth_gbps', '-')} GB/s"),
+        ("software", f"onnxruntime {hw['software']['onnxruntime']}, torch {hw['software']['torch']}, optuna {hw['software']['optuna']}"),
+        ("measurement", f"{plan.percentile_name(result)} latency at batch {target['batch_size']}, sequence length {target['seq_len']}, "
+                        f"{target['threads']} threads, {target['runtime']} on {target['device']}; each figure timed in a fresh "
+                        "process until the median's 95% interval is within 2% (or a 3 s cap)"),
+    )
+    return Section("Hardware and measurement settings", table=Table(("", ""), rows))
+
+
+def _pareto_section(result: dict[str, Any]) -> Section:
+    pct = plan.percentile_name(result)
+    rows = tuple(
+        (str(t["number"]), plan.architecture(t["candidate"]), f"{t['candidate']['sparsity']:.0%} {t['candidate']['sparsity_pattern']}",
+         str(t["candidate"]["bits"]), _acc(t["accuracy"]), _ms(t["latency"]["p50_ms"]), _ms(t["latency"][f"{pct}_ms"]),
+         f"{t['size_mb']:.1f}", f"{plan.speedup(result, t):.2f}x")
+        for t in plan.pareto_trials(result)
+    )
+    table = Table(("trial", "architecture", "sparsity", "bits", "val. accuracy", "p50 ms", f"{pct} ms", "size MB", "speedup"), rows)
+    note = () if rows else ("No evaluated trial met the target, so the feasible Pareto front is empty.",)
+    return Section("Pareto front (feasible, accuracy up, latency down)", note, table)
+
+
+def _targets_section(result: dict[str, Any]) -> Section:
+    rows = []
+    for option in plan.changed_targets(result):
+        trial = option.trial
+        rows.append((f"{option.scale:g}x = {option.target_ms:.2f} ms",
+                     plan.describe(trial["candidate"]) if trial else "nothing measured fits",
+                     _acc(trial["accuracy"]) if trial else "-", _ms(trial["latency_ms"]) if trial else "-"))
+    teacher = f"The teacher alone (fused fp32) meets any target of {plan.teacher_needs_ms(result):.2f} ms or more."
+    return Section("Planning for a changed target (from the trials run)", (teacher,),
+                   Table(("target", "best configuration", "val. accuracy", "latency ms"), tuple(rows)))
+
+
+def _capacity_section(result: dict[str, Any]) -> Section:
+    rows = []
+    for trial in plan.pareto_trials(result):
+        cap = plan.capacity(result, trial)
+        rows.append((str(trial["number"]), plan.architecture(trial["candidate"]) + f", {trial['candidate']['bits']} bits",
+                     f"{cap.throughput_per_instance:.0f}", f"{cap.memory_per_instance_mb:.0f}",
+                     f"{cap.instances} ({cap.limited_by})", f"{cap.requests_per_s:.0f}"))
+    threads = result["target"]["threads"]
+    return Section(
+        "Capacity of this machine",
+        (f"Each instance runs with {threads} threads; instances are limited by physical cores and available memory "
+         "(model file + peak resident growth measured while serving).",),
+        Table(("trial", "configuration", "items/s per instance", "MB per instance", "instances", "requests/s at target"), tuple(rows)),
+    )
+
+
+def _cost_section(result: dict[str, Any]) -> Section:
+    costs = plan.cost_breakdown(result)
+    counts = plan.stage_counts(result)
+    importances = result.get("importances") or {}
+    rows = tuple((objective, ", ".join(f"{k} {v:.2f}" for k, v in values.items())) for objective, values in importances.items())
+    paragraphs = (
+        f"Trials by outcome: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}. Time spent: latency gate "
+        f"{costs['gate']:.0f} s, training {costs['train']:.0f} s, evaluation {costs['evaluate']:.0f} s "
+        f"(whole run {result['seconds']:.0f} s).",
+        "Which knobs mattered (Optuna parameter importances per objective):" if rows else "Parameter importances need at least two evaluated trials.",
+    )
+    return Section("Which knobs mattered, and what the search cost", paragraphs, Table(("objective", "importance"), rows) if rows else None)
+
+
+def build_report(result: dict[str, Any]) -> Report:
+    sections = [
+        _hardware_section(result),
+        Section("Accuracy vs latency", (
+            "Every evaluated trial; the Pareto front; trials rejected by the latency gate (never trained) on the floor "
+            "at their measured latency; the dashed line is the target.",), plot=True),
+        _pareto_section(result),
+        _targets_section(result),
+        _capacity_section(result),
+        _cost_section(result),
+    ]
+    if result["recommended"] is None:
+        closest = sorted((t for t in result["trials"] if t["latency_ms"] is not None), key=lambda t: t["latency_ms"])[:3]
+        rows = tuple((str(t["number"]), plan.describe(t["candidate"]), _ms(t["latency_ms"]),
+                      f"+{t['latency_ms'] / result['target']['latency_ms'] - 1:.0%}") for t in closest)
+        fastest = closest[0]["latency_ms"] if closest else None
+        advice = (f"A target of {fastest:.2f} ms or more would be met by the fastest candidate measured; or widen the "
+                  "space (fewer layers, narrower hidden, lower bits)." if fastest else "No trial finished.")
+        sections.insert(0, Section("No configuration met the target", (result["reason"] or "", advice),
+                                   Table(("trial", "configuration", "latency ms", "over target"), rows)))
+    if result.get("command"):
+        sections.append(Section("Reproduce this run", code=result["command"]))
+    return Report(f"autotune report: {result['name']}", plan.one_line_answer(result), tuple(sections))
+
+
+def to_markdown(report: Report) -> str:
+    lines = [f"# {report.title}", "", f"**{report.answer}**", ""]
+    for section in report.sections:
+        lines += [f"## {section.title}", ""]
+        for paragraph in section.paragraphs:
+            lines += [paragraph, ""]
+        if section.plot:
+            lines += [f"![accuracy vs latency]({PLOT_FILE})", ""]
+        if section.table is not None and section.table.rows:
+            lines.append("| " + " | ".join(section.table.headers) + " |")
+            lines.append("|" + "---|" * len(section.table.headers))
+            lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in section.table.rows]
+            lines.append("")
+        if section.code:
+            lines += ["```", section.code, "```", ""]
+    return "\n".join(lines)
+
+
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
+    "h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}"
+    ".answer{background:#eef6ee;border-left:4px solid #2ca02c;padding:.8em 1em;font-weight:600}"
+    "table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}"
+    "th{background:#f4f4f4}img{max-width:100%}pre{background:#f4f4f4;padding:.6em;overflow-x:auto}"
+)
+
+
+def to_html(report: Report, plot_png: bytes) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(report.title)}</title>"
+             f"<style>{CSS}</style></head><body>", f"<h1>{esc(report.title)}</h1>", f"<p class=\"answer\">{esc(report.answer)}</p>"]
+    image = base64.b64encode(plot_png).decode()
+    for section in report.sections:
+        parts.append(f"<h2>{esc(section.title)}</h2>")
+        parts += [f"<p>{esc(p)}</p>" for p in section.paragraphs]
+        if section.plot:
+            parts.append(f"<img alt=\"accuracy vs latency\" src=\"data:image/png;base64,{image}\">")
+        if section.table is not None and section.table.rows:
+            head = "".join(f"<th>{esc(h)}</th>" for h in section.table.headers)
+            thead = f"<thead><tr>{head}</tr></thead>" if any(section.table.headers) else ""
+            body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in section.table.rows)
+            parts.append(f"<table>{thead}<tbody>{body}</tbody></table>")
+        if section.code:
+            parts.append(f"<pre>{esc(section.code)}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(result: dict[str, Any], run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.html, report.md and the plot PNG into `run_dir`; returns (html, md) paths."""
+    run_dir = Path(run_dir)
+    report = build_report(result)
+    png = accuracy_latency_png(result)
+    (run_dir / PLOT_FILE).write_bytes(png)
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path.write_text(to_markdown(report), encoding="utf-8")
+    html_path.write_text(to_html(report, png), encoding="utf-8")
+    return html_path, md_path

@@ -1,0 +1,159 @@
+"""The deployment report, rendered from a stored result.json of a tiny real run (tests/fixtures)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from autotune.cli import main
+from autotune.report import build_report, write_report
+from autotune.report.plan import best_under, capacity, changed_targets, one_line_answer, pareto_trials
+
+FIXTURE = Path(__file__).parent / "fixtures" / "result_tiny.json"
+
+
+@pytest.fixture()
+def result() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+class Collector(HTMLParser):
+    """Parses the page strictly enough to fail on broken nesting, and collects what a reader would see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text: list[str] = []
+        self.images: list[str] = []
+        self.scripts = 0
+        self.external: list[str] = []
+        self.stack: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in ("meta", "img", "br"):
+            self.stack.append(tag)
+        attributes = dict(attrs)
+        if tag == "script":
+            self.scripts += 1
+        if tag == "img":
+            self.images.append(attributes.get("src") or "")
+        for key in ("src", "href"):
+            value = attributes.get(key) or ""
+            if value.startswith(("http:", "https:", "//")):
+                self.external.append(value)
+
+    def handle_endtag(self, tag: str) -> None:
+        assert self.stack and self.stack[-1] == tag, f"unbalanced </{tag}>"
+        self.stack.pop()
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(html_text: str) -> Collector:
+    collector = Collector()
+    collector.feed(html_text)
+    collector.close()
+    assert not collector.stack, f"unclosed tags {collector.stack}"
+    return collector
+
+
+def test_html_holds_the_answer_and_the_plot_and_needs_nothing_online(result: dict, tmp_path: Path) -> None:
+    html_path, md_path = write_report(result, tmp_path)
+    page = parse(html_path.read_text())
+    text = " ".join(page.text)
+    assert one_line_answer(result) in text
+    assert page.images and page.images[0].startswith("data:image/png;base64,")
+    assert not page.external and page.scripts == 0
+    for heading in ("Hardware and measurement settings", "Pareto front", "Planning for a changed target",
+                    "Capacity of this machine", "Which knobs mattered", "Reproduce this run"):
+        assert heading in text
+    assert result["hardware"]["fingerprint"] in text
+
+
+def test_markdown_references_an_image_that_exists(result: dict, tmp_path: Path) -> None:
+    _, md_path = write_report(result, tmp_path)
+    markdown = md_path.read_text()
+    assert one_line_answer(result) in markdown
+    image = markdown.split("](", 1)[1].split(")", 1)[0]
+    assert (tmp_path / image).is_file() and (tmp_path / image).read_bytes().startswith(b"\x89PNG")
+
+
+def test_strings_from_the_spec_are_escaped(result: dict, tmp_path: Path) -> None:
+    result["name"] = "<script>alert('x')</script>"
+    html_path, _ = write_report(result, tmp_path)
+    html_text = html_path.read_text()
+    assert "<script>" not in html_text and "&lt;script&gt;" in html_text
+    assert parse(html_text).scripts == 0
+
+
+def test_one_line_answer_quotes_measured_figures(result: dict) -> None:
+    rec = result["recommended"]
+    answer = one_line_answer(result)
+    assert f"{rec['latency_ms']:.2f} ms" in answer and f"{result['target']['latency_ms']:.2f} ms" in answer
+    assert f"{rec['speedup']:.2f}x" in answer and "kept" in answer and "headroom" in answer
+
+
+def test_planning_figures_follow_from_the_trials(result: dict) -> None:
+    options = changed_targets(result)
+    assert [o.scale for o in options] == [0.5, 0.75, 1.5, 2.0]
+    for option in options:
+        if option.trial is not None:
+            assert option.trial["latency_ms"] <= option.target_ms
+    loosest = options[-1].trial
+    assert loosest is not None and loosest == best_under(result, options[-1].target_ms)
+    for trial in pareto_trials(result):
+        cap = capacity(result, trial)
+        assert cap.instances >= 1 and cap.requests_per_s == pytest.approx(cap.instances * cap.throughput_per_instance)
+
+
+def test_no_feasible_configuration_is_said_first(result: dict, tmp_path: Path) -> None:
+    failed = copy.deepcopy(result)
+    failed["recommended"] = None
+    failed["reason"] = "no candidate met the 0.01 ms target; closest: trial 1 at 0.20 ms (+1900%)"
+    failed["pareto"] = []
+    report = build_report(failed)
+    assert report.sections[0].title == "No configuration met the target"
+    assert report.answer.startswith("No configuration met")
+    html_path, _ = write_report(failed, tmp_path)
+    assert "No configuration met the target" in html_path.read_text()
+
+
+def test_report_command(result: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "report.html").is_file() and one_line_answer(result) in capsys.readouterr().out
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "result.json").write_text("{nope")
+    assert main(["report", str(broken)]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_renders_the_report_without_errors(result: dict, tmp_path: Path) -> None:
+    html_path, _ = write_report(result, tmp_path)
+    screenshot = tmp_path / "shot.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1400", "--enable-logging=stderr", "--v=0"]
+    shot = subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", html_path.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert screenshot.is_file(), shot.stderr[-2000:]
+    console_errors = [line for line in shot.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
+    assert not console_errors, console_errors
+    from PIL import Image
+
+    image = Image.open(screenshot).convert("L")
+    low, high = image.getextrema()
+    assert high - low > 100, "the screenshot is blank"
+    histogram = image.histogram()
+    assert sum(histogram[:200]) > 0.01 * sum(histogram), "almost nothing but background was drawn"
