@@ -1,12 +1,13 @@
 """The public face: `tune(spec, ...) -> TuneResult` and `load_result(path)`. The CLI calls the same functions.
 
-A run, in order: validate the spec; profile the machine at the target's threads; load the teacher (fine-tune
-it first when its classification head is new; cached); read and split the data; cache the teacher's logits
-on the training split; export and measure the baseline (the teacher, fused fp32, in the target runtime);
-resolve a relative target (`speedup`) against that baseline; build the search space for this teacher and
-this machine; run the study; then re-measure the best feasible candidate (again when it sits within the
-noise of the target), score it and the baseline on the test split, copy its artifact to `model/`, and write
-`result.json`.
+A run, in order: validate the spec, open (or refuse to reuse) the study, read and split the data, load the
+teacher and check the space's knobs against it, so every user mistake surfaces before any slow step; then
+profile the machine at the target's threads; fine-tune the teacher when its classification head is new
+(cached); cache the teacher's logits on the training split; export and measure the baseline (the teacher,
+fused fp32, in the target runtime); resolve a relative target (`speedup`) against that baseline; restrict the
+search space to this machine; run the study; then re-measure the best feasible candidate (again when it sits
+within the noise of the target), score it and the baseline on the test split, copy its artifact to `model/`,
+and write `result.json`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from statistics import median
 from typing import Any, Mapping
 
 import optuna
+import torch
 
 from autotune.builtin import resolve_data, resolve_model
 from autotune.caches import cache_root
 from autotune.compress import finetune_teacher, teacher_logits, tokenize
+from autotune.compress.distillation import TokenizedData
 from autotune.config import TuneSpec, load_spec
 from autotune.models import load_classifier, shape_of, state_fingerprint
 from autotune.progress import SilentProgress
@@ -158,10 +161,17 @@ def choose_recommendation(pipeline: TrialPipeline, records: list[dict[str, Any]]
 
 
 def load_teacher(spec: TuneSpec) -> tuple[Any, Any, bool]:
-    """(model, tokenizer, new_head) for the spec's model, builtin names resolved."""
+    """(model, tokenizer, new_head) for the spec's model, builtin names resolved.
+
+    A new classification head is initialised from the search seed, not from whatever state torch's global
+    generator is in: the same spec and seed then start from the same weights, so runs are reproducible and
+    the fine-tuned teacher's cache (keyed by the starting weights) hits on the next run instead of never.
+    """
     model_spec = spec.model
-    loaded = load_classifier(resolve_model(model_spec.path), model_spec.num_labels,
-                             trust_remote_code=model_spec.trust_remote_code, allow_pickle=model_spec.allow_pickle)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.search.seed)
+        loaded = load_classifier(resolve_model(model_spec.path), model_spec.num_labels,
+                                 trust_remote_code=model_spec.trust_remote_code, allow_pickle=model_spec.allow_pickle)
     return loaded.model, loaded.tokenizer, loaded.new_head
 
 
@@ -172,6 +182,32 @@ def load_splits(spec: TuneSpec) -> Splits:
     if data_spec.limit is not None:
         data = subsample(data, data_spec.limit, seed=data_spec.split.seed)
     return split(data, validation=data_spec.split.validation, test=data_spec.split.test, seed=data_spec.split.seed)
+
+
+def teacher_shape_of(teacher: Any) -> TeacherShape:
+    shape = shape_of(teacher)
+    return TeacherShape(shape.layers, shape.hidden, shape.heads, shape.ffn)
+
+
+def build_context(spec: TuneSpec, teacher: Any, tokenizer: Any, train: TokenizedData, validation: LabeledTexts,
+                  threads: int, fingerprint: str, run_dir: Path, cache: Path) -> TrialContext:
+    """What every trial of a run shares, for a teacher that is ready (fine-tuned when its head was new).
+
+    The teacher's logits on the training split are computed here (cached by its weights). A relative target
+    (`speedup`) has no latency until the baseline is measured, so the context's target is provisional then
+    (1 ms) and the caller replaces it; an absolute target is final.
+    """
+    teacher_key = state_fingerprint(teacher)
+    logits = teacher_logits(teacher, train, cache_dir=cache / "logits", teacher_fingerprint=teacher_key)
+    t = spec.target
+    target = Target(latency_ms=t.latency_ms or 1.0, percentile=t.percentile, batch_size=t.batch_size,
+                    seq_len=t.seq_len, threads=threads, runtime=t.runtime, device=t.device)
+    return TrialContext(
+        teacher=teacher, tokenizer=tokenizer, teacher_shape=teacher_shape_of(teacher),
+        teacher_key=teacher_key, train=train, teacher_logits=logits, validation=validation,
+        max_length=spec.data.max_length, target=target, fingerprint=fingerprint, training=spec.training,
+        seed=spec.search.seed, cache_dir=cache, artifacts_dir=run_dir / "artifacts",
+    )
 
 
 def tune(
@@ -198,46 +234,36 @@ def tune(
     run_dir = prepare_run_dir(Path(out) if out is not None else Path("runs") / spec.name)
     storage = spec.search.storage or default_storage(run_dir)
     threads = resolved_threads(spec)
+    # Everything a user can get wrong (an existing study without --resume, the data, the model, the knobs) is
+    # checked before the seconds of profiling and the minutes of fine-tuning, so a mistake costs no waiting.
+    study = open_study(spec.name, storage, spec.search.sampler, spec.search.seed, spec.search.minimize_size, resume)
+    splits = load_splits(spec)
+    teacher, tokenizer, new_head = load_teacher(spec)
+    space = with_overrides(preset(spec.space.preset, teacher_shape_of(teacher)), spec.space.knobs)
+    train = tokenize(tokenizer, splits.train.texts, splits.train.labels, max_length=spec.data.max_length)
 
     progress.note(f"profiling this machine at {threads} threads")
     profile = collect_profile(threads, quick=True)
-    teacher, tokenizer, new_head = load_teacher(spec)
-    splits = load_splits(spec)
-    train = tokenize(tokenizer, splits.train.texts, splits.train.labels, max_length=spec.data.max_length)
     cache = cache_root()
     if new_head:
         progress.note(f"fine-tuning the teacher's new classification head ({spec.training.teacher_epochs} epochs; cached)")
         teacher = finetune_teacher(teacher, train, epochs=spec.training.teacher_epochs, lr=spec.training.teacher_lr,
                                    seed=spec.search.seed, batch_size=spec.training.batch_size, cache_dir=cache / "teachers")
-    teacher_key = state_fingerprint(teacher)
-    logits = teacher_logits(teacher, train, cache_dir=cache / "logits", teacher_fingerprint=teacher_key)
-    shape = shape_of(teacher)
-    teacher_shape = TeacherShape(shape.layers, shape.hidden, shape.heads, shape.ffn)
-
+    ctx = build_context(spec, teacher, tokenizer, train, splits.validation, threads, profile.fingerprint, run_dir, cache)
     t = spec.target
-    provisional = Target(latency_ms=t.latency_ms or 1.0, percentile=t.percentile, batch_size=t.batch_size,
-                         seq_len=t.seq_len, threads=threads, runtime=t.runtime, device=t.device)
-    ctx = TrialContext(
-        teacher=teacher, tokenizer=tokenizer, teacher_shape=teacher_shape, teacher_key=teacher_key, train=train,
-        teacher_logits=logits, validation=splits.validation, max_length=spec.data.max_length, target=provisional,
-        fingerprint=profile.fingerprint, training=spec.training, seed=spec.search.seed, cache_dir=cache,
-        artifacts_dir=run_dir / "artifacts",
-    )
     pipeline = TrialPipeline(ctx)
     progress.note("measuring the baseline (teacher, fused fp32)")
     baseline = export_baseline(teacher, tokenizer, run_dir)
     baseline_stats = pipeline.measure(baseline)
     baseline_val = accuracy_of(baseline.dir, ctx, splits.validation)
     target_ms = t.latency_ms if t.latency_ms is not None else baseline_stats.percentile_ms(t.percentile) / t.speedup
-    ctx.target = replace(provisional, latency_ms=target_ms)
+    ctx.target = replace(ctx.target, latency_ms=target_ms)
 
-    space = with_overrides(preset(spec.space.preset, teacher_shape), spec.space.knobs)
     space, removals = restrict_to_hardware(space, profile, t.runtime, t.device)
     for removal in removals:
         progress.note(f"search space: {removal.knob}={removal.value} removed: {removal.reason}")
 
-    study = open_study(spec.name, storage, spec.search.sampler, spec.search.seed, spec.search.minimize_size, resume)
-    enqueue_anchors(study, space, [teacher_shape.as_candidate(32), teacher_shape.as_candidate(8)])
+    enqueue_anchors(study, space, [ctx.teacher_shape.as_candidate(32), ctx.teacher_shape.as_candidate(8)])
     memo: dict[str, TrialOutcome] = {}
 
     def evaluate_candidate(candidate: Candidate) -> TrialOutcome:

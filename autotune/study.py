@@ -93,9 +93,6 @@ def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-Evaluate = Callable[[optuna.Trial, Candidate], "Any"]
-
-
 def objective_values(outcome: Any, minimize_size: bool) -> list[float]:
     accuracy = outcome.accuracy if outcome.accuracy is not None else PLACEHOLDER_ACCURACY
     values = [accuracy, outcome.latency_ms]

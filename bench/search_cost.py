@@ -1,0 +1,153 @@
+"""What the latency gate and the caches save: seconds of a gate-rejected trial vs a trained one, on the real model.
+
+The teacher is all-MiniLM-L6-v2 (BERT 6x384, 12 heads, with a fresh classification head) and the data the
+builtin movie-review set (`autotune fetch`), subsampled so that one trained trial takes about a minute. The
+target is a fraction (default 0.5) of the teacher's measured p95, which puts deep students over it and
+shallow ones under it. Six candidates go through `TrialPipeline.run`, the same call the study makes:
+
+- three deep ones the gate must reject (no training),
+- three shallow ones that are trained, two of them differing only in bits (the second is a student cache hit),
+
+then the rejected ones run again: their gates are now cache hits. A fresh temporary `AUTOTUNE_CACHE_DIR` keeps
+the first measurement of everything cold. The teacher is *not* fine-tuned (accuracy is not measured here;
+only where time goes), which saves minutes and leaves training and evaluation costs unchanged.
+
+    python bench/search_cost.py [--rows 5000] [--max-length 64] [--target-fraction 0.5] [--threads N]
+
+Ends with one JSON line: gate_rejected_median_s, trained_median_s, ratio, student_cache_hits, gate_cache_hits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autotune.api import build_context, export_baseline, load_splits, load_teacher, resolved_threads  # noqa: E402
+from autotune.builtin import MINILM, VADER, vader_csv_path  # noqa: E402
+from autotune.caches import cache_root  # noqa: E402
+from autotune.compress import tokenize  # noqa: E402
+from autotune.config import load_spec  # noqa: E402
+from autotune.trial import TrialOutcome, TrialPipeline  # noqa: E402
+from profilers.hardware import collect_profile  # noqa: E402
+from search_spaces import Candidate  # noqa: E402
+
+# MiniLM is 6 layers x 384 hidden, 12 heads, FFN 1536. At batch 1 the encoder layers dominate latency, so
+# 4-6 fp32 layers sit well over half the teacher's latency and 1-2 layers well under it.
+REJECTED = (
+    Candidate(layers=6, hidden=384, heads=12, ffn=1536, sparsity=0.3, bits=32),
+    Candidate(layers=5, hidden=384, heads=12, ffn=1536, bits=32),
+    Candidate(layers=4, hidden=384, heads=12, ffn=1536, bits=32),
+)
+TRAINED = (
+    Candidate(layers=2, hidden=384, heads=12, ffn=1536, sparsity=0.3, bits=32),
+    Candidate(layers=2, hidden=384, heads=12, ffn=1536, sparsity=0.3, bits=8),  # same student: a cache hit
+    Candidate(layers=1, hidden=192, heads=6, ffn=768, bits=8),
+)
+
+
+def bench_spec(data_path: str, rows: int, max_length: int, threads: int | str) -> dict[str, Any]:
+    """A tune spec for the builtin model on a `rows`-row subset; the latency target is set after the baseline."""
+    return {
+        "name": "search-cost",
+        "model": {"path": MINILM},
+        "data": {"path": data_path, "max_length": max_length, "limit": rows},
+        "target": {"latency_ms": 1.0, "seq_len": max_length, "threads": threads},
+        "training": {"epochs": 1},
+    }
+
+
+def trial_row(label: str, outcome: TrialOutcome) -> dict[str, Any]:
+    """One printed row (and its figures) for a TrialOutcome."""
+    return {
+        "label": label, "candidate": outcome.candidate.describe(), "stage": outcome.stage,
+        "latency_ms": outcome.latency_ms, "seconds": sum(outcome.seconds.values()),
+        "stage_seconds": "/".join(f"{outcome.seconds.get(s, 0.0):.1f}" for s in ("gate", "train", "evaluate")),
+        "gate_hit": outcome.gate_cache_hit, "student_hit": outcome.student_cache_hit,
+    }
+
+
+def render(rows: list[dict[str, Any]], target_ms: float, baseline_p95: float) -> str:
+    lines = [f"target p95 <= {target_ms:.2f} ms (teacher p95 {baseline_p95:.2f} ms)",
+             f"{'run':<12} {'candidate':<58} {'stage':<10} {'p95 ms':>7} {'seconds':>7} {'gate/train/eval s':>18} "
+             f"{'gate hit':>8} {'student hit':>11}"]
+    for r in rows:
+        student_hit = "-" if r["student_hit"] is None else str(r["student_hit"])
+        lines.append(f"{r['label']:<12} {r['candidate']:<58} {r['stage']:<10} {r['latency_ms']:>7.2f} "
+                     f"{r['seconds']:>7.1f} {r['stage_seconds']:>18} {str(r['gate_hit']):>8} {student_hit:>11}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5000,
+                        help="rows of the data set used, 80%% for training (default 5000: a 2x384 student then trains ~1 min)")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--target-fraction", type=float, default=0.5, help="target = this x the teacher's p95")
+    parser.add_argument("--threads", default="auto")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    data_path = vader_csv_path()  # resolved before the cache directory moves to a temporary one
+    if not data_path.exists():
+        print(f"{VADER} is not fetched ({data_path}); run `autotune fetch` first.", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="autotune-bench-") as tmp:
+        os.environ["AUTOTUNE_CACHE_DIR"] = str(Path(tmp) / "cache")
+        threads = int(args.threads) if args.threads != "auto" else "auto"
+        return run(bench_spec(str(data_path), args.rows, args.max_length, threads), Path(tmp), args.target_fraction)
+
+
+def run(spec_data: dict[str, Any], tmp: Path, target_fraction: float) -> int:
+    """Baseline, target, the six cold trials, the gate re-runs; prints the table and the JSON summary."""
+    spec = load_spec(spec_data)
+    threads = resolved_threads(spec)
+    teacher, tokenizer, _ = load_teacher(spec)
+    splits = load_splits(spec)
+    train = tokenize(tokenizer, splits.train.texts, splits.train.labels, max_length=spec.data.max_length)
+    print(f"{len(splits.train)} training rows, max_length {spec.data.max_length}, {threads} threads; "
+          "teacher NOT fine-tuned (its new head stays random: only time is measured, not accuracy)")
+    profile = collect_profile(threads, quick=True)
+    start = time.perf_counter()
+    ctx = build_context(spec, teacher, tokenizer, train, splits.validation, threads, profile.fingerprint, tmp / "run", cache_root())
+    print(f"teacher logits on the training split: {time.perf_counter() - start:.1f} s (once per run, cached)")
+    pipeline = TrialPipeline(ctx)
+    baseline_p95 = pipeline.measure(export_baseline(teacher, tokenizer, tmp / "run")).p95_ms
+    ctx.target = replace(ctx.target, latency_ms=target_fraction * baseline_p95)
+
+    rows = [trial_row("cold", pipeline.run(c)) for c in REJECTED + TRAINED]
+    rows += [trial_row("gate re-run", pipeline.run(c)) for c in REJECTED]
+    print(render(rows, ctx.target.latency_ms, baseline_p95))
+    print(f"counters: {pipeline.counters}")
+
+    cold = rows[:len(REJECTED) + len(TRAINED)]
+    rejected = [r["seconds"] for r in cold if r["stage"] == "gate"]
+    trained = [r["seconds"] for r in cold if r["stage"] == "evaluated" and r["student_hit"] is False]
+    if not rejected or not trained:
+        print(f"expected both gate-rejected and trained trials; got {len(rejected)} and {len(trained)} "
+              "(adjust --target-fraction)", file=sys.stderr)
+        return 1
+    summary = {
+        "gate_rejected_median_s": round(median(rejected), 2),
+        "trained_median_s": round(median(trained), 2),
+        "ratio": round(median(rejected) / median(trained), 3),
+        "student_cache_hits": pipeline.counters["student_cache_hits"],
+        "gate_cache_hits": pipeline.counters["gate_cache_hits"],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

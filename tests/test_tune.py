@@ -1,0 +1,293 @@
+"""End-to-end studies on a tiny headless BERT and synthetic reviews: real ONNX export, real ORT sessions, real
+Optuna on SQLite, every run in its own temp directory and every cache under a temp AUTOTUNE_CACHE_DIR.
+
+The teacher is saved without a classification head, so each run fine-tunes it first (cached) and accuracies
+mean something. A tiny model runs in well under a millisecond, so targets are absolute: 50 ms (everything is
+feasible) or 0.001 ms (nothing can be). The machine profile is measured once per module (it is this machine
+either way, and each measurement costs ~5 s); the one run through a real subprocess measures its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from autotune import api
+from autotune.cli import main
+from autotune.config import load_spec
+from autotune.runtime import OrtRuntime, load_artifact
+from autotune.tasks import evaluate, predict_logits
+from autotune.trial import TrialPipeline
+from conftest import synthetic_rows, tiny_config, write_csv, write_tokenizer
+
+GENEROUS_MS = 50.0
+IMPOSSIBLE_MS = 0.001
+SEQ_LEN = 32
+ONE_STUDENT_KNOBS = {"layers": [1], "hidden": [32], "heads": [4], "ffn": [64], "sparsity": [0.3], "bits": [32, 8, 4]}
+
+
+def save_headless_bert(directory: Path) -> Path:
+    """A tiny BertModel saved without a classification head, so tune() must fine-tune it first."""
+    import torch
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    BertModel(tiny_config("bert")).save_pretrained(directory, safe_serialization=True)
+    write_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A module-wide temp cache, and one machine profile measured for every in-process run of the module."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOTUNE_CACHE_DIR", str(cache))
+        mp.setattr(api, "collect_profile", functools.cache(api.collect_profile))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_headless_bert(tmp_path_factory.mktemp("headless-bert"))
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", synthetic_rows(200))
+
+
+def make_spec(teacher: Path, data: Path, *, latency_ms: float = GENEROUS_MS, trials: int = 4,
+              knobs: dict[str, Any] | None = None, threads: int | str = 1) -> dict[str, Any]:
+    """A small spec: 200 rows, 32 tokens, one student epoch; the teacher head learns in 5 quick epochs."""
+    return {
+        "name": "tiny",
+        "model": {"path": str(teacher)},
+        "data": {"path": str(data), "max_length": SEQ_LEN},
+        "target": {"latency_ms": latency_ms, "seq_len": SEQ_LEN, "threads": threads},
+        "space": {"preset": "bert-default", "knobs": knobs or {}},
+        "search": {"trials": trials, "seed": 0},
+        "training": {"epochs": 1, "batch_size": 16, "teacher_epochs": 5, "teacher_lr": 3e-3},
+    }
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return path
+
+
+def tune_cli(*args: str) -> int:
+    """`autotune tune ...` in this process (so the module's profile and caches apply); returns the exit code."""
+    return main(["tune", *map(str, args)])
+
+
+def result_json(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+
+
+def logits_of(artifact_dir: str | Path, texts: Sequence[str]) -> np.ndarray:
+    """The artifact's logits for `texts`, through its own tokenizer, in ORT."""
+    artifact = load_artifact(artifact_dir)
+    runtime = OrtRuntime(artifact.onnx_path, threads=1, vocab_size=artifact.vocab_size)
+    return predict_logits(runtime.run, AutoTokenizer.from_pretrained(artifact.dir), texts, max_length=SEQ_LEN)
+
+
+# -- a feasible run through the CLI: the recommendation, the schema, the artifact --------------------------
+
+@pytest.fixture(scope="module")
+def feasible_spec(teacher_dir: Path, data_csv: Path) -> dict[str, Any]:
+    return make_spec(teacher_dir, data_csv, threads="auto")
+
+
+@pytest.fixture(scope="module")
+def feasible_run(feasible_spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("feasible")
+    out = root / "run"
+    assert tune_cli(write_spec(root / "spec.yaml", feasible_spec), "--out", out) == 0
+    return out
+
+
+def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
+    feasible_run: Path, feasible_spec: dict[str, Any], tmp_path: Path
+) -> None:
+    data = result_json(feasible_run)
+    assert data["schema_version"] == 1
+    target = data["target"]
+    assert isinstance(target["threads"], int) and target["threads"] >= 1  # "auto" resolved
+    assert target["latency_ms"] == GENEROUS_MS
+    assert data["hardware"]["fingerprint"]
+    baseline = data["baseline"]
+    assert baseline["accuracy"]["validation"] > 0.8, "the fine-tuned teacher should learn the synthetic cue words"
+    assert baseline["accuracy"]["test"] is not None
+    assert 0 < baseline["latency_ms"]["p50"] <= baseline["latency_ms"]["p95"]
+    assert len(data["trials"]) == 4
+    for trial in data["trials"]:
+        assert {"number", "state", "candidate", "stage", "feasible", "accuracy", "latency_ms", "size_mb", "seconds",
+                "error"} <= set(trial)
+    assert set(data["pareto"]) <= {t["number"] for t in data["trials"]} and data["pareto"]
+
+    recommended = data["recommended"]
+    assert recommended is not None and data["reason"] is None
+    assert recommended["latency_ms"] <= target["latency_ms"]
+    assert recommended["speedup"] == pytest.approx(baseline["latency_ms"]["p95"] / recommended["latency_ms"])
+    assert recommended["accuracy"]["test"] is not None
+
+    # model/ travels: copied elsewhere, it loads with its own tokenizer and scores what the run recorded.
+    assert Path(recommended["artifact"]) == feasible_run / "model"
+    moved = shutil.copytree(recommended["artifact"], tmp_path / "shipped")
+    artifact = load_artifact(moved)
+    assert artifact.onnx_path == moved / "model.onnx" and artifact.onnx_path.exists()
+    runtime = OrtRuntime(artifact.onnx_path, threads=1, vocab_size=artifact.vocab_size)
+    validation = api.load_splits(load_spec(feasible_spec)).validation
+    accuracy = evaluate(runtime.run, AutoTokenizer.from_pretrained(moved), validation, max_length=SEQ_LEN).accuracy
+    assert accuracy == pytest.approx(recommended["accuracy"]["validation"])
+
+
+def test_api_and_cli_agree_for_the_same_spec_and_seed(
+    feasible_run: Path, feasible_spec: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh cache: the API run fine-tunes and distils on its own instead of reading the CLI run's results.
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    result = api.tune(feasible_spec, out=tmp_path / "api")
+
+    def summary(trials: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [(t["number"], t["candidate"], t["stage"], t["accuracy"]) for t in trials]
+
+    cli = result_json(feasible_run)
+    assert summary(result.trials) == summary(cli["trials"])
+    assert result.data["baseline"]["accuracy"] == cli["baseline"]["accuracy"]
+    # Accuracies on 20 easy rows saturate; the deployed models' logits show the weights themselves agree.
+    texts = api.load_splits(load_spec(feasible_spec)).validation.texts
+    pairs = [(cli["baseline"]["artifact"], result.data["baseline"]["artifact"])]
+    pairs += [(a["artifact"], b["artifact"]) for a, b in zip(cli["trials"], result.trials) if a["stage"] == "evaluated"]
+    for cli_artifact, api_artifact in pairs:
+        np.testing.assert_allclose(logits_of(api_artifact, texts), logits_of(cli_artifact, texts), atol=1e-5)
+
+
+# -- an impossible target: the real command, exit 3, and no training at all -----------------------------
+
+def test_impossible_target_exits_3_without_training(teacher_dir: Path, data_csv: Path, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "spec.yaml", make_spec(teacher_dir, data_csv, latency_ms=IMPOSSIBLE_MS, trials=3))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "autotune", "tune", str(spec), "--out", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    data = result_json(out)
+    assert data["recommended"] is None
+    assert "closest" in data["reason"] and "trial 0" in data["reason"]
+    assert data["counters"]["students_trained"] == 0
+    assert [t["stage"] for t in data["trials"]] == ["gate"] * 3
+    assert all(t["state"] == "COMPLETE" and not t["feasible"] and t["accuracy"] is None for t in data["trials"])
+    assert not (out / "model").exists()
+
+
+# -- caches: one student for every bit width; a second run measures and trains nothing -------------------
+
+def test_same_shape_candidates_share_one_student_and_later_runs_hit_the_gate_cache(
+    teacher_dir: Path, data_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))  # no entries from other tests
+    spec = make_spec(teacher_dir, data_csv, trials=5, knobs=ONE_STUDENT_KNOBS)
+    first = api.tune(spec, out=tmp_path / "first")
+    bits = {t["candidate"]["bits"] for t in first.trials}
+    assert len(bits) >= 2, "precondition: the seeded sampler proposes at least two bit widths"
+    assert first.data["counters"]["students_trained"] == 1
+    assert first.data["counters"]["student_cache_hits"] == len(bits) - 1  # repeats are memoised, not re-run
+    assert all(t["stage"] == "evaluated" for t in first.trials)
+
+    second = api.tune(spec, out=tmp_path / "second")
+    counters = second.data["counters"]
+    assert counters["gates_measured"] == 0 and counters["gate_cache_hits"] == len(bits)
+    assert counters["students_trained"] == 0 and counters["student_cache_hits"] == len(bits)
+    assert all(t["gate_cache_hit"] for t in second.trials)
+
+
+# -- resume ------------------------------------------------------------------------------------------------
+
+def test_resume_adds_trials_and_keeps_finished_ones(
+    teacher_dir: Path, data_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = write_spec(tmp_path / "spec.yaml", make_spec(teacher_dir, data_csv))
+    out = tmp_path / "run"
+    storage = f"sqlite:///{out / 'study.db'}"
+
+    def finished() -> list[tuple[int, dict[str, Any], list[float] | None]]:
+        return [(t.number, t.params, t.values) for t in optuna.load_study(study_name="tiny", storage=storage).trials]
+
+    assert tune_cli(spec, "--out", out, "--trials", 3) == 0
+    before = finished()
+    assert tune_cli(spec, "--out", out, "--resume", "--trials", 5) == 0
+    after = finished()
+    assert [number for number, *_ in after] == [0, 1, 2, 3, 4]
+    assert after[:3] == before
+    assert [t["number"] for t in result_json(out)["trials"]] == [0, 1, 2, 3, 4]
+
+    capsys.readouterr()
+    assert tune_cli(spec, "--out", out, "--trials", 5) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err and "Traceback" not in err
+
+
+# -- a failing trial is recorded and the study goes on -----------------------------------------------------
+
+def test_failing_trial_is_recorded_and_the_study_goes_on(
+    teacher_dir: Path, data_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = TrialPipeline.student
+
+    def student_failing_when_sparse(self: TrialPipeline, candidate: Any, *args: Any, **kwargs: Any) -> Any:
+        if candidate.sparsity > 0:
+            raise RuntimeError("distillation diverged (injected)")
+        return original(self, candidate, *args, **kwargs)
+
+    monkeypatch.setattr(TrialPipeline, "student", student_failing_when_sparse)
+    # The teacher's shape, dense or 50% sparse: the anchors (dense fp32, int8) come first and must complete.
+    knobs = {"layers": [2], "hidden": [32], "heads": [4], "ffn": [64], "sparsity": [0.0, 0.5], "bits": [32, 8]}
+    result = api.tune(make_spec(teacher_dir, data_csv, trials=6, knobs=knobs), out=tmp_path / "run")
+    failed = [t for t in result.trials if t["state"] == "FAIL"]
+    assert failed, "precondition: the seeded sampler proposes a sparse candidate"
+    assert all(t["candidate"]["sparsity"] > 0 for t in failed)
+    assert all(t["stage"] == "failed" and "distillation diverged (injected)" in t["error"] for t in failed)
+    assert len(result.trials) == 6
+    assert [t["state"] for t in result.trials[:2]] == ["COMPLETE", "COMPLETE"]
+    assert result.recommended is not None and result.recommended["candidate"]["sparsity"] == 0.0
+
+
+# -- bad input through the CLI: exit 2, one sentence, no traceback ----------------------------------------
+
+def bad_inputs(teacher: Path, data: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (spec file, a phrase the error must contain)."""
+    good = make_spec(teacher, data)
+    wrong_column = write_csv(tmp / "wrong-column.csv", synthetic_rows(40), label_column="sentiment")
+    cases = {
+        "unknown key": ({**good, "search": {"trails": 3}}, "did you mean 'trials'"),
+        "latency not positive": ({**good, "target": {**good["target"], "latency_ms": 0}}, "target.latency_ms"),
+        "model missing": ({**good, "model": {"path": str(tmp / "no-model")}}, "does not exist"),
+        "data missing": ({**good, "data": {**good["data"], "path": str(tmp / "no-data.csv")}}, "no-data.csv"),
+        "column missing": ({**good, "data": {**good["data"], "path": str(wrong_column)}}, "no column 'label'"),
+    }
+    files = {name: (write_spec(tmp / f"{name.replace(' ', '-')}.yaml", spec), phrase) for name, (spec, phrase) in cases.items()}
+    return files | {"spec missing": (tmp / "absent.yaml", "does not exist")}
+
+
+@pytest.mark.parametrize("case", ["spec missing", "unknown key", "latency not positive", "model missing", "data missing",
+                                  "column missing"])
+def test_bad_input_is_one_sentence_and_exit_2(
+    case: str, teacher_dir: Path, data_csv: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    spec, phrase = bad_inputs(teacher_dir, data_csv, tmp_path)[case]
+    assert tune_cli(spec, "--out", tmp_path / "run") == 2
+    err = capfd.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert phrase in err and "Traceback" not in err
