@@ -32,10 +32,11 @@ from autotune.config import TuneSpec, load_spec
 from autotune.models import load_classifier, shape_of, state_fingerprint
 from autotune.progress import SilentProgress
 from autotune.result import RESULT_SCHEMA_VERSION, TuneResult, load_result
-from autotune.runtime import Artifact, OrtRuntime, derive_artifact, export_artifact
-from autotune.study import enqueue_anchors, finished_count, make_objective, open_study, run as run_study
+from autotune.runtime import Artifact, derive_artifact, export_artifact, load_artifact
+from autotune.report import write_report
+from autotune.study import enqueue_anchors, finished_count, importances, make_objective, open_study, run as run_study
 from autotune.tasks import LabeledTexts, Splits, evaluate, load_labeled_texts, split, subsample
-from autotune.trial import MB, Target, TrialContext, TrialOutcome, TrialPipeline, noise_margin
+from autotune.trial import MB, Metric, Target, TrialContext, TrialOutcome, TrialPipeline, noise_margin
 from profilers.hardware import collect_profile, default_threads
 from profilers.cpu import probe_cpu
 from profilers.latency import LatencyStats
@@ -86,12 +87,6 @@ def export_baseline(teacher: Any, tokenizer: Any, run_dir: Path) -> Artifact:
     artifact = derive_artifact(plain, baseline_dir, bits=32)
     shutil.rmtree(plain.dir, ignore_errors=True)
     return artifact
-
-
-def accuracy_of(artifact_dir: str | Path, ctx: TrialContext, data: LabeledTexts) -> float:
-    runtime = OrtRuntime(Path(artifact_dir) / "model.onnx", threads=ctx.target.threads, vocab_size=int(ctx.teacher.config.vocab_size),
-                         device=ctx.target.device)
-    return evaluate(runtime.run, ctx.tokenizer, data, max_length=ctx.max_length).accuracy
 
 
 def latency_summary(stats: LatencyStats) -> dict[str, float]:
@@ -217,12 +212,14 @@ def tune(
     resume: bool = False,
     progress: SilentProgress | None = None,
     command: str | None = None,
+    metric: Metric | None = None,
     **overrides: Any,
 ) -> TuneResult:
     """Run a tuning study and return its result (also written to `<out>/result.json`).
 
     `overrides` are search settings applied over the spec: trials, timeout_min, storage, sampler, seed.
     `command` is how the run was started (the CLI passes its command line), recorded for the report.
+    `metric(labels, logits) -> float` (higher is better) replaces accuracy as the objective when given.
     """
     started = time.perf_counter()
     search_overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -250,12 +247,13 @@ def tune(
         teacher = finetune_teacher(teacher, train, epochs=spec.training.teacher_epochs, lr=spec.training.teacher_lr,
                                    seed=spec.search.seed, batch_size=spec.training.batch_size, cache_dir=cache / "teachers")
     ctx = build_context(spec, teacher, tokenizer, train, splits.validation, threads, profile.fingerprint, run_dir, cache)
+    ctx.metric = metric
     t = spec.target
     pipeline = TrialPipeline(ctx)
     progress.note("measuring the baseline (teacher, fused fp32)")
     baseline = export_baseline(teacher, tokenizer, run_dir)
     baseline_stats = pipeline.measure(baseline)
-    baseline_val = accuracy_of(baseline.dir, ctx, splits.validation)
+    baseline_val = pipeline.score(baseline, splits.validation)[0]
     target_ms = t.latency_ms if t.latency_ms is not None else baseline_stats.percentile_ms(t.percentile) / t.speedup
     ctx.target = replace(ctx.target, latency_ms=target_ms)
 
@@ -285,7 +283,7 @@ def tune(
 
     records = [trial_record(trial) for trial in study.trials]
     recommended, reason = choose_recommendation(pipeline, records)
-    baseline_test = accuracy_of(baseline.dir, ctx, splits.test) if len(splits.test) else None
+    baseline_test = pipeline.score(baseline, splits.test)[0] if len(splits.test) else None
     baseline_latency = baseline_stats.percentile_ms(t.percentile)
     recommended_out = None
     if recommended is not None:
@@ -297,7 +295,7 @@ def tune(
             "candidate": recommended["candidate"],
             "description": Candidate.from_dict(recommended["candidate"]).describe(),
             "accuracy": {"validation": recommended["accuracy"],
-                         "test": accuracy_of(model_dir, ctx, splits.test) if len(splits.test) else None},
+                         "test": pipeline.score(load_artifact(model_dir), splits.test)[0] if len(splits.test) else None},
             "latency_ms": recommended["latency_ms"],
             "size_mb": recommended["size_mb"],
             "speedup": baseline_latency / recommended["latency_ms"],
@@ -327,8 +325,11 @@ def tune(
         "pareto": pareto,
         "recommended": recommended_out,
         "reason": reason,
+        "metric": getattr(metric, "__name__", "custom metric") if metric is not None else "accuracy",
+        "importances": importances(study),
         "counters": pipeline.counters,
         "seconds": time.perf_counter() - started,
     })
     result.save(run_dir)
+    write_report(result.data, run_dir)
     return result

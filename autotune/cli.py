@@ -236,6 +236,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from autotune.api import tune
     from autotune.config import deep_merge, load_spec
     from autotune.progress import TuneProgress
+    from autotune.report.plan import one_line_answer
 
     console = Console(stderr=True, log_path=False)
     command = " ".join(["autotune", "tune", *(shlex.quote(a) for a in sys.argv[2:])]) if len(sys.argv) > 2 else None
@@ -252,17 +253,13 @@ def run_tune(args: argparse.Namespace) -> int:
         storage = f" --storage {shlex.quote(args.storage)}" if args.storage else ""
         console.print(f"Interrupted: finished trials are saved. Resume with: autotune tune {shlex.quote(args.spec)}{out}{storage} --resume")
         return EXIT_INTERRUPTED
-    console.print(f"Result: {result.run_dir / 'result.json'}")
+    console.print(f"Result: {result.run_dir / 'result.json'}; report: {result.run_dir / 'report.html'} and report.md")
     recommended = result.recommended
     if recommended is None:
-        console.print(f"No recommendation: {result.reason}")
+        console.print(one_line_answer(result.data))
         return EXIT_NO_FEASIBLE
-    console.print(
-        f"Recommended: {recommended['description']}: p{result.data['target']['percentile']:g} "
-        f"{recommended['latency_ms']:.2f} ms (target {result.data['target']['latency_ms']:.2f} ms), "
-        f"validation accuracy {recommended['accuracy']['validation']:.4f}, speedup {recommended['speedup']:.2f}x. "
-        f"Artifact: {recommended['artifact']}"
-    )
+    console.print(one_line_answer(result.data))
+    console.print(f"Artifact (ONNX + tokenizer): {recommended['artifact']}")
     return EXIT_OK
 
 

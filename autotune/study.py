@@ -14,6 +14,7 @@ A trial that raises is recorded FAIL with its error in the user attributes; the 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
@@ -146,3 +147,30 @@ def run(
     stop_at_budget = optuna.study.MaxTrialsCallback(budget, states=FINISHED)
     study.optimize(objective, n_trials=remaining, timeout=timeout_s, catch=(Exception,),
                    callbacks=[stop_at_budget, *callbacks], gc_after_trial=True)
+
+
+def importances(study: optuna.Study) -> dict[str, dict[str, float]]:
+    """Optuna's parameter importances per objective (PED-ANOVA, Optuna's default evaluator).
+
+    Accuracy is judged over evaluated trials only (a gate rejection's accuracy is a placeholder); latency over
+    every COMPLETE trial, gate rejections included, since their latency was measured. Too few trials, or a
+    space with nothing varying, gives no figures rather than an error.
+    """
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    evaluated = [t for t in complete if not t.user_attrs.get("accuracy_is_placeholder", True)]
+    out: dict[str, dict[str, float]] = {}
+    # PED-ANOVA ranks what it takes to reach *low* values, so accuracy is negated.
+    for name, trials, value in (("accuracy", evaluated, lambda t: -t.values[0]), ("latency_ms", complete, lambda t: t.values[1])):
+        if len(trials) < 3:
+            continue
+        view = optuna.create_study(directions=study.directions)
+        view.add_trials(trials)
+        try:
+            with warnings.catch_warnings():  # PED-ANOVA's reminder that it ranks low values: handled by the sign
+                warnings.simplefilter("ignore", UserWarning)
+                scores = optuna.importance.get_param_importances(view, target=value)
+        except (ValueError, RuntimeError) as exc:
+            log.info("no %s importances: %s", name, exc)
+            continue
+        out[name] = {param: round(float(score), 4) for param, score in scores.items()}
+    return out

@@ -26,6 +26,11 @@ def describe(candidate: dict[str, Any]) -> str:
     return Candidate.from_dict(candidate).describe()
 
 
+def metric_name(result: dict[str, Any]) -> str:
+    """What "accuracy" means in this run: accuracy, or the name of the user's metric function."""
+    return result.get("metric", "accuracy")
+
+
 def percentile_name(result: dict[str, Any]) -> str:
     return f"p{result['target']['percentile']:g}"
 
@@ -45,7 +50,7 @@ def one_line_answer(result: dict[str, Any]) -> str:
                  if test is not None and base_test else "")
     return (
         f"Deploy {describe(rec['candidate'])}: {pct} {rec['latency_ms']:.2f} ms vs target {target['latency_ms']:.2f} ms "
-        f"({headroom:.0%} headroom); accuracy validation {val:.4f} vs teacher {base_val:.4f} "
+        f"({headroom:.0%} headroom); {metric_name(result)} validation {val:.4f} vs teacher {base_val:.4f} "
         f"({val / base_val:.1%} kept){test_part}; {rec['speedup']:.2f}x faster and "
         f"{rec['size_mb']:.1f} MB vs {base['size_mb']:.1f} MB on disk."
     )

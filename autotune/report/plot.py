@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from autotune.report.plan import evaluated, pareto_trials, percentile_name  # noqa: E402
+from autotune.report.plan import evaluated, metric_name, pareto_trials, percentile_name  # noqa: E402
 
 
 def accuracy_latency_png(result: dict[str, Any]) -> bytes:
@@ -43,7 +43,7 @@ def accuracy_latency_png(result: dict[str, Any]) -> bytes:
     ax.text(target_ms, ax.get_ylim()[1], f" target {target_ms:.2f} ms", va="top", color="#d62728", fontsize=8)
     ax.set_xlabel(f"{pct} latency (ms), batch {result['target']['batch_size']}, seq {result['target']['seq_len']}, "
                   f"{result['target']['threads']} threads")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel(f"validation {metric_name(result)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

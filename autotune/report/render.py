@@ -77,7 +77,7 @@ def _pareto_section(result: dict[str, Any]) -> Section:
          f"{t['size_mb']:.1f}", f"{plan.speedup(result, t):.2f}x")
         for t in plan.pareto_trials(result)
     )
-    table = Table(("trial", "architecture", "sparsity", "bits", "val. accuracy", "p50 ms", f"{pct} ms", "size MB", "speedup"), rows)
+    table = Table(("trial", "architecture", "sparsity", "bits", f"val. {plan.metric_name(result)}", "p50 ms", f"{pct} ms", "size MB", "speedup"), rows)
     note = () if rows else ("No evaluated trial met the target, so the feasible Pareto front is empty.",)
     return Section("Pareto front (feasible, accuracy up, latency down)", note, table)
 
@@ -91,7 +91,7 @@ def _targets_section(result: dict[str, Any]) -> Section:
                      _acc(trial["accuracy"]) if trial else "-", _ms(trial["latency_ms"]) if trial else "-"))
     teacher = f"The teacher alone (fused fp32) meets any target of {plan.teacher_needs_ms(result):.2f} ms or more."
     return Section("Planning for a changed target (from the trials run)", (teacher,),
-                   Table(("target", "best configuration", "val. accuracy", "latency ms"), tuple(rows)))
+                   Table(("target", "best configuration", f"val. {plan.metric_name(result)}", "latency ms"), tuple(rows)))
 
 
 def _capacity_section(result: dict[str, Any]) -> Section:
