@@ -28,6 +28,8 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 # `make demo QUICK=1`: a 2,500-row subset and 8 trials (minutes); the full demo runs the spec as written.
+# --resume: running the demo again continues its study up to the spec's trial budget, reusing the cached
+# teacher, teacher logits, gate results and students, instead of refusing to overwrite the finished run.
 # The tune's exit status 3 (finished, but nothing met the target on this machine) still ends the demo with
 # its report, so it counts as success here; every other failure fails the demo.
 DEMO_SPEC := examples/sentiment/tune.yaml
@@ -35,7 +37,7 @@ QUICK_ARGS := --set data.limit=2500 --trials 8 --out runs/sentiment-quick
 
 demo: install
 	$(BIN)/autotune fetch
-	@$(BIN)/autotune tune $(DEMO_SPEC) $(if $(QUICK),$(QUICK_ARGS),); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ]
+	@$(BIN)/autotune tune $(DEMO_SPEC) --resume $(if $(QUICK),$(QUICK_ARGS),); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 3 ]
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -12,6 +12,7 @@ and write `result.json`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -179,6 +180,28 @@ def load_splits(spec: TuneSpec) -> Splits:
     return split(data, validation=data_spec.split.validation, test=data_spec.split.test, seed=data_spec.split.seed)
 
 
+TARGET_ATTR = "target_latency_ms"
+
+
+def resolved_target_ms(study: optuna.Study, spec: TuneSpec, baseline_ms: float, progress: SilentProgress) -> float:
+    """The target in ms: absolute from the spec, or the baseline / speedup, resolved once per study.
+
+    A resumed study keeps the target its first run resolved: its finished trials' constraints were computed
+    against it, and a baseline re-measured on a shared machine can differ by tens of percent.
+    """
+    t = spec.target
+    if t.latency_ms is not None:
+        return t.latency_ms
+    stored = study.user_attrs.get(TARGET_ATTR)
+    if stored is not None:
+        progress.note(f"resumed study: keeping its target of {stored:.2f} ms (this run's baseline / {t.speedup:g} "
+                      f"would be {baseline_ms / t.speedup:.2f} ms)")
+        return float(stored)
+    target_ms = baseline_ms / t.speedup
+    study.set_user_attr(TARGET_ATTR, target_ms)
+    return target_ms
+
+
 def teacher_shape_of(teacher: Any) -> TeacherShape:
     shape = shape_of(teacher)
     return TeacherShape(shape.layers, shape.hidden, shape.heads, shape.ffn)
@@ -245,7 +268,8 @@ def tune(
     if new_head:
         progress.note(f"fine-tuning the teacher's new classification head ({spec.training.teacher_epochs} epochs; cached)")
         teacher = finetune_teacher(teacher, train, epochs=spec.training.teacher_epochs, lr=spec.training.teacher_lr,
-                                   seed=spec.search.seed, batch_size=spec.training.batch_size, cache_dir=cache / "teachers")
+                                   seed=spec.search.seed, batch_size=spec.training.batch_size, cache_dir=cache / "teachers",
+                                   progress=functools.partial(progress.training, "fine-tuning the teacher"))
     ctx = build_context(spec, teacher, tokenizer, train, splits.validation, threads, profile.fingerprint, run_dir, cache)
     ctx.metric = metric
     t = spec.target
@@ -254,7 +278,8 @@ def tune(
     baseline = export_baseline(teacher, tokenizer, run_dir)
     baseline_stats = pipeline.measure(baseline)
     baseline_val = pipeline.score(baseline, splits.validation)[0]
-    target_ms = t.latency_ms if t.latency_ms is not None else baseline_stats.percentile_ms(t.percentile) / t.speedup
+    ctx.reference_ms = baseline_stats.percentile_ms(t.percentile)
+    target_ms = resolved_target_ms(study, spec, ctx.reference_ms, progress)
     ctx.target = replace(ctx.target, latency_ms=target_ms)
 
     space, removals = restrict_to_hardware(space, profile, t.runtime, t.device)
@@ -266,7 +291,8 @@ def tune(
 
     def evaluate_candidate(candidate: Candidate) -> TrialOutcome:
         if candidate.key not in memo:  # a sampler may propose a candidate twice: measure it once per run
-            memo[candidate.key] = pipeline.run(candidate, on_stage=progress.stage)
+            memo[candidate.key] = pipeline.run(candidate, on_stage=progress.stage,
+                                               on_step=functools.partial(progress.training, "distilling"))
         return memo[candidate.key]
 
     objective = make_objective(space, evaluate_candidate, target_ms, profile.fingerprint, spec.search.minimize_size,

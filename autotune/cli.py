@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from autotune import __version__
 
@@ -59,24 +59,20 @@ def thread_count(text: str) -> int:
     return value
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type for a positive int or float, with the one-sentence error the CLI promises."""
+    noun = "integer" if kind is int else "number"
 
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive {noun}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive {noun}, got {value}")
+        return value
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return value
+    return parse
 
 
 def assignment(text: str) -> dict:
@@ -149,8 +145,8 @@ def build_parser() -> Parser:
         ),
     )
     tune.add_argument("spec", metavar="SPEC.yaml", help="the tune spec (see examples/)")
-    tune.add_argument("--trials", type=positive_int, default=None, metavar="N", help="the study's total trial budget (a resumed study runs only the rest)")
-    tune.add_argument("--timeout-min", type=positive_float, default=None, metavar="M", help="stop starting new trials after M minutes")
+    tune.add_argument("--trials", type=positive(int), default=None, metavar="N", help="the study's total trial budget (a resumed study runs only the rest)")
+    tune.add_argument("--timeout-min", type=positive(float), default=None, metavar="M", help="stop starting new trials after M minutes")
     tune.add_argument("--out", default=None, metavar="DIR", help="output directory (default: runs/<name>/)")
     tune.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
     tune.add_argument("--sampler", choices=("nsga2", "tpe", "gp", "random"), default=None, help="Optuna sampler (default: the spec's, nsga2)")

@@ -27,6 +27,8 @@ class SilentProgress:
     def note(self, message: str) -> None:
         log.info(message)
 
+    def training(self, label: str, step: int, total: int, loss: float) -> None: ...
+
     def stop(self) -> None: ...
 
 
@@ -83,6 +85,14 @@ class TuneProgress(SilentProgress):
 
     def note(self, message: str) -> None:
         self.console.log(message)
+
+    def training(self, label: str, step: int, total: int, loss: float) -> None:
+        """Training steps: in the running trial's line during the study, every ~10% as a log line before it."""
+        if self.task is not None:
+            self.running = f"{self.running.split(':')[0]}: {label} step {step}/{total}, loss {loss:.3f}"
+            self._refresh()
+        elif step == total or step % max(1, total // 10) == 0:
+            self.console.log(f"{label}: step {step}/{total}, loss {loss:.3f}")
 
     def stop(self) -> None:
         self.progress.stop()

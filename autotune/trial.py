@@ -49,6 +49,9 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 #: The gate only has to tell "clearly over the target" from "maybe not": a shorter measurement than the
 #: evaluation's, whose wider interval the noise margin absorbs.
 GATE_SETTINGS = MeasureSettings(warmup=3, min_runs=10, max_runs=200, max_seconds=1.0, rel_ci=0.03)
+#: A cached gate latency is trusted only while the machine runs the baseline within this fraction of the speed
+#: it had when the entry was measured: shared machines drift by tens of percent between runs.
+GATE_CACHE_DRIFT = 0.10
 MIN_NOISE_MARGIN = 0.05
 MB = 1024 * 1024
 
@@ -119,9 +122,11 @@ class TrialContext:
     artifacts_dir: Path
     measure_settings: MeasureSettings = MeasureSettings(warmup=5, min_runs=20, max_runs=400, max_seconds=3.0)
     metric: Metric | None = None
+    reference_ms: float | None = None  # the baseline's latency at the target percentile, measured in this run
 
 
 Stage = Callable[[str], None]
+Steps = Callable[[int, int, float], None]
 
 
 def _no_stage(name: str) -> None:
@@ -160,7 +165,7 @@ class TrialPipeline:
         """(latency, size in MB, cache hit) of the candidate's shape with random weights."""
         path = self.ctx.cache_dir / "gate" / f"{self.gate_key(candidate)}.json"
         cached = read_json(path)
-        if cached is not None:
+        if cached is not None and self.same_machine_speed(cached.get("reference_ms")):
             self.counters["gate_cache_hits"] += 1
             return LatencyStats(**cached["latency"]), cached["size_mb"], True
         model = shaped_like(self.ctx.teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
@@ -170,8 +175,16 @@ class TrialPipeline:
             stats = self.measure(variant, GATE_SETTINGS)
             size_mb = variant.size_bytes / MB
         self.counters["gates_measured"] += 1
-        write_json_atomic(path, {"latency": stats.to_dict(), "size_mb": size_mb, "candidate": candidate.to_dict()})
+        write_json_atomic(path, {"latency": stats.to_dict(), "size_mb": size_mb, "candidate": candidate.to_dict(),
+                                 "reference_ms": self.ctx.reference_ms})
         return stats, size_mb, False
+
+    def same_machine_speed(self, cached_reference_ms: float | None) -> bool:
+        """Whether a cached gate entry was measured while the baseline ran as fast as it does now."""
+        now = self.ctx.reference_ms
+        if now is None or cached_reference_ms is None:
+            return now is None and cached_reference_ms is None
+        return abs(cached_reference_ms / now - 1.0) <= GATE_CACHE_DRIFT
 
     # -- 2. student --------------------------------------------------------------------------------------
 
@@ -238,7 +251,7 @@ class TrialPipeline:
 
     # -- the whole trial ---------------------------------------------------------------------------------
 
-    def run(self, candidate: Candidate, on_stage: Stage = _no_stage) -> TrialOutcome:
+    def run(self, candidate: Candidate, on_stage: Stage = _no_stage, on_step: Steps | None = None) -> TrialOutcome:
         target = self.ctx.target
         seconds: dict[str, float] = {}
         on_stage("gate")
@@ -253,7 +266,7 @@ class TrialPipeline:
             )
         on_stage("training")
         start = time.perf_counter()
-        model, sparsity, student_hit = self.student(candidate)
+        model, sparsity, student_hit = self.student(candidate, on_step)
         seconds["train"] = time.perf_counter() - start
         on_stage("evaluating")
         start = time.perf_counter()

@@ -22,6 +22,10 @@ def architecture(candidate: dict[str, Any]) -> str:
     return f"{candidate['layers']}x{candidate['hidden']} ({candidate['heads']}h, FFN {candidate['ffn']})"
 
 
+def sparsity_text(candidate: dict[str, Any]) -> str:
+    return "dense" if not candidate["sparsity"] else f"{candidate['sparsity']:.0%} {candidate['sparsity_pattern']}"
+
+
 def describe(candidate: dict[str, Any]) -> str:
     return Candidate.from_dict(candidate).describe()
 

@@ -72,7 +72,7 @@ def _hardware_section(result: dict[str, Any]) -> Section:
 def _pareto_section(result: dict[str, Any]) -> Section:
     pct = plan.percentile_name(result)
     rows = tuple(
-        (str(t["number"]), plan.architecture(t["candidate"]), f"{t['candidate']['sparsity']:.0%} {t['candidate']['sparsity_pattern']}",
+        (str(t["number"]), plan.architecture(t["candidate"]), plan.sparsity_text(t["candidate"]),
          str(t["candidate"]["bits"]), _acc(t["accuracy"]), _ms(t["latency"]["p50_ms"]), _ms(t["latency"][f"{pct}_ms"]),
          f"{t['size_mb']:.1f}", f"{plan.speedup(result, t):.2f}x")
         for t in plan.pareto_trials(result)
