@@ -59,7 +59,7 @@ class TargetSpec(Strict):
     batch_size: int = Field(1, ge=1)
     seq_len: int = Field(64, ge=1)
     threads: Union[int, str] = "auto"
-    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    runtime: str = "onnxruntime"
     device: Literal["cpu", "cuda"] = "cpu"
 
     @field_validator("threads", mode="before")
@@ -68,6 +68,15 @@ class TargetSpec(Strict):
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
         raise ValueError(f"threads must be a positive integer or 'auto' (all physical cores), got {value!r}")
+
+    @field_validator("runtime")
+    @classmethod
+    def _deployable_runtime(cls, value: str) -> str:
+        """tune deploys ONNX artifacts; the torch runtime (autotune.runtime.TorchRuntime) measures and evaluates
+        models but has no search pipeline yet, so it is refused here rather than silently ignored."""
+        if value != "onnxruntime":
+            raise ValueError(f"runtime must be 'onnxruntime' (the runtime tune deploys to), got {value!r}")
+        return value
 
     @field_validator("percentile")
     @classmethod
