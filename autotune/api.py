@@ -41,7 +41,7 @@ from autotune.trial import MB, Metric, Target, TrialContext, TrialOutcome, Trial
 from profilers.hardware import collect_profile, default_threads
 from profilers.cpu import probe_cpu
 from profilers.latency import LatencyStats
-from search_spaces import Candidate, TeacherShape, preset, restrict_to_hardware, with_overrides
+from search_spaces import Candidate, preset, restrict_to_hardware, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +202,6 @@ def resolved_target_ms(study: optuna.Study, spec: TuneSpec, baseline_ms: float, 
     return target_ms
 
 
-def teacher_shape_of(teacher: Any) -> TeacherShape:
-    shape = shape_of(teacher)
-    return TeacherShape(shape.layers, shape.hidden, shape.heads, shape.ffn)
-
-
 def build_context(spec: TuneSpec, teacher: Any, tokenizer: Any, train: TokenizedData, validation: LabeledTexts,
                   threads: int, fingerprint: str, run_dir: Path, cache: Path) -> TrialContext:
     """What every trial of a run shares, for a teacher that is ready (fine-tuned when its head was new).
@@ -221,7 +216,7 @@ def build_context(spec: TuneSpec, teacher: Any, tokenizer: Any, train: Tokenized
     target = Target(latency_ms=t.latency_ms or 1.0, percentile=t.percentile, batch_size=t.batch_size,
                     seq_len=t.seq_len, threads=threads, runtime=t.runtime, device=t.device)
     return TrialContext(
-        teacher=teacher, tokenizer=tokenizer, teacher_shape=teacher_shape_of(teacher),
+        teacher=teacher, tokenizer=tokenizer, teacher_shape=shape_of(teacher),
         teacher_key=teacher_key, train=train, teacher_logits=logits, validation=validation,
         max_length=spec.data.max_length, target=target, fingerprint=fingerprint, training=spec.training,
         seed=spec.search.seed, cache_dir=cache, artifacts_dir=run_dir / "artifacts",
@@ -259,7 +254,7 @@ def tune(
     study = open_study(spec.name, storage, spec.search.sampler, spec.search.seed, spec.search.minimize_size, resume)
     splits = load_splits(spec)
     teacher, tokenizer, new_head = load_teacher(spec)
-    space = with_overrides(preset(spec.space.preset, teacher_shape_of(teacher)), spec.space.knobs)
+    space = with_overrides(preset(spec.space.preset, shape_of(teacher)), spec.space.knobs)
     train = tokenize(tokenizer, splits.train.texts, splits.train.labels, max_length=spec.data.max_length)
 
     progress.note(f"profiling this machine at {threads} threads")

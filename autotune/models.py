@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from search_spaces.space import TeacherShape
+
 log = logging.getLogger(__name__)
 
 
@@ -110,14 +112,9 @@ def encoder_layers(model: nn.Module, family: Family | None = None) -> nn.ModuleL
     return model.get_submodule(f"{family.base}.{family.layers}")
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The four numbers that decide an encoder's cost: depth, width, heads and FFN width."""
-
-    layers: int
-    hidden: int
-    heads: int
-    ffn: int
+# The four numbers that decide an encoder's cost (depth, width, heads, FFN width): one type shared with the
+# search space, whose presets are derived from the teacher's shape.
+Shape = TeacherShape
 
 
 def shape_of(model: nn.Module) -> Shape:
