@@ -44,7 +44,6 @@ from search_spaces import Candidate, TeacherShape
 
 log = logging.getLogger(__name__)
 
-STAGES = ("gate", "trained", "evaluated")
 Metric = Callable[[np.ndarray, np.ndarray], float]
 #: The gate only has to tell "clearly over the target" from "maybe not": a shorter measurement than the
 #: evaluation's, whose wider interval the noise margin absorbs.

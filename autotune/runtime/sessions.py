@@ -25,6 +25,7 @@ import torch
 
 from autotune.runtime.export import FAMILY_INPUTS, Artifact, load_artifact, model_family
 from profilers.isolated import feeds_for
+from search_spaces.hardware import DEVICES, RUNTIMES
 from profilers.latency import LatencyStats, MeasureSettings, measure_ort_session, measure_torch_module, torch_threads
 from profilers.ort import CPU_PROVIDER, CUDA_PROVIDER, make_session, session_threads
 
@@ -35,9 +36,7 @@ Precision = Literal["fp32", "bf16", "int8"]
 RuntimeName = Literal["onnxruntime", "torch"]
 Feeds = Mapping[str, np.ndarray]
 
-DEVICES: tuple[str, ...] = ("cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
-RUNTIMES: tuple[str, ...] = ("onnxruntime", "torch")
 
 
 def _check_choice(field: str, value: str, accepted: Sequence[str]) -> None:
