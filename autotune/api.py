@@ -134,14 +134,76 @@ def confirmed_latency(pipeline: TrialPipeline, record: dict[str, Any]) -> float:
     return float(median(s.percentile_ms(target.percentile) for s in samples))
 
 
+def stable_baseline(pipeline: TrialPipeline, artifact: Artifact) -> LatencyStats:
+    """The baseline's latency: of `REMEASURE_ROUNDS` measurements, the one with the median target percentile.
+
+    A relative target is this figure divided by the speedup, so one unlucky measurement on a shared machine
+    would move every feasibility decision of the run; the median round keeps a consistent set of percentiles.
+    """
+    percentile = pipeline.ctx.target.percentile
+    rounds = sorted((pipeline.measure(artifact) for _ in range(REMEASURE_ROUNDS)), key=lambda s: s.percentile_ms(percentile))
+    return rounds[len(rounds) // 2]
+
+
+def with_accuracy(records: list[dict[str, Any]], stages: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Records of these stages that measured an accuracy, most accurate first (ties: the faster first)."""
+    return sorted((r for r in records if r["stage"] in stages and r["accuracy"] is not None),
+                  key=lambda r: (-r["accuracy"], r["latency_ms"]))
+
+
+def finalists(pipeline: TrialPipeline, records: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The `count` most accurate evaluated trials that meet the target, or sit within its noise, one per
+    trained student (a refined student serves every bit width, so two of one student would train it twice)."""
+    target_ms = pipeline.ctx.target.latency_ms
+    chosen: dict[str, dict[str, Any]] = {}
+    for record in with_accuracy(records, ("evaluated",)):
+        candidate = Candidate.from_dict(record["candidate"])
+        if pipeline.is_teacher(candidate) or candidate.student_key in chosen:
+            continue
+        if record["latency_ms"] <= target_ms * (1 + noise_margin(LatencyStats(**record["latency"]))):
+            chosen[candidate.student_key] = record
+        if len(chosen) == count:
+            break
+    return list(chosen.values())
+
+
+def refine_finalists(pipeline: TrialPipeline, records: list[dict[str, Any]], progress: SilentProgress) -> list[dict[str, Any]]:
+    """Each finalist's student distilled `training.refine_epochs` more epochs, deployed and evaluated again.
+
+    A refined record keeps its source trial's number and says how many epochs it was trained in all.
+    """
+    training = pipeline.ctx.training
+    if training.refine_epochs == 0:
+        return []
+    refined = []
+    for source in finalists(pipeline, records, training.finalists):
+        candidate = Candidate.from_dict(source["candidate"])
+        epochs = training.epochs + training.refine_epochs
+        progress.note(f"refining trial {source['number']} ({candidate.describe()}): {training.refine_epochs} more "
+                      f"epoch(s), {epochs} in all")
+        start = time.perf_counter()
+        model, hit = pipeline.refine(candidate, training.refine_epochs,
+                                     functools.partial(progress.training, f"refining trial {source['number']}"))
+        outcome = pipeline.evaluate(candidate, model, "refined", {"train": time.perf_counter() - start},
+                                    artifact_name=f"{candidate.key}-epochs{epochs}", student_cache_hit=hit)
+        refined.append({"number": source["number"], "state": "COMPLETE", "candidate": candidate.to_dict(),
+                        **outcome.figures(), "epochs": epochs, "hardware_fingerprint": pipeline.ctx.fingerprint,
+                        "error": None})
+        progress.note(f"trial {source['number']} refined: {pipeline_metric(pipeline)} {source['accuracy']:.4f} -> "
+                      f"{outcome.accuracy:.4f} (validation)")
+    return refined
+
+
+def pipeline_metric(pipeline: TrialPipeline) -> str:
+    return getattr(pipeline.ctx.metric, "__name__", "custom metric") if pipeline.ctx.metric is not None else "accuracy"
+
+
 def choose_recommendation(pipeline: TrialPipeline, records: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
-    """The most accurate evaluated candidate whose re-measured latency meets the target."""
+    """The most accurate evaluated or refined candidate whose re-measured latency meets the target."""
     target_ms = pipeline.ctx.target.latency_ms
     seen: set[str] = set()
-    evaluated = sorted((r for r in records if r["stage"] == "evaluated" and r["accuracy"] is not None),
-                       key=lambda r: (-r["accuracy"], r["latency_ms"]))
-    for record in evaluated:
-        key = Candidate.from_dict(record["candidate"]).key
+    for record in with_accuracy(records, ("evaluated", "refined")):
+        key = record["artifact"]  # a candidate evaluated in two trials is one artifact
         if key in seen or record["latency_ms"] > target_ms * (1 + 0.25):
             continue
         seen.add(key)
@@ -271,7 +333,7 @@ def tune(
     pipeline = TrialPipeline(ctx)
     progress.note("measuring the baseline (teacher, fused fp32)")
     baseline = export_baseline(teacher, tokenizer, run_dir)
-    baseline_stats = pipeline.measure(baseline)
+    baseline_stats = stable_baseline(pipeline, baseline)
     baseline_val = pipeline.score(baseline, splits.validation)[0]
     ctx.reference_ms = baseline_stats.percentile_ms(t.percentile)
     target_ms = resolved_target_ms(study, spec, ctx.reference_ms, progress)
@@ -303,7 +365,8 @@ def tune(
         progress.stop()
 
     records = [trial_record(trial) for trial in study.trials]
-    recommended, reason = choose_recommendation(pipeline, records)
+    refined = refine_finalists(pipeline, records, progress)
+    recommended, reason = choose_recommendation(pipeline, records + refined)
     baseline_test = pipeline.score(baseline, splits.test)[0] if len(splits.test) else None
     baseline_latency = baseline_stats.percentile_ms(t.percentile)
     recommended_out = None
@@ -320,6 +383,8 @@ def tune(
             "latency_ms": recommended["latency_ms"],
             "size_mb": recommended["size_mb"],
             "speedup": baseline_latency / recommended["latency_ms"],
+            "epochs": recommended.get("epochs", spec.training.epochs),
+            "refined": recommended["stage"] == "refined",
             "artifact": str(model_dir),
         }
     pareto = sorted(trial.number for trial in study.best_trials
@@ -343,10 +408,11 @@ def tune(
         },
         "study": {"name": spec.name, "storage": redact(storage), "sampler": spec.search.sampler},
         "trials": records,
+        "refined": refined,
         "pareto": pareto,
         "recommended": recommended_out,
         "reason": reason,
-        "metric": getattr(metric, "__name__", "custom metric") if metric is not None else "accuracy",
+        "metric": pipeline_metric(pipeline),
         "importances": importances(study),
         "counters": pipeline.counters,
         "seconds": time.perf_counter() - started,

@@ -116,6 +116,10 @@ class TrainingSpec(Strict):
     alpha: float = Field(0.5, ge=0, le=1)
     teacher_epochs: int = Field(2, ge=1)
     teacher_lr: float = Field(5e-5, gt=0)
+    # Multi-fidelity: after the search, the `finalists` most accurate feasible students (distinct architectures
+    # and sparsities) are distilled `refine_epochs` more epochs and evaluated again; 0 turns this off.
+    finalists: int = Field(2, ge=1)
+    refine_epochs: int = Field(1, ge=0)
 
 
 class TuneSpec(Strict):

@@ -95,5 +95,7 @@ class TuneProgress(SilentProgress):
             self.console.log(f"{label}: step {step}/{total}, loss {loss:.3f}")
 
     def stop(self) -> None:
+        """End the live display; later training (refinement) is logged line by line."""
         self.progress.stop()
+        self.task = None
 

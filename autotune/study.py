@@ -110,9 +110,8 @@ def record(trial: optuna.Trial, outcome: Any, target_ms: float, fingerprint: str
     trial.set_user_attr("accuracy_is_placeholder", outcome.accuracy is None)
     trial.set_user_attr("candidate", outcome.candidate.to_dict())
     trial.set_user_attr("hardware_fingerprint", fingerprint)
-    for name in ("stage", "feasible", "latency", "latency_ms", "size_mb", "accuracy", "macro_f1",
-                 "achieved_sparsity", "seconds", "gate_cache_hit", "student_cache_hit", "artifact"):
-        trial.set_user_attr(name, getattr(outcome, name))
+    for name, value in outcome.figures().items():
+        trial.set_user_attr(name, value)
 
 
 def make_objective(

@@ -10,12 +10,18 @@ shallow ones under it. Six candidates go through `TrialPipeline.run`, the same c
 - three shallow ones that are trained, two of them differing only in bits (the second is a student cache hit),
 
 then the rejected ones run again: their gates are now cache hits. A fresh temporary `AUTOTUNE_CACHE_DIR` keeps
-the first measurement of everything cold. The teacher is *not* fine-tuned (accuracy is not measured here;
+the first measurement of everything cold.
+
+The gate times a stand-in with a 1,021-row token table instead of the model's 30,522 rows (cheaper to
+export, fuse and quantize; a gather from the table costs the same). The last check measures what that
+costs in fidelity: the stand-in's p50 over the full-table build's p50 for the rejected shapes, alternating
+the two for three rounds (`standin_p50_ratio`, median; 1.0 means the gate times what a deployed model runs). The teacher is *not* fine-tuned (accuracy is not measured here;
 only where time goes), which saves minutes and leaves training and evaluation costs unchanged.
 
     python bench/search_cost.py [--rows N] [--max-length 64] [--target-fraction 0.5] [--threads N]
 
-Ends with one JSON line: gate_rejected_median_s, trained_median_s, ratio, student_cache_hits, gate_cache_hits.
+Ends with one JSON line: gate_rejected_median_s, trained_median_s, ratio, student_cache_hits, gate_cache_hits,
+standin_p50_ratio.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from autotune.api import build_context, export_baseline, load_splits, load_teacher, resolved_threads  # noqa: E402
 from autotune.builtin import MINILM, VADER, vader_csv_path  # noqa: E402
 from autotune.caches import cache_root  # noqa: E402
-from autotune.compress import tokenize  # noqa: E402
+from autotune.compress import shaped_like, tokenize  # noqa: E402
 from autotune.config import load_spec  # noqa: E402
+from autotune.runtime import derive_artifact, export_artifact  # noqa: E402
 from autotune.trial import TrialOutcome, TrialPipeline  # noqa: E402
 from profilers.hardware import collect_profile  # noqa: E402
 from search_spaces import Candidate  # noqa: E402
@@ -94,6 +101,21 @@ def render(rows: list[dict[str, Any]], target_ms: float, baseline_p95: float) ->
     return "\n".join(lines)
 
 
+def stand_in_p50_ratio(pipeline: TrialPipeline, candidates: tuple[Candidate, ...], tmp: Path, rounds: int = 3) -> float:
+    """Median over candidates and rounds of p50(gate stand-in) / p50(same shape, full token table)."""
+    ctx = pipeline.ctx
+    ratios = []
+    for c in candidates:
+        builds = {}
+        for name, vocab in (("stand-in", pipeline.gate_vocab()), ("full", None)):
+            model = shaped_like(ctx.teacher, c.layers, c.hidden, c.heads, c.ffn, vocab_size=vocab)
+            plain = export_artifact(model, ctx.tokenizer, tmp / f"{c.key}-{name}")
+            builds[name] = derive_artifact(plain, tmp / f"{c.key}-{name}-{c.bits}", bits=c.bits)
+        for _ in range(rounds):
+            ratios.append(pipeline.measure(builds["stand-in"]).p50_ms / pipeline.measure(builds["full"]).p50_ms)
+    return median(ratios)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=None,
@@ -136,6 +158,8 @@ def run(spec_data: dict[str, Any], tmp: Path, target_fraction: float) -> int:
     rows += [trial_row("gate re-run", pipeline.run(c)) for c in REJECTED]
     print(render(rows, ctx.target.latency_ms, baseline_p95))
     print(f"counters: {pipeline.counters}")
+    fidelity = stand_in_p50_ratio(pipeline, REJECTED, tmp / "fidelity")
+    print(f"gate stand-in p50 / full-table p50 (rejected shapes, 3 alternating rounds): median {fidelity:.3f}")
 
     cold = rows[:len(REJECTED) + len(TRAINED)]
     rejected = [r["seconds"] for r in cold if r["stage"] == "gate"]
@@ -150,6 +174,7 @@ def run(spec_data: dict[str, Any], tmp: Path, target_fraction: float) -> int:
         "ratio": round(median(rejected) / median(trained), 3),
         "student_cache_hits": pipeline.counters["student_cache_hits"],
         "gate_cache_hits": pipeline.counters["gate_cache_hits"],
+        "standin_p50_ratio": round(fidelity, 3),
     }
     print(json.dumps(summary))
     return 0

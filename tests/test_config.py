@@ -50,6 +50,8 @@ def test_yaml_file_with_shorthand_and_overrides(tmp_path: Path) -> None:
         ({"search": {"sampler": "grid"}}, "search.sampler"),
         ({"data": {"path": "d.csv", "split": {"validation": 0.5, "test": 0.5}}}, "at least 10% for training"),
         ({"name": "../escape"}, "may not contain '/'"),
+        ({"training": {"refine_epochs": -1}}, "training.refine_epochs: input should be greater than or equal to 0"),
+        ({"training": {"finalists": 0}}, "training.finalists: input should be greater than or equal to 1"),
         ({"model": "m"}, "model: input should be a valid dictionary"),
     ],
 )

@@ -147,3 +147,15 @@ def test_invalid_shapes_raise_one_sentence(shape: tuple[int, int, int, int], fra
 def test_bad_layer_indices_raise() -> None:
     with pytest.raises(ValueError, match="strictly increasing"):
         make_student(teacher("bert"), 2, 32, 4, 64, layer_indices=[1, 1])
+
+
+def test_shaped_like_builds_the_candidate_shape_with_a_smaller_token_table() -> None:
+    from autotune.compress import shaped_like
+
+    bert = teacher("bert")
+    stand_in = shaped_like(bert, 1, 16, 2, 32, vocab_size=7)
+    assert shape_of(stand_in) == shape_of(make_student(bert, 1, 16, 2, 32))
+    assert stand_in.bert.embeddings.word_embeddings.weight.shape == (7, 16)
+    assert shaped_like(bert, 1, 16, 2, 32).config.vocab_size == bert.config.vocab_size
+    with pytest.raises(ValueError, match="vocab_size must be >= 1"):
+        shaped_like(bert, 1, 16, 2, 32, vocab_size=0)

@@ -29,6 +29,7 @@ from autotune.config import load_spec
 from autotune.runtime import OrtRuntime, load_artifact
 from autotune.tasks import evaluate, predict_logits
 from autotune.trial import TrialPipeline
+from search_spaces import Candidate
 from conftest import synthetic_rows, tiny_config, write_csv, write_tokenizer
 
 GENEROUS_MS = 50.0
@@ -143,6 +144,20 @@ def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     assert recommended["speedup"] == pytest.approx(baseline["latency_ms"]["p95"] / recommended["latency_ms"])
     assert recommended["accuracy"]["test"] is not None
 
+    # Finalists: the most accurate feasible students (not the teacher), one per student, distilled one more epoch.
+    refined = data["refined"]
+    assert 1 <= len(refined) <= 2
+    trial_numbers = {t["number"]: t for t in data["trials"]}
+    assert len({Candidate.from_dict(r["candidate"]).student_key for r in refined}) == len(refined)
+    for record in refined:
+        assert record["stage"] == "refined" and record["epochs"] == 2 and record["accuracy"] is not None
+        assert trial_numbers[record["number"]]["candidate"] == record["candidate"]
+        assert trial_numbers[record["number"]]["stage"] == "evaluated" and Path(record["artifact"]).is_dir()
+        c = Candidate.from_dict(record["candidate"])
+        assert (c.layers, c.hidden, c.heads, c.ffn, c.sparsity) != (2, 32, 4, 64, 0.0), "the teacher is never refined"
+    assert data["counters"]["students_refined"] + data["counters"]["refined_cache_hits"] == len(refined)
+    assert recommended["epochs"] == (2 if recommended["refined"] else 1)
+
     # model/ travels: copied elsewhere, it loads with its own tokenizer and scores what the run recorded.
     assert Path(recommended["artifact"]) == feasible_run / "model"
     moved = shutil.copytree(recommended["artifact"], tmp_path / "shipped")
@@ -203,8 +218,13 @@ def test_same_shape_candidates_share_one_student_and_later_runs_hit_the_gate_cac
     bits = {t["candidate"]["bits"] for t in first.trials}
     assert len(bits) >= 2, "precondition: the seeded sampler proposes at least two bit widths"
     assert first.data["counters"]["students_trained"] == 1
-    assert first.data["counters"]["student_cache_hits"] == len(bits) - 1  # repeats are memoised, not re-run
+    # Repeats are memoised, not re-run; the other bit widths reuse the student, and so does its refinement.
+    assert first.data["counters"]["student_cache_hits"] == len(bits) - 1 + 1
     assert all(t["stage"] == "evaluated" for t in first.trials)
+    # One student, so one finalist; refined with its sparsity held.
+    [refined] = first.data["refined"]
+    assert first.data["counters"]["students_refined"] == 1
+    assert refined["achieved_sparsity"] == pytest.approx(0.3, abs=0.01)
 
     # A sub-millisecond tiny model's baseline drifts run to run by more than the 10% a cached gate tolerates on
     # a real model; the drift check has its own test below, so here any drift is accepted.
@@ -214,6 +234,7 @@ def test_same_shape_candidates_share_one_student_and_later_runs_hit_the_gate_cac
     assert counters["gates_measured"] == 0 and counters["gate_cache_hits"] == len(bits)
     assert counters["students_trained"] == 0 and counters["student_cache_hits"] == len(bits)
     assert all(t["gate_cache_hit"] for t in second.trials)
+    assert counters["students_refined"] == 0 and counters["refined_cache_hits"] == 1
 
 
 def test_a_cached_gate_is_trusted_only_at_the_same_machine_speed() -> None:
@@ -224,6 +245,34 @@ def test_a_cached_gate_is_trusted_only_at_the_same_machine_speed() -> None:
     assert pipeline.same_machine_speed(10.5) and pipeline.same_machine_speed(9.2)
     assert not pipeline.same_machine_speed(12.0) and not pipeline.same_machine_speed(8.0)
     assert not pipeline.same_machine_speed(None)  # an entry without a reference cannot be checked
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_the_gate_stand_in_size_scaled_to_the_full_token_table_matches_the_real_export(bits: int, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from autotune.compress import shaped_like
+    from autotune.runtime import derive_artifact, export_artifact
+    from autotune.trial import full_table_size_bytes
+
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_config(tiny_config("bert")).eval()
+    tokenizer_dir = tmp_path / "tokenizer"
+    write_tokenizer(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def variant(model: Any, name: str) -> Any:
+        return derive_artifact(export_artifact(model, tokenizer, tmp_path / name), tmp_path / f"{name}-{bits}", bits=bits)
+
+    full = variant(shaped_like(teacher, 1, 32, 4, 64), "full")
+    stand_in = variant(shaped_like(teacher, 1, 32, 4, 64, vocab_size=7), "stand-in")
+    vocab = teacher.config.vocab_size
+    assert stand_in.size_bytes < full.size_bytes
+    assert abs(full_table_size_bytes(stand_in.onnx_path, stand_in.size_bytes, 7, vocab) - full.size_bytes) <= 16
+    assert full_table_size_bytes(full.onnx_path, full.size_bytes, vocab, vocab) == full.size_bytes
+    with pytest.raises(ValueError, match="no initializer with 11 rows"):
+        full_table_size_bytes(stand_in.onnx_path, stand_in.size_bytes, 11, vocab)
 
 
 # -- resume ------------------------------------------------------------------------------------------------

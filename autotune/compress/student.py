@@ -245,14 +245,26 @@ def make_student(
     return student.eval()
 
 
-def shaped_like(teacher: nn.Module, layers: int, hidden: int, heads: int, ffn: int) -> nn.Module:
+def shaped_like(
+    teacher: nn.Module, layers: int, hidden: int, heads: int, ffn: int, *, vocab_size: int | None = None
+) -> nn.Module:
     """A model of the teacher's family in the student's shape, with random weights.
 
     The latency gate times this instead of a trained student: latency depends on shape and bits, not on the
     values of the weights, and building it costs no slicing and no training. Shapes are validated exactly
     as `make_student` validates them.
+
+    `vocab_size` shrinks the token embedding table. At inference the table is only gathered from (one row
+    per token), so its size does not change latency, but MiniLM's 30,522 x 384 table is most of the bytes
+    that export, fusion and quantization copy: a small table makes the gate's stand-in several times
+    cheaper to build.
     """
     family = family_of(teacher)
     shape = Shape(layers=layers, hidden=hidden, heads=heads, ffn=ffn)
     kept_layers = _validate(shape_of(teacher), shape, None)
-    return type(teacher)(_student_config(teacher, family, shape, kept_layers)).eval()
+    config = _student_config(teacher, family, shape, kept_layers)
+    if vocab_size is not None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        config.vocab_size = vocab_size
+    return type(teacher)(config).eval()

@@ -52,8 +52,9 @@ def one_line_answer(result: dict[str, Any]) -> str:
     base_val, base_test = base["accuracy"]["validation"], base["accuracy"]["test"]
     test_part = (f", test {test:.4f} vs {base_test:.4f} ({test / base_test:.1%} kept)"
                  if test is not None and base_test else "")
+    trained = f" (distilled {rec['epochs']} epochs: refined after the search)" if rec.get("refined") else ""
     return (
-        f"Deploy {describe(rec['candidate'])}: {pct} {rec['latency_ms']:.2f} ms vs target {target['latency_ms']:.2f} ms "
+        f"Deploy {describe(rec['candidate'])}{trained}: {pct} {rec['latency_ms']:.2f} ms vs target {target['latency_ms']:.2f} ms "
         f"({headroom:.0%} headroom); {metric_name(result)} validation {val:.4f} vs teacher {base_val:.4f} "
         f"({val / base_val:.1%} kept){test_part}; {rec['speedup']:.2f}x faster and "
         f"{rec['size_mb']:.1f} MB vs {base['size_mb']:.1f} MB on disk."
@@ -113,16 +114,22 @@ def capacity(result: dict[str, Any], trial: dict[str, Any]) -> Capacity:
 
 
 def pareto_trials(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Pareto front's trials by latency, each candidate once (a sampler may propose one candidate in several
+    trials; they share one measurement, so the first trial stands for all)."""
     by_number = {t["number"]: t for t in result["trials"]}
-    return sorted((by_number[n] for n in result["pareto"]), key=lambda t: t["latency_ms"])
+    first: dict[str, dict[str, Any]] = {}
+    for number in sorted(result["pareto"]):
+        first.setdefault(Candidate.from_dict(by_number[number]["candidate"]).key, by_number[number])
+    return sorted(first.values(), key=lambda t: t["latency_ms"])
 
 
 def cost_breakdown(result: dict[str, Any]) -> dict[str, float]:
-    """Seconds spent per stage over all trials, and how many trials ended at each stage."""
-    totals = {"gate": 0.0, "train": 0.0, "evaluate": 0.0}
+    """Seconds spent per stage over all trials, then refining the finalists (their training and evaluation)."""
+    totals = {"gate": 0.0, "train": 0.0, "evaluate": 0.0, "refine": 0.0}
     for trial in result["trials"]:
         for stage, seconds in (trial.get("seconds") or {}).items():
             totals[stage] = totals.get(stage, 0.0) + seconds
+    totals["refine"] = sum(sum(r["seconds"].values()) for r in result.get("refined", []))
     return totals
 
 

@@ -82,6 +82,23 @@ def _pareto_section(result: dict[str, Any]) -> Section:
     return Section("Pareto front (feasible, accuracy up, latency down)", note, table)
 
 
+def _refined_section(result: dict[str, Any]) -> Section | None:
+    refined = result.get("refined") or []
+    if not refined:
+        return None
+    by_number = {t["number"]: t for t in result["trials"]}
+    pct = plan.percentile_name(result)
+    rows = tuple((str(r["number"]), plan.describe(r["candidate"]), str(r["epochs"]), _acc(by_number[r["number"]]["accuracy"]),
+                  _acc(r["accuracy"]), _ms(r["latency_ms"])) for r in refined)
+    return Section(
+        "Finalists trained further",
+        ("The search ranks students after a short distillation; the most accurate feasible ones were then distilled "
+         "further and evaluated again (validation split), and the recommendation is chosen among all of them.",),
+        Table(("trial", "configuration", "epochs in all", f"val. {plan.metric_name(result)} in the search",
+               f"val. {plan.metric_name(result)} refined", f"{pct} ms"), rows),
+    )
+
+
 def _targets_section(result: dict[str, Any]) -> Section:
     rows = []
     for option in plan.changed_targets(result):
@@ -117,8 +134,8 @@ def _cost_section(result: dict[str, Any]) -> Section:
     rows = tuple((objective, ", ".join(f"{k} {v:.2f}" for k, v in values.items())) for objective, values in importances.items())
     paragraphs = (
         f"Trials by outcome: {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}. Time spent: latency gate "
-        f"{costs['gate']:.0f} s, training {costs['train']:.0f} s, evaluation {costs['evaluate']:.0f} s "
-        f"(whole run {result['seconds']:.0f} s).",
+        f"{costs['gate']:.0f} s, training {costs['train']:.0f} s, evaluation {costs['evaluate']:.0f} s, refining "
+        f"finalists {costs['refine']:.0f} s (whole run {result['seconds']:.0f} s).",
         "Which knobs mattered (Optuna parameter importances per objective):" if rows else "Parameter importances need at least two evaluated trials.",
     )
     return Section("Which knobs mattered, and what the search cost", paragraphs, Table(("objective", "importance"), rows) if rows else None)
@@ -131,10 +148,12 @@ def build_report(result: dict[str, Any]) -> Report:
             "Every evaluated trial; the Pareto front; trials rejected by the latency gate (never trained) on the floor "
             "at their measured latency; the dashed line is the target.",), plot=True),
         _pareto_section(result),
+        _refined_section(result),
         _targets_section(result),
         _capacity_section(result),
         _cost_section(result),
     ]
+    sections = [section for section in sections if section is not None]
     if result["recommended"] is None:
         closest = sorted((t for t in result["trials"] if t["latency_ms"] is not None), key=lambda t: t["latency_ms"])[:3]
         rows = tuple((str(t["number"]), plan.describe(t["candidate"]), _ms(t["latency_ms"]),
