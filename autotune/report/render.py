@@ -144,6 +144,9 @@ def build_report(result: dict[str, Any]) -> Report:
                   "space (fewer layers, narrower hidden, lower bits)." if fastest else "No trial finished.")
         sections.insert(0, Section("No configuration met the target", (result["reason"] or "", advice),
                                    Table(("trial", "configuration", "latency ms", "over target"), rows)))
+    from autotune.report.predicted import predicted_sections  # it builds on this module's Section and Table
+
+    sections += predicted_sections(result)
     if result.get("command"):
         sections.append(Section("Reproduce this run", code=result["command"]))
     return Report(f"autotune report: {result['name']}", plan.one_line_answer(result), tuple(sections))
