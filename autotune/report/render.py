@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.planning import PREDICTED_SKIP
 from autotune.report import plan
 from autotune.report.plot import accuracy_latency_png
 
@@ -136,7 +137,8 @@ def build_report(result: dict[str, Any]) -> Report:
         _cost_section(result),
     ]
     if result["recommended"] is None:
-        closest = sorted((t for t in result["trials"] if t["latency_ms"] is not None), key=lambda t: t["latency_ms"])[:3]
+        measured = [t for t in result["trials"] if t["latency_ms"] is not None and t["stage"] != PREDICTED_SKIP]
+        closest = sorted(measured, key=lambda t: t["latency_ms"])[:3]
         rows = tuple((str(t["number"]), plan.describe(t["candidate"]), _ms(t["latency_ms"]),
                       f"+{t['latency_ms'] / result['target']['latency_ms'] - 1:.0%}") for t in closest)
         fastest = closest[0]["latency_ms"] if closest else None
