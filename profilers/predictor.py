@@ -48,8 +48,9 @@ NODES_PER_LAYER = {32: 7, 8: 20, 4: 7}
 NODES_FIXED = {32: 8, 8: 18, 4: 8}
 COMPONENTS = ("gemm_fp32", "gemm_int8", "gemm_int4", "attention", "activations", "weights", "nodes", "call")
 #: Prior coefficients (inverse efficiencies; ms per node; ms per call): the calibration's starting point and
-#: what it shrinks toward. Rounded from a fit on 40 random MiniLM-shaped candidates on a 2-core AVX2 EPYC
-#: (bench/predictor.py); on a machine with no calibration they give the uncalibrated prediction.
+#: what it shrinks toward, and the whole model where nothing was measured. Set by hand (not fitted) so that the
+#: fused MiniLM teacher on a quiet 2-core AVX2 EPYC comes out near its measured p50 (fp32 ~13.5 ms, int8 ~1.15x
+#: and int4 ~0.96x faster), with the attention matmuls' small per-head GEMMs at a third of peak.
 PRIOR_COEFFICIENTS = {"gemm_fp32": 1.3, "gemm_int8": 1.6, "gemm_int4": 1.5, "attention": 3.0, "activations": 1.0,
                       "weights": 1.0, "nodes": 0.01, "call": 0.05}
 #: How far (in log units) a coefficient may plausibly sit from its prior, vs how noisy a measured log latency is:
