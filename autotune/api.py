@@ -31,6 +31,7 @@ from autotune.compress import finetune_teacher, teacher_logits, tokenize
 from autotune.compress.distillation import TokenizedData
 from autotune.config import TuneSpec, load_spec
 from autotune.models import load_classifier, shape_of, state_fingerprint
+from autotune.planning import PREDICTED_SKIP, LatencyScreen
 from autotune.progress import SilentProgress
 from autotune.result import RESULT_SCHEMA_VERSION, TuneResult, load_result
 from autotune.runtime import Artifact, derive_artifact, export_artifact, load_artifact
@@ -41,6 +42,7 @@ from autotune.trial import MB, Metric, Target, TrialContext, TrialOutcome, Trial
 from profilers.hardware import collect_profile, default_threads
 from profilers.cpu import probe_cpu
 from profilers.latency import LatencyStats
+from profilers.predictor import Workload
 from search_spaces import Candidate, preset, restrict_to_hardware, with_overrides
 
 log = logging.getLogger(__name__)
@@ -211,7 +213,8 @@ def choose_recommendation(pipeline: TrialPipeline, records: list[dict[str, Any]]
         if latency <= target_ms:
             return {**record, "latency_ms": latency}, None
         log.info("trial %d re-measured at %.2f ms, over the %.2f ms target", record["number"], latency, target_ms)
-    misses = sorted((r for r in records if r["latency_ms"] is not None), key=lambda r: r["latency_ms"])[:3]
+    measured = [r for r in records if r["latency_ms"] is not None and r["stage"] != PREDICTED_SKIP]
+    misses = sorted(measured, key=lambda r: r["latency_ms"])[:3]
     if not misses:
         return None, "no trial finished"
     closest = ", ".join(f"trial {r['number']} at {r['latency_ms']:.2f} ms (+{r['latency_ms'] / target_ms - 1:.0%})" for r in misses)
@@ -338,6 +341,10 @@ def tune(
     ctx.reference_ms = baseline_stats.percentile_ms(t.percentile)
     target_ms = resolved_target_ms(study, spec, ctx.reference_ms, progress)
     ctx.target = replace(ctx.target, latency_ms=target_ms)
+
+    if spec.search.skip_predicted_over is not None and t.device == "cpu":
+        pipeline.screen = LatencyScreen(profile, Workload(t.batch_size, t.seq_len), t.percentile, spec.search.skip_predicted_over)
+        pipeline.screen.observe(ctx.teacher_shape.as_candidate(32), baseline_stats)
 
     space, removals = restrict_to_hardware(space, profile, t.runtime, t.device)
     for removal in removals:

@@ -28,9 +28,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from autotune.result import ResultError
     from autotune.tasks import DataError
     from profilers.hardware import ProfileError
+    from profilers.predictor import PredictionError
     from search_spaces import SpaceError
 
-    return (UsageError, ConfigError, ModelError, DataError, SpaceError, ProfileError, ResultError, BuiltinError,
+    return (UsageError, ConfigError, ModelError, DataError, SpaceError, ProfileError, PredictionError, ResultError, BuiltinError,
             FileExistsError, PermissionError)
 
 
@@ -165,6 +166,23 @@ def build_parser() -> Parser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `autotune tune`")
     report.set_defaults(handler=run_report)
 
+    plan = commands.add_parser(
+        "plan",
+        help="predict which of a run's configurations fit other machines, from their hardware profiles",
+        description="For each hardware profile (written by `autotune profile -o FILE` on that machine, no model or data "
+                    "needed there), predict the latency of RUN_DIR's Pareto configurations at the run's batch, sequence "
+                    "length and percentile, with the predictor calibrated on the latencies the run measured; say which "
+                    "meet the target, with predicted headroom and a 90% interval, and recommend one per machine. Adds "
+                    "the predictions to RUN_DIR/result.json (key `plans`) and re-renders report.html and report.md, "
+                    "where they appear in their own sections marked predicted, apart from measured figures. "
+                    "Predictions model ONNX Runtime on CPU at the profile's thread count, bits 32/8/4.",
+    )
+    plan.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `autotune tune`")
+    plan.add_argument("--hardware", nargs="+", required=True, metavar="PROFILE.json", help="one or more hardware profiles")
+    plan.add_argument("--target-ms", type=positive(float), default=None, metavar="X",
+                      help="the latency target in ms at the run's percentile (default: the run's target)")
+    plan.set_defaults(handler=run_plan)
+
     fetch = commands.add_parser(
         "fetch",
         help="download the embedded default's data (once) and check the model package",
@@ -208,6 +226,32 @@ def run_report(args: argparse.Namespace) -> int:
     html_path, md_path = write_report(result.data, args.run_dir)
     print(f"Report: {html_path} and {md_path}")
     print(one_line_answer(result.data))
+    return EXIT_OK
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from autotune.planning import plan_for
+    from autotune.report.plan import describe
+    from autotune.report.predicted import threads_text
+    from autotune.report import write_report
+    from autotune.result import TuneResult, load_result
+    from profilers.hardware import load_profile
+
+    result = load_result(args.run_dir)
+    profiles = [(path, load_profile(path)) for path in args.hardware]  # every profile checked before any output
+    plans = [plan_for(result.data, profile, path, args.target_ms) for path, profile in profiles]
+    updated = TuneResult({**result.data, "plans": [p.to_dict() for p in plans]})
+    updated.save(args.run_dir)
+    html_path, md_path = write_report(updated.data, args.run_dir)
+    for machine in plans:
+        best = machine.recommended
+        pct = f"p{machine.percentile:g}"
+        answer = ("no configuration predicted to meet the target" if best is None else
+                  f"trial {best.trial} ({describe(best.candidate)}), predicted {pct} "
+                  f"{best.prediction.latency_ms:.2f} ms [{best.prediction.low_ms:.2f}-{best.prediction.high_ms:.2f}], {best.verdict}")
+        print(f"{machine.source} ({machine.machine}, {threads_text(machine.threads)}), predicted vs target "
+              f"{machine.target_ms:.2f} ms: {answer}")
+    print(f"Report with predicted sections: {html_path} and {md_path}")
     return EXIT_OK
 
 

@@ -104,6 +104,9 @@ class SearchSpec(Strict):
     storage: str | None = None
     seed: int = 0
     minimize_size: bool = False
+    skip_predicted_over: float | None = Field(
+        1.5, gt=1, description="skip the latency gate of a candidate whose predicted latency interval lies wholly above "
+                               "this multiple of the target (CPU targets; null: measure every candidate)")
 
 
 class TrainingSpec(Strict):

@@ -39,6 +39,8 @@ from autotune.config import TrainingSpec
 from autotune.runtime import Artifact, OrtRuntime, derive_artifact, export_artifact, load_artifact
 from autotune.tasks import LabeledTexts, evaluate, predict_logits
 from autotune.compress.distillation import TokenizedData
+from autotune.planning import PREDICTED_SKIP, LatencyScreen, predicted_size_mb
+from profilers.predictor import Prediction
 from profilers.isolated import OnnxRequest, measure_onnx_isolated
 from profilers.latency import LatencyStats, MeasureSettings
 from profilers.ort import CPU_PROVIDER, CUDA_PROVIDER
@@ -180,7 +182,10 @@ class TrialPipeline:
     def __init__(self, ctx: TrialContext) -> None:
         self.ctx = ctx
         self.counters = {"gate_cache_hits": 0, "student_cache_hits": 0, "students_trained": 0, "gates_measured": 0,
-                         "students_refined": 0, "refined_cache_hits": 0}
+                         "students_refined": 0, "refined_cache_hits": 0, "gates_skipped_by_prediction": 0}
+        #: Optional latency predictor hook (autotune.planning): skips gates of candidates predicted far over the
+        #: target and learns from every gate measured. None: every candidate is measured.
+        self.screen: LatencyScreen | None = None
 
     # -- measurement -------------------------------------------------------------------------------------
 
@@ -206,14 +211,24 @@ class TrialPipeline:
     def gate_vocab(self) -> int:
         return min(int(self.ctx.teacher.config.vocab_size), GATE_VOCAB)
 
+    def gate_path(self, candidate: Candidate) -> Path:
+        return self.ctx.cache_dir / "gate" / f"{self.gate_key(candidate)}.json"
+
+    def cached_gate(self, candidate: Candidate) -> tuple[LatencyStats, float] | None:
+        """(latency, size in MB) of a gate measured before at this machine's current speed, else None."""
+        cached = read_json(self.gate_path(candidate))
+        if cached is None or not self.same_machine_speed(cached.get("reference_ms")):
+            return None
+        return LatencyStats(**cached["latency"]), cached["size_mb"]
+
     def gate(self, candidate: Candidate) -> tuple[LatencyStats, float, bool]:
         """(latency, size in MB, cache hit) of the candidate's shape with random weights and a small token table;
         the size is scaled back to the full table."""
-        path = self.ctx.cache_dir / "gate" / f"{self.gate_key(candidate)}.json"
-        cached = read_json(path)
-        if cached is not None and self.same_machine_speed(cached.get("reference_ms")):
+        cached = self.cached_gate(candidate)
+        if cached is not None:
             self.counters["gate_cache_hits"] += 1
-            return LatencyStats(**cached["latency"]), cached["size_mb"], True
+            return *cached, True
+        path = self.gate_path(candidate)
         model = shaped_like(self.ctx.teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn,
                             vocab_size=self.gate_vocab())
         with tempfile.TemporaryDirectory(prefix="autotune-gate-") as tmp:
@@ -325,15 +340,31 @@ class TrialPipeline:
         logits = predict_logits(runtime.run, self.ctx.tokenizer, data.texts, max_length=self.ctx.max_length)
         return float(self.ctx.metric(np.asarray(data.labels), logits)), None
 
+    def predicted_skip(self, candidate: Candidate, prediction: Prediction) -> TrialOutcome:
+        """A trial ended before its gate: predicted (not measured) far over the target. Latency and size are
+        predictions, flagged in `latency` (predicted: True) and by the stage."""
+        self.counters["gates_skipped_by_prediction"] += 1
+        return TrialOutcome(
+            candidate=candidate, stage=PREDICTED_SKIP, feasible=False, latency=prediction.to_dict(),
+            latency_ms=prediction.latency_ms, size_mb=predicted_size_mb(candidate, self.ctx.teacher.config.vocab_size),
+        )
+
     # -- the whole trial ---------------------------------------------------------------------------------
 
     def run(self, candidate: Candidate, on_stage: Stage = _no_stage, on_step: Steps | None = None) -> TrialOutcome:
         target = self.ctx.target
         seconds: dict[str, float] = {}
+        # A measured latency (even a cached one) always beats a prediction: only unmeasured shapes can be skipped.
+        predictable = self.screen is not None and self.cached_gate(candidate) is None
+        skip = self.screen.skip(candidate, target.latency_ms) if predictable else None
+        if skip is not None:
+            return self.predicted_skip(candidate, skip)
         on_stage("gate")
         start = time.perf_counter()
         gate_stats, gate_size, gate_hit = self.gate(candidate)
         seconds["gate"] = time.perf_counter() - start
+        if self.screen is not None:
+            self.screen.observe(candidate, gate_stats)
         if clearly_over(gate_stats, target):
             return TrialOutcome(
                 candidate=candidate, stage="gate", feasible=False, latency=gate_stats.to_dict(),

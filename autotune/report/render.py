@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autotune.planning import PREDICTED_SKIP
 from autotune.report import plan
 from autotune.report.plot import accuracy_latency_png
 
@@ -155,7 +156,8 @@ def build_report(result: dict[str, Any]) -> Report:
     ]
     sections = [section for section in sections if section is not None]
     if result["recommended"] is None:
-        closest = sorted((t for t in result["trials"] if t["latency_ms"] is not None), key=lambda t: t["latency_ms"])[:3]
+        measured = [t for t in result["trials"] if t["latency_ms"] is not None and t["stage"] != PREDICTED_SKIP]
+        closest = sorted(measured, key=lambda t: t["latency_ms"])[:3]
         rows = tuple((str(t["number"]), plan.describe(t["candidate"]), _ms(t["latency_ms"]),
                       f"+{t['latency_ms'] / result['target']['latency_ms'] - 1:.0%}") for t in closest)
         fastest = closest[0]["latency_ms"] if closest else None
@@ -163,6 +165,9 @@ def build_report(result: dict[str, Any]) -> Report:
                   "space (fewer layers, narrower hidden, lower bits)." if fastest else "No trial finished.")
         sections.insert(0, Section("No configuration met the target", (result["reason"] or "", advice),
                                    Table(("trial", "configuration", "latency ms", "over target"), rows)))
+    from autotune.report.predicted import predicted_sections  # it builds on this module's Section and Table
+
+    sections += predicted_sections(result)
     if result.get("command"):
         sections.append(Section("Reproduce this run", code=result["command"]))
     return Report(f"autotune report: {result['name']}", plan.one_line_answer(result), tuple(sections))

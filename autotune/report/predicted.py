@@ -1,0 +1,64 @@
+"""Report sections for `autotune plan`: predicted latency of the run's configurations on other machines.
+
+Rendered from the `plans` entries `autotune plan` adds to result.json, so `autotune report` reproduces them.
+Each machine gets its own section whose title, headers and text say "predicted": these figures come from the
+latency model calibrated on this run's measurements, never from a measurement on that machine, and they are
+never put in the same table as measured figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autotune.report import plan
+from autotune.report.render import Section, Table
+
+VERDICTS = {
+    "meets": "meets (whole interval under target)",
+    "likely": "likely (interval crosses target)",
+    "misses": "misses",
+    "unknown": "not predicted (bit width not modelled)",
+}
+
+
+def threads_text(threads: int) -> str:
+    return f"{threads} thread" + ("s" if threads != 1 else "")
+
+
+def _interval(prediction: dict[str, Any]) -> str:
+    return f"{prediction['low_ms']:.2f}-{prediction['high_ms']:.2f}"
+
+
+def _row(config: dict[str, Any], pct: str) -> tuple[str, ...]:
+    p = config["prediction"]
+    accuracy = "-" if config["accuracy"] is None else f"{config['accuracy']:.4f}"
+    if p is None:
+        return (str(config["trial"]), plan.describe(config["candidate"]), accuracy, "-", "-", "-", "-", VERDICTS["unknown"])
+    return (str(config["trial"]), plan.describe(config["candidate"]), accuracy, f"{p['p50_ms']:.2f}", f"{p['latency_ms']:.2f}",
+            _interval(p), f"{config['headroom']:+.0%}", VERDICTS[config["verdict"]])
+
+
+def machine_section(entry: dict[str, Any], metric: str) -> Section:
+    pct = f"p{entry['percentile']:g}"
+    recommended = next((c for c in entry["configs"] if c["trial"] == entry["recommended_trial"]), None)
+    if recommended is None:
+        answer = f"Predicted: no configuration of this run meets {pct} <= {entry['target_ms']:.2f} ms there."
+    else:
+        p = recommended["prediction"]
+        answer = (f"Predicted recommendation: trial {recommended['trial']}, {plan.describe(recommended['candidate'])}, "
+                  f"predicted {pct} {p['latency_ms']:.2f} ms ({p['level']:.0%} interval {_interval(p)} ms) vs target "
+                  f"{entry['target_ms']:.2f} ms ({recommended['headroom']:.0%} predicted headroom)"
+                  + ("; measure it there before relying on it." if recommended["verdict"] == "likely" else "."))
+    basis = (f"Predicted, not measured: the latency model calibrated on {entry['calibration_points']} latencies measured "
+             f"in this run, applied to the profile {entry['source']} (fingerprint {entry['fingerprint']}, "
+             f"{entry['machine']}, {threads_text(entry['threads'])})"
+             + ("; this is the run's own machine." if entry["same_machine"] else
+                "; the interval includes an assumed +-25% for transferring the calibration to another machine."))
+    headers = ("trial", "configuration", f"val. {metric} (measured in this run)", "predicted p50 ms", f"predicted {pct} ms",
+               f"predicted {pct} interval ms", "predicted headroom", "verdict (predicted)")
+    return Section(f"Predicted (not measured) on {entry['machine']}, {threads_text(entry['threads'])} [{entry['fingerprint']}]",
+                   (answer, basis), Table(headers, tuple(_row(c, pct) for c in entry["configs"])))
+
+
+def predicted_sections(result: dict[str, Any]) -> list[Section]:
+    return [machine_section(entry, plan.metric_name(result)) for entry in result.get("plans") or []]

@@ -1,0 +1,252 @@
+"""How well the latency predictor (profilers/predictor.py) predicts measured latency, on this machine and on a
+second "machine" (this one at 1 thread), and what its skips would save on the demo search.
+
+Candidates: `--n` (default 40) distinct shapes drawn uniformly at random from the bert-default space for the
+all-MiniLM-L6-v2 teacher (6x384, 12 heads, FFN 1536), restricted to this machine (fp16 and 2:4 removed on an
+AVX2 CPU). Each is built as the latency gate builds it (random weights, export, fuse, quantize to its bits) and
+timed at batch 1, 64 tokens in a fresh child process (profilers.isolated, the gate's path), at 2 threads and at
+1 thread, plus one gate-length timing whose wall seconds (with the build's) are the cost of one gate.
+
+Figures:
+- same machine: 5-fold cross-validation over the 2-thread measurements (calibrate on 4 folds with the 2-thread
+  profile, predict the held-out fold; no point is ever predicted by a calibration that saw it). "mape" is the
+  *median* absolute percentage error of p50, as the issue defines it (the mean is printed too), "within_15pct"
+  the share within +-15%, "kendall_tau" scipy's tau-b between predicted and measured p50 over all held-out points.
+- cross machine: calibrate on all 2-thread measurements with the 2-thread profile, predict with the 1-thread
+  profile, compare with the 1-thread measurements (same three figures, and interval coverage).
+- search time saved on the demo spec (examples/sentiment/tune.yaml), estimated, not measured: the share of the
+  demo space's distinct shapes whose predicted p95 interval lies entirely above 1.5x the demo target (teacher
+  p95 / 4, measured here), times the demo's trial budget, times the median measured cost of one gate here; and
+  how many of this bench's measured candidates such a skip would have wrongly skipped (measured p95 at or under
+  1.5x target). Sampler behaviour is not modelled (NSGA-II proposes more promising shapes than uniform sampling).
+
+    python bench/predictor.py [--n 40] [--quick] [--seed 0] [--measurements FILE]
+
+`--quick`: 8 candidates and quick profiles (a smoke run, figures meaningless). `--measurements FILE` keeps every
+timing in FILE (JSON) and reuses the candidates already in it, so an interrupted run continues. The last line is
+JSON: {"mape", "within_15pct", "kendall_tau", "n", "cross_machine": {"mape", "within_15pct", "kendall_tau"}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import mean, median
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from scipy.stats import kendalltau  # noqa: E402
+
+from autotune.api import load_teacher  # noqa: E402
+from autotune.compress import shaped_like  # noqa: E402
+from autotune.config import load_spec  # noqa: E402
+from autotune.models import shape_of  # noqa: E402
+from autotune.planning import DEFAULT_SKIP_FACTOR, model_shape  # noqa: E402
+from autotune.runtime import derive_artifact, export_artifact  # noqa: E402
+from autotune.trial import GATE_SETTINGS  # noqa: E402
+from profilers.hardware import HardwareProfile, collect_profile  # noqa: E402
+from profilers.isolated import OnnxRequest, measure_onnx_isolated  # noqa: E402
+from profilers.latency import MeasureSettings  # noqa: E402
+from profilers.predictor import CalibrationPoint, Predictor, Throughput, Workload  # noqa: E402
+from search_spaces import Candidate, Space, preset, restrict_to_hardware, with_overrides  # noqa: E402
+
+DEMO_SPEC = Path(__file__).resolve().parent.parent / "examples" / "sentiment" / "tune.yaml"
+WORKLOAD = Workload(batch_size=1, seq_len=64)
+PERCENTILE = 95.0
+SETTINGS = MeasureSettings(warmup=5, min_runs=20, max_runs=400, max_seconds=3.0)  # the evaluation's settings
+FOLDS = 5
+
+
+@dataclass(frozen=True)
+class Measured:
+    candidate: dict[str, Any]
+    p50_2t: float
+    p95_2t: float
+    p50_1t: float
+    p95_1t: float
+    gate_seconds: float  # build (export + fuse + quantize) + one gate-length timing, wall clock
+
+
+def sample_candidates(space: Space, n: int, seed: int) -> list[Candidate]:
+    """n candidates with distinct shapes (shape x bits), uniform over the space's knob values."""
+    rng = random.Random(seed)
+    seen: dict[str, Candidate] = {}
+    while len(seen) < n:
+        params = {k.name: rng.choice(k.values()) for k in space.knobs}
+        candidate = Candidate.canonical(**params)
+        seen.setdefault(candidate.shape_key, candidate)
+    return list(seen.values())
+
+
+def time_candidate(teacher: Any, tokenizer: Any, candidate: Candidate) -> Measured:
+    """Build the candidate's shape as the gate does and time it at 2 and 1 threads in child processes."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-predictor-") as tmp:
+        model = shaped_like(teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
+        plain = export_artifact(model, tokenizer, Path(tmp) / "fp32")
+        variant = derive_artifact(plain, Path(tmp) / "variant", bits=candidate.bits)
+
+        def timed(threads: int, settings: MeasureSettings):
+            request = OnnxRequest(onnx_path=str(variant.onnx_path), input_names=variant.input_names,
+                                  batch_size=WORKLOAD.batch_size, seq_len=WORKLOAD.seq_len,
+                                  vocab_size=variant.vocab_size, threads=threads)
+            return measure_onnx_isolated(request, settings)
+
+        timed(2, GATE_SETTINGS)
+        gate_seconds = time.perf_counter() - start
+        two, one = timed(2, SETTINGS), timed(1, SETTINGS)
+    return Measured(candidate.to_dict(), two.p50_ms, two.p95_ms, one.p50_ms, one.p95_ms, gate_seconds)
+
+
+def load_measurements(path: Path | None) -> list[Measured]:
+    if path is None or not path.exists():
+        return []
+    return [Measured(**row) for row in json.loads(path.read_text())]
+
+
+def measure_all(candidates: Sequence[Candidate], path: Path | None) -> list[Measured]:
+    """Timings of every candidate, reusing those already in `path` and saving after each new one."""
+    rows = load_measurements(path)
+    done = {Candidate.from_dict(r.candidate).shape_key for r in rows}
+    todo = [c for c in candidates if c.shape_key not in done]
+    if todo:
+        teacher, tokenizer, _ = load_teacher(load_spec(DEMO_SPEC))
+        time.sleep(1.0)
+        for i, candidate in enumerate(todo, 1):
+            rows.append(time_candidate(teacher, tokenizer, candidate))
+            r = rows[-1]
+            print(f"[{i}/{len(todo)}] {candidate.describe()}: p50 {r.p50_2t:.2f} ms (2t), {r.p50_1t:.2f} ms (1t); "
+                  f"gate {r.gate_seconds:.1f} s", flush=True)
+            if path is not None:
+                path.write_text(json.dumps([asdict(m) for m in rows], indent=1))
+    keys = {c.shape_key for c in candidates}
+    return [r for r in rows if Candidate.from_dict(r.candidate).shape_key in keys]
+
+
+def point(row: Measured, threads: int) -> CalibrationPoint:
+    shape = model_shape(Candidate.from_dict(row.candidate))
+    if threads == 2:
+        return CalibrationPoint(shape, WORKLOAD, row.p50_2t, row.p95_2t)
+    return CalibrationPoint(shape, WORKLOAD, row.p50_1t, row.p95_1t)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    mape: float
+    mean_ape: float
+    within_15pct: float
+    kendall_tau: float
+    coverage: float
+
+    def summary(self) -> dict[str, float]:
+        return {"mape": round(self.mape, 4), "within_15pct": round(self.within_15pct, 4),
+                "kendall_tau": round(self.kendall_tau, 4)}
+
+
+def accuracy(predicted: Sequence[float], measured: Sequence[float], inside: Sequence[bool]) -> Accuracy:
+    errors = [abs(p / m - 1.0) for p, m in zip(predicted, measured)]
+    tau = kendalltau(predicted, measured).statistic
+    return Accuracy(median(errors), mean(errors), float(np.mean([e <= 0.15 for e in errors])), float(tau),
+                    float(np.mean(inside)))
+
+
+def cross_validated(points: Sequence[CalibrationPoint], machine: Throughput, seed: int) -> Accuracy:
+    """Each point predicted by a calibration on the other folds only."""
+    order = np.random.default_rng(seed).permutation(len(points))
+    predicted, measured, inside = [], [], []
+    for fold in range(FOLDS):
+        held = set(order[fold::FOLDS].tolist())
+        predictor = Predictor.calibrate(machine, [p for i, p in enumerate(points) if i not in held], PERCENTILE)
+        for i in sorted(held):
+            pred = predictor.predict(points[i].shape, WORKLOAD, machine)
+            predicted.append(pred.p50_ms)
+            measured.append(points[i].p50_ms)
+            inside.append(pred.p50_low_ms <= points[i].p50_ms <= pred.p50_high_ms)
+    return accuracy(predicted, measured, inside)
+
+
+def transferred(calibration: Sequence[CalibrationPoint], source: Throughput, targets: Sequence[CalibrationPoint],
+                machine: Throughput) -> Accuracy:
+    predictor = Predictor.calibrate(source, calibration, PERCENTILE)
+    preds = [predictor.predict(p.shape, WORKLOAD, machine) for p in targets]
+    return accuracy([q.p50_ms for q in preds], [p.p50_ms for p in targets],
+                    [q.p50_low_ms <= p.p50_ms <= q.p50_high_ms for q, p in zip(preds, targets)])
+
+
+def demo_savings(rows: Sequence[Measured], profile: HardwareProfile, predictor: Predictor, teacher_p95: float) -> dict[str, Any]:
+    """Estimated gate seconds saved by predictor skips on the demo spec (see the module docstring)."""
+    spec = load_spec(DEMO_SPEC)
+    target_ms = teacher_p95 / spec.target.speedup
+    space = with_overrides(preset(spec.space.preset, shape_of_minilm()), spec.space.knobs)
+    space, _ = restrict_to_hardware(space, profile, spec.target.runtime, spec.target.device)
+    shapes = {}
+    for values in itertools.product(*(k.values() for k in space.knobs)):
+        candidate = Candidate.canonical(**dict(zip((k.name for k in space.knobs), values)))
+        shapes.setdefault(candidate.shape_key, candidate)
+    machine = Throughput.of(profile)
+    limit = DEFAULT_SKIP_FACTOR * target_ms
+    skipped = [c for c in shapes.values() if predictor.predict(model_shape(c), WORKLOAD, machine).low_ms > limit]
+    wrong = [r for r in rows if r.p95_2t <= limit
+             and predictor.predict(model_shape(Candidate.from_dict(r.candidate)), WORKLOAD, machine).low_ms > limit]
+    gate_s = median(r.gate_seconds for r in rows)
+    share = len(skipped) / len(shapes)
+    return {"target_ms": round(target_ms, 3), "shapes": len(shapes), "skipped_share": round(share, 3),
+            "gate_seconds_median": round(gate_s, 2), "trials": spec.search.trials,
+            "seconds_saved_estimate": round(share * spec.search.trials * gate_s, 1), "wrong_skips_in_bench": len(wrong)}
+
+
+def shape_of_minilm():
+    from search_spaces import TeacherShape
+
+    return TeacherShape(layers=6, hidden=384, heads=12, ffn=1536)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=40, help="random candidates (default 40)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8 candidates, quick profiles")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--measurements", type=Path, default=None, help="JSON file to keep and reuse timings in")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("fusion_embedlayer").setLevel(logging.ERROR)
+    n = 8 if args.quick else args.n
+    profile_2t = collect_profile(2, quick=args.quick)
+    profile_1t = collect_profile(1, quick=args.quick)
+    space, _ = restrict_to_hardware(preset("bert-default", shape_of_minilm()), profile_2t, "onnxruntime", "cpu")
+    teacher = shape_of_minilm().as_candidate(32)
+    candidates = sample_candidates(space, n, args.seed)
+    rows = measure_all([*candidates, teacher], args.measurements)
+    teacher_row = next(r for r in rows if Candidate.from_dict(r.candidate).shape_key == teacher.shape_key)
+    random_rows = [r for r in rows if r is not teacher_row]
+    two = Throughput.of(profile_2t)
+    one = Throughput.of(profile_1t)
+    points_2t = [point(r, 2) for r in random_rows]
+    same = cross_validated(points_2t, two, args.seed)
+    cross = transferred(points_2t, two, [point(r, 1) for r in random_rows], one)
+    savings = demo_savings(random_rows, profile_2t, Predictor.calibrate(two, points_2t, PERCENTILE), teacher_row.p95_2t)
+    print(f"profiles: 2 threads fp32 {two.fp32_gflops} GFLOP/s, int8 {two.int8_gops} GOP/s, {two.bandwidth_gbps} GB/s; "
+          f"1 thread fp32 {one.fp32_gflops}, int8 {one.int8_gops}, {one.bandwidth_gbps} GB/s")
+    print(f"teacher (fused fp32) p50 {teacher_row.p50_2t:.2f} ms, p95 {teacher_row.p95_2t:.2f} ms at 2 threads")
+    for name, acc in (("same machine (5-fold CV, 2 threads)", same), ("cross machine (2t calibration -> 1t)", cross)):
+        print(f"{name}: median APE {acc.mape:.1%}, mean APE {acc.mean_ape:.1%}, within 15% {acc.within_15pct:.0%}, "
+              f"Kendall tau {acc.kendall_tau:.3f}, 90% interval coverage {acc.coverage:.0%}")
+    print("demo search savings (estimate):", json.dumps(savings))
+    print(json.dumps({**same.summary(), "n": len(random_rows), "cross_machine": cross.summary()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
