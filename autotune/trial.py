@@ -257,8 +257,9 @@ class TrialPipeline:
             and candidate.sparsity == 0.0
 
     def student_key(self, candidate: Candidate) -> str:
+        # How finalists are refined afterwards does not change the searched student: left out of its key.
         return key_of("student", self.ctx.teacher_key, self.ctx.train.fingerprint(), candidate.student_key,
-                      self.ctx.training.model_dump(), self.ctx.seed)
+                      self.ctx.training.model_dump(exclude={"finalists", "refine_epochs"}), self.ctx.seed)
 
     def student(self, candidate: Candidate, on_progress: Steps | None = None) -> tuple[nn.Module, bool]:
         """(trained student, cache hit)."""

@@ -123,6 +123,7 @@ def test_trial_pipeline_records_a_skip_as_predicted_without_measuring(profile: H
                           teacher=SimpleNamespace(config=SimpleNamespace(vocab_size=100)))
     pipeline = TrialPipeline(ctx)  # type: ignore[arg-type]
     pipeline.screen = LatencyScreen(profile, WORKLOAD, 95, min_points=0)
+    pipeline.cached_gate = lambda candidate: None  # type: ignore[method-assign]  # never measured before
     pipeline.gate = lambda candidate: pytest.fail("a skipped candidate must not be measured")  # type: ignore[method-assign]
     outcome = pipeline.run(Candidate(layers=6, hidden=384, heads=12, ffn=1536))
     assert outcome.stage == PREDICTED_SKIP and not outcome.feasible and outcome.accuracy is None
@@ -186,3 +187,20 @@ def test_plan_refuses_a_corrupt_profile_in_one_sentence(tmp_path: Path, content:
     assert main(["plan", str(run_dir), "--hardware", str(bad)]) == 2
     err = capsys.readouterr().err
     assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_cached_gate_measurement_is_used_before_any_prediction(profile: HardwareProfile) -> None:
+    from profilers.latency import LatencyStats
+
+    measured = LatencyStats(p50_ms=20.0, p90_ms=21.0, p95_ms=22.0, p99_ms=23.0, mean_ms=20.0, stdev_ms=1.0, min_ms=19.0,
+                            max_ms=24.0, runs=30, converged=True, median_ci_rel_halfwidth=0.01, seconds=1.0, batch_size=1,
+                            threads=2, throughput_items_per_s=50.0, peak_rss_delta_bytes=0)
+    ctx = SimpleNamespace(target=SimpleNamespace(latency_ms=0.01, percentile=95.0),
+                          teacher=SimpleNamespace(config=SimpleNamespace(vocab_size=100)))
+    pipeline = TrialPipeline(ctx)  # type: ignore[arg-type]
+    pipeline.screen = LatencyScreen(profile, WORKLOAD, 95, min_points=0)
+    pipeline.cached_gate = lambda candidate: (measured, 10.0)  # type: ignore[method-assign]
+    pipeline.gate = lambda candidate: (measured, 10.0, True)  # type: ignore[method-assign]
+    outcome = pipeline.run(Candidate(layers=6, hidden=384, heads=12, ffn=1536))
+    assert outcome.stage == "gate" and outcome.gate_cache_hit and outcome.latency_ms == 22.0
+    assert pipeline.counters["gates_skipped_by_prediction"] == 0
