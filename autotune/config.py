@@ -104,6 +104,7 @@ class SearchSpec(Strict):
     storage: str | None = None
     seed: int = 0
     minimize_size: bool = False
+    heartbeat_s: int = Field(10, ge=1, description="a worker's liveness signal; silent for 3x this, its trial is retried")
 
 
 class TrainingSpec(Strict):
