@@ -73,8 +73,11 @@ class Process:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         self.handle = log.open("w")
+        # SIGINT back to its default: a suite started in the background passes it on ignored, and Python only
+        # turns Ctrl-C into KeyboardInterrupt in a process that starts with the default handler.
         self.popen = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=env, stdout=self.handle,
-                                      stderr=subprocess.STDOUT, cwd=log.parent)
+                                      stderr=subprocess.STDOUT, cwd=log.parent,
+                                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def wait(self, timeout: float = 300) -> int:
         try:
