@@ -4,11 +4,11 @@ synthetic reviews, so it runs anywhere in minutes):
 1. wall time of the study with 1 worker, then with 2 workers (each run from an empty cache: both train the same
    students), and their ratio (below 1 when the second worker helps; on 2 cores each worker times latencies
    with 1 thread, so two can run side by side);
-2. trials lost under crashes: 2 workers on a fresh study, one of them SIGKILLed every `--kill-every` seconds
-   and started again, until the study holds its budget. Lost = budgeted trials that did not end COMPLETE, plus
+2. trials lost under crashes: 2 workers on a fresh study, the first SIGKILLed (and started again) every `--kill-every` seconds
+   until the study holds its budget. Lost = budgeted trials that did not end COMPLETE, plus
    trials left RUNNING. Must be 0: every killed trial is failed by its stale heartbeat and retried.
 
-    python bench/workers.py [--trials 8] [--kill-every 20] [--storage URL]
+    python bench/workers.py [--trials 8] [--kill-every 8] [--storage URL]
 
 Default storage: SQLite in a temporary directory (an RDB, so with Optuna's heartbeat). Ends with one JSON line:
 {"one_worker_s", "two_workers_s", "ratio", "trials_lost"} (plus kills, for the record).
@@ -76,10 +76,12 @@ def timed_study(spec: Path, storage: str, root: Path, workers: int) -> float:
 
 
 def trials_lost_under_kills(spec: Path, storage: str, root: Path, budget: int, kill_every: float) -> tuple[int, int]:
-    """(trials lost, kills): two workers, one SIGKILLed and restarted every `kill_every` s until the budget."""
+    """(trials lost, kills): two workers, the first SIGKILLed and restarted every `kill_every` s until the budget.
+
+    Always the same one: killing them in turn faster than a worker starts up would let neither finish a trial."""
     study, cache = f"killed-{uuid.uuid4().hex[:8]}", Path(tempfile.mkdtemp(dir=root, prefix="cache-"))
     procs = [start_worker(spec, storage, study, root, cache) for _ in range(2)]
-    kills, victim, last_kill = 0, 0, time.monotonic()
+    kills, victim, last_kill = 0, 0, time.monotonic()  # victim: procs[0], restarted after each kill
     while any(p.poll() is None for p in procs):
         time.sleep(0.5)
         if time.monotonic() - last_kill >= kill_every and procs[victim].poll() is None:
@@ -87,7 +89,7 @@ def trials_lost_under_kills(spec: Path, storage: str, root: Path, budget: int, k
             procs[victim].wait()
             kills += 1
             procs[victim] = start_worker(spec, storage, study, root, cache)
-            victim, last_kill = 1 - victim, time.monotonic()
+            last_kill = time.monotonic()
     trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("surplus")]
     running = [t for t in trials if t.state == TrialState.RUNNING]
@@ -97,7 +99,7 @@ def trials_lost_under_kills(spec: Path, storage: str, root: Path, budget: int, k
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=8)
-    parser.add_argument("--kill-every", type=float, default=20.0, metavar="S")
+    parser.add_argument("--kill-every", type=float, default=8.0, metavar="S")
     parser.add_argument("--storage", default=None, metavar="URL", help="an RDB URL (default: SQLite in a temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
