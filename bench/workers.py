@@ -84,7 +84,8 @@ def trials_lost_under_kills(spec: Path, storage: str, root: Path, budget: int, k
     kills, victim, last_kill = 0, 0, time.monotonic()  # victim: procs[0], restarted after each kill
     while any(p.poll() is None for p in procs):
         time.sleep(0.5)
-        if time.monotonic() - last_kill >= kill_every and procs[victim].poll() is None:
+        survivor_running = procs[1].poll() is None  # once it is done, so is the study: let the victim finish
+        if survivor_running and time.monotonic() - last_kill >= kill_every and procs[victim].poll() is None:
             procs[victim].send_signal(signal.SIGKILL)
             procs[victim].wait()
             kills += 1
