@@ -16,8 +16,9 @@ import functools
 import logging
 import os
 import shutil
+import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
 from typing import Any, Mapping
@@ -36,7 +37,10 @@ from autotune.progress import SilentProgress
 from autotune.result import RESULT_SCHEMA_VERSION, TuneResult, load_result
 from autotune.runtime import Artifact, derive_artifact, export_artifact, load_artifact
 from autotune.report import write_report
-from autotune.study import enqueue_anchors, finished_count, importances, make_objective, open_study, run as run_study
+from autotune.study import (
+    HARDWARE_ATTR, WORKER_ATTR, Heartbeat, enqueue_anchors, finished_count, has_heartbeat, importances, kept_trials, claim_hardware, make_objective,
+    open_storage, open_study, pareto_numbers, redact, run as run_study, worker_id,
+)
 from autotune.tasks import LabeledTexts, Splits, evaluate, load_labeled_texts, split, subsample
 from autotune.trial import MB, Metric, Target, TrialContext, TrialOutcome, TrialPipeline, noise_margin
 from profilers.hardware import collect_profile, default_threads
@@ -47,21 +51,10 @@ from search_spaces import Candidate, preset, restrict_to_hardware, with_override
 
 log = logging.getLogger(__name__)
 
-__all__ = ["tune", "load_result", "TuneSpec", "TuneResult"]
+__all__ = ["tune", "work", "load_result", "TuneSpec", "TuneResult", "WorkerSummary"]
 
 REMEASURE_ROUNDS = 3
-
-
-def redact(url: str) -> str:
-    """A storage URL with any password replaced by ***, for logs, result.json and reports."""
-    if "://" not in url:
-        return url
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an RDB URL: nothing to hide that we can parse
-        return url
+SEARCH_OVERRIDES = ("trials", "timeout_min", "storage", "sampler", "seed")
 
 
 def default_storage(run_dir: Path) -> str:
@@ -116,7 +109,8 @@ def trial_record(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "gate_cache_hit": attrs.get("gate_cache_hit"),
         "student_cache_hit": attrs.get("student_cache_hit"),
         "artifact": attrs.get("artifact"),
-        "hardware_fingerprint": attrs.get("hardware_fingerprint"),
+        "hardware_fingerprint": attrs.get(HARDWARE_ATTR),
+        "worker": attrs.get(WORKER_ATTR),
         "error": attrs.get("error"),
     }
 
@@ -208,6 +202,9 @@ def choose_recommendation(pipeline: TrialPipeline, records: list[dict[str, Any]]
         key = record["artifact"]  # a candidate evaluated in two trials is one artifact
         if key in seen or record["latency_ms"] > target_ms * (1 + 0.25):
             continue
+        if not Path(record["artifact"]).exists():  # written by a worker on another machine: cannot re-measure here
+            log.info("trial %d's artifact %s is not on this machine", record["number"], record["artifact"])
+            continue
         seen.add(key)
         latency = confirmed_latency(pipeline, record)
         if latency <= target_ms:
@@ -288,35 +285,54 @@ def build_context(spec: TuneSpec, teacher: Any, tokenizer: Any, train: Tokenized
     )
 
 
-def tune(
-    spec: TuneSpec | str | os.PathLike[str] | Mapping[str, Any],
-    *,
-    out: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    progress: SilentProgress | None = None,
-    command: str | None = None,
-    metric: Metric | None = None,
-    **overrides: Any,
-) -> TuneResult:
-    """Run a tuning study and return its result (also written to `<out>/result.json`).
+@dataclass
+class Session:
+    """A study opened on its storage and a trial pipeline ready to run it: what tune() and work() share."""
 
-    `overrides` are search settings applied over the spec: trials, timeout_min, storage, sampler, seed.
-    `command` is how the run was started (the CLI passes its command line), recorded for the report.
-    `metric(labels, logits) -> float` (higher is better) replaces accuracy as the objective when given.
-    """
-    started = time.perf_counter()
-    search_overrides = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(search_overrides) - {"trials", "timeout_min", "storage", "sampler", "seed"})
+    spec: TuneSpec
+    run_dir: Path
+    storage: str
+    study: optuna.Study
+    profile: Any
+    pipeline: TrialPipeline
+    splits: Splits
+    baseline: Artifact
+    baseline_stats: LatencyStats
+    baseline_val: float
+    new_head: bool
+    space: Any
+    removals: list[Any]
+    target_ms: float
+    objective: Any
+    poll_s: float | None
+
+
+def search_spec(spec: Any, overrides: Mapping[str, Any]) -> TuneSpec:
+    """The spec with search settings (trials, timeout_min, storage, sampler, seed) given as keyword overrides."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - set(SEARCH_OVERRIDES))
     if unknown:
-        raise TypeError(f"tune() got unknown override(s) {unknown}; accepted: trials, timeout_min, storage, sampler, seed")
-    spec = load_spec(spec, {"search": search_overrides} if search_overrides else None)
-    progress = progress or SilentProgress()
-    run_dir = prepare_run_dir(Path(out) if out is not None else Path("runs") / spec.name)
+        raise TypeError(f"got unknown override(s) {unknown}; accepted: {', '.join(SEARCH_OVERRIDES)}")
+    return load_spec(spec, {"search": given} if given else None)
+
+
+def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, study_name: str | None,
+                  allow_mixed_hardware: bool, progress: SilentProgress, metric: Metric | None,
+                  baseline_dir: Path) -> Session:
+    """Open the study and get everything a trial needs ready; every user mistake surfaces before a slow step.
+
+    `join` (a worker): load the study whatever it holds, and leave the anchors to the worker that created it,
+    so workers starting together enqueue them once. The baseline is exported under `baseline_dir`.
+    """
     storage = spec.search.storage or default_storage(run_dir)
     threads = resolved_threads(spec)
-    # Everything a user can get wrong (an existing study without --resume, the data, the model, the knobs) is
-    # checked before the seconds of profiling and the minutes of fine-tuning, so a mistake costs no waiting.
-    study = open_study(spec.name, storage, spec.search.sampler, spec.search.seed, spec.search.minimize_size, resume)
+    heartbeat = Heartbeat(interval_s=spec.search.heartbeat_s, grace_s=3 * spec.search.heartbeat_s)
+    # Everything a user can get wrong (the storage, an existing study without --resume, other hardware, the
+    # data, the model, the knobs) is checked before the seconds of profiling and the minutes of fine-tuning.
+    backend = open_storage(storage, heartbeat)
+    study, created = open_study(study_name or spec.name, backend, spec.search.sampler, spec.search.seed,
+                                spec.search.minimize_size, resume or join)
+    claim_hardware(study, collect_profile(threads, microbench=False).fingerprint, allow_mixed_hardware)
     splits = load_splits(spec)
     teacher, tokenizer, new_head = load_teacher(spec)
     space = with_overrides(preset(spec.space.preset, shape_of(teacher)), spec.space.knobs)
@@ -335,7 +351,7 @@ def tune(
     t = spec.target
     pipeline = TrialPipeline(ctx)
     progress.note("measuring the baseline (teacher, fused fp32)")
-    baseline = export_baseline(teacher, tokenizer, run_dir)
+    baseline = export_baseline(teacher, tokenizer, baseline_dir)
     baseline_stats = stable_baseline(pipeline, baseline)
     baseline_val = pipeline.score(baseline, splits.validation)[0]
     ctx.reference_ms = baseline_stats.percentile_ms(t.percentile)
@@ -349,8 +365,8 @@ def tune(
     space, removals = restrict_to_hardware(space, profile, t.runtime, t.device)
     for removal in removals:
         progress.note(f"search space: {removal.knob}={removal.value} removed: {removal.reason}")
-
-    enqueue_anchors(study, space, [ctx.teacher_shape.as_candidate(32), ctx.teacher_shape.as_candidate(8)])
+    if created or not join:
+        enqueue_anchors(study, space, [ctx.teacher_shape.as_candidate(32), ctx.teacher_shape.as_candidate(8)])
     memo: dict[str, TrialOutcome] = {}
 
     def evaluate_candidate(candidate: Candidate) -> TrialOutcome:
@@ -360,22 +376,108 @@ def tune(
         return memo[candidate.key]
 
     objective = make_objective(space, evaluate_candidate, target_ms, profile.fingerprint, spec.search.minimize_size,
-                               on_start=progress.trial_started)
+                               spec.search.trials, on_start=progress.trial_started)
     progress.note(f"target: p{t.percentile:g} <= {target_ms:.2f} ms at batch {t.batch_size}, seq {t.seq_len}, "
                   f"{threads} threads ({t.runtime}, {t.device}); baseline p{t.percentile:g} "
                   f"{baseline_stats.percentile_ms(t.percentile):.2f} ms")
-    progress.start(spec.search.trials, finished_count(study), target_ms)
+    return Session(spec=spec, run_dir=run_dir, storage=storage, study=study, profile=profile, pipeline=pipeline,
+                   splits=splits, baseline=baseline, baseline_stats=baseline_stats, baseline_val=baseline_val,
+                   new_head=new_head, space=space, removals=removals, target_ms=target_ms, objective=objective,
+                   poll_s=heartbeat.interval_s if has_heartbeat(backend) else None)
+
+
+def run_session(session: Session, progress: SilentProgress) -> None:
+    """Run the study's trials in this process until its budget is reached (or the timeout)."""
+    search = session.spec.search
+    progress.start(search.trials, finished_count(session.study), session.target_ms)
     try:
-        run_study(study, objective, spec.search.trials, spec.search.timeout_min * 60 if spec.search.timeout_min else None,
-                  callbacks=[progress.trial_finished])
+        run_study(session.study, session.objective, search.trials, search.timeout_min * 60 if search.timeout_min else None,
+                  callbacks=[progress.trial_finished], poll_s=session.poll_s)
     finally:
         progress.stop()
 
-    records = [trial_record(trial) for trial in study.trials]
+
+@dataclass(frozen=True)
+class WorkerSummary:
+    """What one `autotune worker` did: the study's standing at its end, and its own share."""
+
+    study_name: str
+    storage: str  # password redacted
+    budget: int
+    finished: int
+    ran_here: int
+
+
+def work(
+    spec: TuneSpec | str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    storage: str,
+    study_name: str | None = None,
+    out: str | os.PathLike[str] | None = None,
+    allow_mixed_hardware: bool = False,
+    progress: SilentProgress | None = None,
+    **overrides: Any,
+) -> WorkerSummary:
+    """Join (or create) the study on `storage` and run its trials until the study's budget is reached.
+
+    Several workers, on one machine or many, share the study through the storage; each keeps its students and
+    artifacts under `out` (default runs/<name>/, safe to share between workers of one machine). `tune` with
+    `--resume` on the same storage writes the result once the budget is reached.
+    """
+    spec = search_spec(spec, {**overrides, "storage": storage})
+    progress = progress or SilentProgress()
+    run_dir = prepare_run_dir(Path(out) if out is not None else Path("runs") / spec.name)
+    with tempfile.TemporaryDirectory(prefix=".worker-baseline-", dir=run_dir) as scratch:
+        session = start_session(spec, run_dir, resume=True, join=True, study_name=study_name,
+                                allow_mixed_hardware=allow_mixed_hardware, progress=progress, metric=None,
+                                baseline_dir=Path(scratch))
+        run_session(session, progress)
+    study = session.study
+    mine = [t for t in kept_trials(study) if t.user_attrs.get(WORKER_ATTR) == worker_id()]
+    return WorkerSummary(study_name=study.study_name, storage=redact(session.storage), budget=spec.search.trials,
+                         finished=finished_count(study), ran_here=len(mine))
+
+
+def tune(
+    spec: TuneSpec | str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: SilentProgress | None = None,
+    command: str | None = None,
+    metric: Metric | None = None,
+    study_name: str | None = None,
+    allow_mixed_hardware: bool = False,
+    **overrides: Any,
+) -> TuneResult:
+    """Run a tuning study and return its result (also written to `<out>/result.json`).
+
+    `overrides` are search settings applied over the spec: trials, timeout_min, storage, sampler, seed.
+    `command` is how the run was started (the CLI passes its command line), recorded for the report.
+    `metric(labels, logits) -> float` (higher is better) replaces accuracy as the objective when given.
+    The result compares only trials measured on this machine's hardware; trials that workers on other
+    hardware ran (`allow_mixed_hardware`) are listed apart, under `other_hardware_trials`.
+    """
+    started = time.perf_counter()
+    spec = search_spec(spec, overrides)
+    progress = progress or SilentProgress()
+    run_dir = prepare_run_dir(Path(out) if out is not None else Path("runs") / spec.name)
+    session = start_session(spec, run_dir, resume=resume, join=False, study_name=study_name,
+                            allow_mixed_hardware=allow_mixed_hardware, progress=progress, metric=metric,
+                            baseline_dir=run_dir)
+    run_session(session, progress)
+    study, pipeline, splits, profile, baseline = session.study, session.pipeline, session.splits, session.profile, session.baseline
+    t = spec.target
+    storage = session.storage
+
+    trials = kept_trials(study)
+    here = [trial for trial in trials if trial.user_attrs.get(HARDWARE_ATTR, profile.fingerprint) == profile.fingerprint]
+    elsewhere = [trial for trial in trials if trial.user_attrs.get(HARDWARE_ATTR, profile.fingerprint) != profile.fingerprint]
+    records = [trial_record(trial) for trial in here]
     refined = refine_finalists(pipeline, records, progress)
     recommended, reason = choose_recommendation(pipeline, records + refined)
     baseline_test = pipeline.score(baseline, splits.test)[0] if len(splits.test) else None
-    baseline_latency = baseline_stats.percentile_ms(t.percentile)
+    baseline_latency = session.baseline_stats.percentile_ms(t.percentile)
     recommended_out = None
     if recommended is not None:
         model_dir = run_dir / "model"
@@ -394,33 +496,32 @@ def tune(
             "refined": recommended["stage"] == "refined",
             "artifact": str(model_dir),
         }
-    pareto = sorted(trial.number for trial in study.best_trials
-                    if not trial.user_attrs.get("accuracy_is_placeholder", True)) if records else []
     result = TuneResult({
         "schema_version": RESULT_SCHEMA_VERSION,
         "name": spec.name,
         "run_dir": str(run_dir),
         "command": command,
         "spec": spec.model_dump(mode="json") | {"search": spec.search.model_dump(mode="json") | {"storage": redact(storage)}},
-        "target": ctx.target.to_dict() | {"speedup": t.speedup},
+        "target": session.pipeline.ctx.target.to_dict() | {"speedup": t.speedup},
         "hardware": profile.to_dict(),
-        "space": {"preset": spec.space.preset, "knobs": space.describe(),
-                  "removed": [{"knob": r.knob, "value": r.value, "reason": r.reason} for r in removals]},
+        "space": {"preset": spec.space.preset, "knobs": session.space.describe(),
+                  "removed": [{"knob": r.knob, "value": r.value, "reason": r.reason} for r in session.removals]},
         "baseline": {
-            "accuracy": {"validation": baseline_val, "test": baseline_test},
-            "latency_ms": latency_summary(baseline_stats),
+            "accuracy": {"validation": session.baseline_val, "test": baseline_test},
+            "latency_ms": latency_summary(session.baseline_stats),
             "size_mb": baseline.size_bytes / MB,
             "artifact": str(baseline.dir),
-            "teacher_fine_tuned": new_head,
+            "teacher_fine_tuned": session.new_head,
         },
-        "study": {"name": spec.name, "storage": redact(storage), "sampler": spec.search.sampler},
+        "study": {"name": study.study_name, "storage": redact(storage), "sampler": spec.search.sampler},
         "trials": records,
+        "other_hardware_trials": [trial_record(trial) for trial in elsewhere],
         "refined": refined,
-        "pareto": pareto,
+        "pareto": pareto_numbers(study, here),
         "recommended": recommended_out,
         "reason": reason,
         "metric": pipeline_metric(pipeline),
-        "importances": importances(study),
+        "importances": importances(study, here),
         "counters": pipeline.counters,
         "seconds": time.perf_counter() - started,
     })

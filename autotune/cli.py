@@ -28,11 +28,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from autotune.result import ResultError
     from autotune.tasks import DataError
     from profilers.hardware import ProfileError
+    from autotune.study import HardwareMismatchError, StorageError
     from profilers.predictor import PredictionError
     from search_spaces import SpaceError
 
     return (UsageError, ConfigError, ModelError, DataError, SpaceError, ProfileError, PredictionError, ResultError, BuiltinError,
-            FileExistsError, PermissionError)
+            StorageError, HardwareMismatchError, FileExistsError, PermissionError)
 
 
 def one_sentence(exc: BaseException) -> str:
@@ -105,6 +106,28 @@ def writable_file(text: str) -> Path:
     return path
 
 
+def shown_argument(arg: str) -> str:
+    """A command-line argument as it may be shown or recorded: a storage URL's password hidden, alone or as the
+    value of `--storage=URL` / `--set search.storage=URL`."""
+    from autotune.study import redact
+
+    head, sep, rest = arg.partition("://")
+    if not sep:
+        return arg
+    key, eq, _ = head.rpartition("=")
+    return key + eq + redact(arg[len(key) + len(eq):])
+
+
+def shown_command(words: Sequence[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(shown_argument(w)) for w in words)
+
+
+STORAGE_HELP = ("Optuna storage: an RDB URL (sqlite:///study.db, postgresql+psycopg://user:password@host/db, "
+                "mysql+pymysql://...) or journal:PATH (a journal file, for several processes on one machine)")
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="autotune",
@@ -149,13 +172,41 @@ def build_parser() -> Parser:
     tune.add_argument("--trials", type=positive(int), default=None, metavar="N", help="the study's total trial budget (a resumed study runs only the rest)")
     tune.add_argument("--timeout-min", type=positive(float), default=None, metavar="M", help="stop starting new trials after M minutes")
     tune.add_argument("--out", default=None, metavar="DIR", help="output directory (default: runs/<name>/)")
-    tune.add_argument("--storage", default=None, metavar="URL", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
+    tune.add_argument("--storage", default=None, metavar="URL", help=STORAGE_HELP + " (default: sqlite:///<out>/study.db)")
+    tune.add_argument("--study-name", default=None, metavar="N", help="the study's name in the storage (default: the spec's name)")
+    tune.add_argument("--allow-mixed-hardware", action="store_true",
+                      help="use a study whose first worker ran on other hardware; only this machine's trials are compared")
     tune.add_argument("--sampler", choices=("nsga2", "tpe", "gp", "random"), default=None, help="Optuna sampler (default: the spec's, nsga2)")
     tune.add_argument("--seed", type=int, default=None, metavar="K", help="sampler and training seed")
     tune.add_argument("--resume", action="store_true", help="continue the study stored for this spec")
     tune.add_argument("--set", dest="assignments", action="append", type=assignment, default=[], metavar="KEY=VALUE",
                       help="override a spec field by its dotted path, e.g. --set data.limit=2500 (repeatable)")
     tune.set_defaults(handler=run_tune)
+
+    worker = commands.add_parser(
+        "worker",
+        help="join a shared study and run its trials (scale out over processes and machines)",
+        description=(
+            "Join the study SPEC names on --storage (creating it when it does not exist yet; workers started "
+            "together do not race) and run trials until the study holds its budget of finished trials. Start as "
+            "many workers as you like, on one machine (journal:PATH or an RDB) or many (PostgreSQL, MySQL). A worker "
+            "killed mid-trial leaves its trial to be retried by another (RDB storages: Optuna's heartbeat). The "
+            "study keeps the hardware fingerprint of its first worker and refuses other hardware unless "
+            "--allow-mixed-hardware. When the budget is reached, write the result with `autotune tune SPEC "
+            "--storage URL --resume`. Exit status: 0 done, 2 on bad input, 130 when interrupted (the trial in "
+            "progress is retried later)."
+        ),
+    )
+    worker.add_argument("spec", metavar="SPEC.yaml", help="the tune spec (see examples/)")
+    worker.add_argument("--storage", required=True, metavar="URL", help=STORAGE_HELP)
+    worker.add_argument("--study-name", default=None, metavar="N", help="the study's name in the storage (default: the spec's name)")
+    worker.add_argument("--trials", type=positive(int), default=None, metavar="N", help="the study's total trial budget (default: the spec's)")
+    worker.add_argument("--out", default=None, metavar="DIR", help="where this worker keeps students and artifacts (default: runs/<name>/)")
+    worker.add_argument("--allow-mixed-hardware", action="store_true",
+                        help="join although the study's first worker ran on other hardware; trials are tagged with their fingerprint")
+    worker.add_argument("--set", dest="assignments", action="append", type=assignment, default=[], metavar="KEY=VALUE",
+                        help="override a spec field by its dotted path (repeatable)")
+    worker.set_defaults(handler=run_worker)
 
     report = commands.add_parser(
         "report",
@@ -268,30 +319,40 @@ EXIT_NO_FEASIBLE = 3
 EXIT_INTERRUPTED = 130
 
 
-def run_tune(args: argparse.Namespace) -> int:
-    import shlex
+def spec_with_assignments(args: argparse.Namespace) -> Any:
+    from autotune.config import deep_merge, load_spec
 
+    overrides: dict = {}
+    for item in args.assignments:
+        overrides = deep_merge(overrides, item)
+    return load_spec(args.spec, overrides)
+
+
+def resume_hint(args: argparse.Namespace) -> str:
+    """The command that continues this study; a storage password is shown as *** (type it in again)."""
+    words = ["autotune", "tune", args.spec]
+    for flag, value in (("--out", args.out), ("--storage", args.storage), ("--study-name", args.study_name)):
+        if value:
+            words += [flag, value]
+    return shown_command([*words, "--resume"])
+
+
+def run_tune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from autotune.api import tune
-    from autotune.config import deep_merge, load_spec
     from autotune.progress import TuneProgress
     from autotune.report.plan import one_line_answer
 
     console = Console(stderr=True, log_path=False)
-    command = " ".join(["autotune", "tune", *(shlex.quote(a) for a in sys.argv[2:])]) if len(sys.argv) > 2 else None
-    overrides: dict = {}
-    for item in args.assignments:
-        overrides = deep_merge(overrides, item)
-    spec = load_spec(args.spec, overrides)
+    command = shown_command(["autotune", "tune", *sys.argv[2:]]) if len(sys.argv) > 2 else None
+    spec = spec_with_assignments(args)
     try:
         result = tune(spec, out=args.out, resume=args.resume, progress=TuneProgress(console), command=command,
                       trials=args.trials, timeout_min=args.timeout_min, storage=args.storage, sampler=args.sampler,
-                      seed=args.seed)
+                      seed=args.seed, study_name=args.study_name, allow_mixed_hardware=args.allow_mixed_hardware)
     except KeyboardInterrupt:
-        out = f" --out {shlex.quote(args.out)}" if args.out else ""
-        storage = f" --storage {shlex.quote(args.storage)}" if args.storage else ""
-        console.print(f"Interrupted: finished trials are saved. Resume with: autotune tune {shlex.quote(args.spec)}{out}{storage} --resume")
+        console.print(f"Interrupted: finished trials are saved. Resume with: {resume_hint(args)}")
         return EXIT_INTERRUPTED
     console.print(f"Result: {result.run_dir / 'result.json'}; report: {result.run_dir / 'report.html'} and report.md")
     recommended = result.recommended
@@ -300,6 +361,27 @@ def run_tune(args: argparse.Namespace) -> int:
         return EXIT_NO_FEASIBLE
     console.print(one_line_answer(result.data))
     console.print(f"Artifact (ONNX + tokenizer): {recommended['artifact']}")
+    return EXIT_OK
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from autotune.api import work
+    from autotune.progress import TuneProgress
+
+    console = Console(stderr=True, log_path=False)
+    spec = spec_with_assignments(args)
+    try:
+        summary = work(spec, storage=args.storage, study_name=args.study_name, out=args.out,
+                       allow_mixed_hardware=args.allow_mixed_hardware, progress=TuneProgress(console), trials=args.trials)
+    except KeyboardInterrupt:
+        console.print("Interrupted: finished trials are saved and the trial in progress will be retried by a worker.")
+        return EXIT_INTERRUPTED
+    console.print(f"Study {summary.study_name!r} on {summary.storage}: {summary.finished} of {summary.budget} trials "
+                  f"finished ({summary.ran_here} by this worker).")
+    if summary.finished >= summary.budget:
+        console.print(f"Write its result and report with: {resume_hint(args)}")
     return EXIT_OK
 
 
@@ -320,7 +402,7 @@ def quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "tune":
+    if args.command in ("tune", "worker"):
         quiet_libraries()
     try:
         return args.handler(args)

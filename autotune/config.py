@@ -107,6 +107,7 @@ class SearchSpec(Strict):
     skip_predicted_over: float | None = Field(
         1.5, gt=1, description="skip the latency gate of a candidate whose predicted latency interval lies wholly above "
                                "this multiple of the target (CPU targets; null: measure every candidate)")
+    heartbeat_s: int = Field(10, ge=1, description="a worker's liveness signal; silent for 3x this, its trial is retried")
 
 
 class TrainingSpec(Strict):

@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from autotune.study import SURPLUS_ATTR, finished_count
 from search_spaces import Candidate
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class TuneProgress(SilentProgress):
 
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         attrs = trial.user_attrs
+        if attrs.get(SURPLUS_ATTR):
+            return
         if trial.state == TrialState.FAIL:
             self.failures += 1
         elif attrs.get("stage") == "gate":
@@ -80,7 +83,8 @@ class TuneProgress(SilentProgress):
             self.best_accuracy = attrs["accuracy"]
             self.best = f"acc {attrs['accuracy']:.4f} at {attrs['latency_ms']:.2f} ms"
         self.running = f"#{trial.number} done"
-        self.progress.advance(self.task)
+        # Other workers finish trials of the same study too: the bar shows the study's count, not this process's.
+        self.progress.update(self.task, completed=finished_count(study))
         self._refresh()
 
     def note(self, message: str) -> None:

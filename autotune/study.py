@@ -9,16 +9,29 @@ PRUNED rejection would teach the sampler nothing. Its accuracy value is a placeh
 trial's user attributes and never reported as measured.
 
 A trial that raises is recorded FAIL with its error in the user attributes; the study goes on.
+
+Scale-out rests on Optuna's storages alone. Workers share one study in an RDB (SQLite, PostgreSQL, MySQL) or
+a journal file; an RDB gets Optuna's heartbeat, so a worker killed mid-trial leaves a trial that the next
+worker to look marks FAIL and re-enqueues (RetryHeartbeatStaleTrialCallback). The budget counts trials, not
+attempts: a trial lost to a crash or a Ctrl-C and retried does not use it, a trial whose candidate failed does.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import socket
+import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import optuna
+from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces import Candidate, Space
@@ -30,6 +43,85 @@ SAMPLERS = ("nsga2", "tpe", "gp", "random")
 PLACEHOLDER_ACCURACY = 0.0
 LATENCY_CONSTRAINT = "latency_ms_over_target"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+JOURNAL_PREFIX = "journal:"
+HARDWARE_ATTR = "hardware_fingerprint"
+#: Trial user attributes: which process ran it; that Ctrl-C stopped it; that it started beyond the budget.
+WORKER_ATTR = "worker"
+INTERRUPTED_ATTR = "interrupted"
+SURPLUS_ATTR = "surplus"
+#: How often a crashed trial is retried before it counts as failed (a candidate that kills its worker).
+MAX_RETRY = 3
+
+
+class StorageError(ValueError):
+    """A storage URL that is malformed, or a database that cannot be reached; the message has no password."""
+
+
+class HardwareMismatchError(ValueError):
+    """A worker on other hardware than the study's first worker: its latencies would not be comparable."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Optuna's heartbeat for RDB storages: a RUNNING trial silent for `grace_s` is stale, failed, retried."""
+
+    interval_s: int
+    grace_s: int
+
+
+def redact(url: str) -> str:
+    """A storage URL with its password replaced by ***, for logs, errors, result.json and reports."""
+    if url.startswith(JOURNAL_PREFIX) or "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<a storage URL that could not be parsed>"
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_storage(url: str, heartbeat: Heartbeat) -> BaseStorage:
+    """The Optuna storage behind `--storage`: `journal:PATH` (a journal file, for several processes on one
+    machine; Optuna gives it no heartbeat) or an RDB URL with the heartbeat and retry of stale trials.
+
+    A malformed URL, a missing driver or an unreachable database is one StorageError sentence naming the
+    host, with the password redacted.
+    """
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
+        if not path.name or not path.parent.is_dir():
+            raise StorageError(f"journal storage {url!r} needs a file in an existing directory, e.g. journal:runs/study.log")
+        return JournalStorage(JournalFileBackend(str(path)))
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    shown = redact(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise StorageError(f"storage {url if '@' not in url else shown!r} is not a database URL such as "
+                           "sqlite:///study.db or postgresql+psycopg://user@host/db, nor journal:PATH") from None
+    where = f"host {parsed.host}" + (f":{parsed.port}" if parsed.port else "") if parsed.host else f"file {parsed.database}"
+    try:
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5: used as documented
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(url, heartbeat_interval=heartbeat.interval_s, grace_period=heartbeat.grace_s,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+    except (SQLAlchemyError, ImportError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        if parsed.password:
+            reason = reason.replace(str(parsed.password), "***")
+        raise StorageError(f"cannot open storage {shown} ({where}): {reason}") from None
+
+
+def has_heartbeat(storage: BaseStorage) -> bool:
+    return isinstance(storage, RDBStorage)
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -49,20 +141,36 @@ def directions(minimize_size: bool) -> list[str]:
 
 
 def open_study(
-    name: str, storage: str, sampler: str, seed: int, minimize_size: bool, resume: bool
-) -> optuna.Study:
-    """Create the study, or load it when `resume`; an existing study without `resume` is refused."""
-    if not resume:
-        trials_held = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
-        if trials_held.get(name, 0) > 0:
-            raise FileExistsError(
-                f"storage already holds study {name!r} with {trials_held[name]} trials; "
-                "pass --resume to continue it, or --out/--storage for a new run"
-            )
-    return optuna.create_study(
-        study_name=name, storage=storage, sampler=make_sampler(sampler, seed), directions=directions(minimize_size),
-        load_if_exists=True,
-    )
+    name: str, storage: BaseStorage, sampler: str, seed: int, minimize_size: bool, resume: bool
+) -> tuple[optuna.Study, bool]:
+    """(study, created here): create the study, or load it when `resume`; an existing study that holds trials
+    is refused without `resume`. Workers starting together race safely: the storage lets one create the study
+    (create_study's load_if_exists semantics), the others load it.
+    """
+    make = functools.partial(optuna.create_study, study_name=name, storage=storage,
+                             sampler=make_sampler(sampler, seed), directions=directions(minimize_size))
+    try:
+        return make(), True
+    except DuplicatedStudyError:
+        pass
+    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(sampler, seed))
+    held = len(study.get_trials(deepcopy=False))
+    if held and not resume:
+        raise FileExistsError(f"storage already holds study {name!r} with {held} trials; "
+                              "pass --resume to continue it, or --out/--storage for a new run")
+    return study, False
+
+
+def claim_hardware(study: optuna.Study, fingerprint: str, allow_mixed: bool) -> None:
+    """The study's latencies belong to the hardware of its first worker, whose fingerprint it stores; another
+    fingerprint is refused unless `allow_mixed` (its trials then carry their own fingerprint)."""
+    stored = study.user_attrs.get(HARDWARE_ATTR)
+    if stored is None:
+        study.set_user_attr(HARDWARE_ATTR, fingerprint)
+    elif stored != fingerprint and not allow_mixed:
+        raise HardwareMismatchError(
+            f"study {study.study_name!r} measures latency on hardware {stored}, but this machine is {fingerprint}; "
+            "join from a machine of the same kind, or pass --allow-mixed-hardware to keep its trials apart")
 
 
 def suggest(trial: optuna.Trial, space: Space) -> Candidate:
@@ -90,8 +198,54 @@ def enqueue_anchors(study: optuna.Study, space: Space, anchors: Sequence[Candida
             log.info("not enqueued (outside the space): %s", anchor.describe())
 
 
+@dataclass(frozen=True)
+class BudgetUse:
+    """How a study's trials stand against its budget: finished ones, and ones that will finish (running, or
+    waiting such as anchors and retries). Retried attempts and surplus trials use none of it."""
+
+    finished: int
+    running: int
+    waiting: int
+
+    @property
+    def claimed(self) -> int:
+        return self.finished + self.running + self.waiting
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the attempts a later trial retries (Optuna's retry history, kept in its system attrs)."""
+    return {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+
+
+def uses_budget(trial: FrozenTrial, retried: set[int]) -> bool:
+    return not trial.user_attrs.get(SURPLUS_ATTR) and not (trial.state == TrialState.FAIL and trial.number in retried)
+
+
+def budget_use(trials: Sequence[FrozenTrial]) -> BudgetUse:
+    retried = retried_numbers(trials)
+    counted = [t for t in trials if uses_budget(t, retried)]
+    return BudgetUse(finished=sum(t.state in FINISHED for t in counted),
+                     running=sum(t.state == TrialState.RUNNING for t in counted),
+                     waiting=sum(t.state == TrialState.WAITING for t in counted))
+
+
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Finished trials that use the budget (a crashed-and-retried attempt does not)."""
+    return budget_use(study.get_trials(deepcopy=False)).finished
+
+
+def beyond_budget(study: optuna.Study, number: int, budget: int) -> bool:
+    """Whether trial `number` started after the budget was claimed by earlier trials. Two workers can both see
+    room for one more trial and both start one; trial numbers order them, so exactly the later one stops."""
+    earlier = [t for t in study.get_trials(deepcopy=False) if t.number < number]
+    return budget_use(earlier).claimed >= budget
+
+
+def kept_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials for results and reports: without surplus trials, retried attempts, waiting trials."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    return [t for t in trials if uses_budget(t, retried) and t.state != TrialState.WAITING]
 
 
 def objective_values(outcome: Any, minimize_size: bool) -> list[float]:
@@ -100,7 +254,7 @@ def objective_values(outcome: Any, minimize_size: bool) -> list[float]:
     return values + [outcome.size_mb] if minimize_size else values
 
 
-def record(trial: optuna.Trial, outcome: Any, target_ms: float, fingerprint: str) -> None:
+def record(trial: optuna.Trial, outcome: Any, target_ms: float) -> None:
     """Store the outcome on the trial: the constraint, and every measured figure for the result and report.
 
     The constraint goes through `Trial.set_constraint` (Optuna 5), which every constraint-aware sampler and
@@ -109,65 +263,123 @@ def record(trial: optuna.Trial, outcome: Any, target_ms: float, fingerprint: str
     trial.set_constraint(LATENCY_CONSTRAINT, outcome.latency_ms - target_ms)
     trial.set_user_attr("accuracy_is_placeholder", outcome.accuracy is None)
     trial.set_user_attr("candidate", outcome.candidate.to_dict())
-    trial.set_user_attr("hardware_fingerprint", fingerprint)
     for name, value in outcome.figures().items():
         trial.set_user_attr(name, value)
 
 
 def make_objective(
     space: Space, evaluate: Callable[[Candidate], Any], target_ms: float, fingerprint: str, minimize_size: bool,
-    on_start: Callable[[int, Candidate], None] = lambda number, candidate: None,
+    budget: int, on_start: Callable[[int, Candidate], None] = lambda number, candidate: None,
 ) -> Callable[[optuna.Trial], list[float]]:
     def objective(trial: optuna.Trial) -> list[float]:
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        if beyond_budget(trial.study, trial.number, budget):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise optuna.TrialPruned(f"trial {trial.number} started beyond the budget of {budget}; nothing run")
+        trial.set_user_attr(HARDWARE_ATTR, fingerprint)
         candidate = suggest(trial, space)
         trial.set_user_attr("candidate", candidate.to_dict())
         on_start(trial.number, candidate)
         try:
             outcome = evaluate(candidate)
+        except KeyboardInterrupt:
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
+            raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
             log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
             raise
-        record(trial, outcome, target_ms, fingerprint)
+        record(trial, outcome, target_ms)
         return objective_values(outcome, minimize_size)
 
     return objective
 
 
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Optuna's own check: RUNNING trials whose heartbeat stopped become FAIL and are re-enqueued."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def retry_interrupted(study: optuna.Study) -> None:
+    """Re-enqueue the trials Ctrl-C stopped in this process, as Optuna retries a crashed one."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    retried = retried_numbers(study.get_trials(deepcopy=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    for trial in trials:
+        if trial.user_attrs.get(INTERRUPTED_ATTR) and trial.user_attrs.get(WORKER_ATTR) == worker_id() \
+                and trial.number not in retried:
+            retry(study, trial)
+
+
 def run(
     study: optuna.Study, objective: Callable[[optuna.Trial], list[float]], budget: int, timeout_s: float | None,
-    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (), poll_s: float | None = None,
 ) -> None:
-    """Run trials until the study holds `budget` finished trials (a resumed study only runs the rest)."""
-    remaining = budget - finished_count(study)
-    if remaining <= 0:
-        log.info("study already has %d finished trials (budget %d)", finished_count(study), budget)
-        return
-    stop_at_budget = optuna.study.MaxTrialsCallback(budget, states=FINISHED)
-    study.optimize(objective, n_trials=remaining, timeout=timeout_s, catch=(Exception,),
-                   callbacks=[stop_at_budget, *callbacks], gc_after_trial=True)
+    """Run trials, one at a time, until the study holds `budget` finished trials; several workers may run this
+    on one study at once, and a resumed study only runs the rest.
+
+    When the rest of the budget is running in other workers, `poll_s` (given for storages with a heartbeat)
+    says how often to look again: a worker that died mid-trial goes stale, and its retry is taken here.
+    Without a heartbeat a dead worker cannot be told from a slow one, so this worker leaves them to it.
+    On Ctrl-C the trial in progress is recorded FAIL, re-enqueued for a later run, and the interrupt goes on.
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while deadline is None or time.monotonic() < deadline:
+        fail_stale_trials(study)
+        use = budget_use(study.get_trials(deepcopy=False))
+        if use.finished >= budget:
+            return
+        if use.claimed >= budget and not use.waiting:
+            if poll_s is None:
+                log.info("the study's last %d trials run in other workers", budget - use.finished)
+                return
+            time.sleep(poll_s)
+            continue
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=list(callbacks), gc_after_trial=True)
+        except KeyboardInterrupt:
+            retry_interrupted(study)
+            raise
 
 
-def importances(study: optuna.Study) -> dict[str, dict[str, float]]:
+def view_of(study: optuna.Study, trials: Sequence[FrozenTrial]) -> optuna.Study:
+    """An in-memory study of the same directions holding only `trials`, for Optuna's analyses of a subset."""
+    view = optuna.create_study(directions=study.directions)
+    view.add_trials(trials)
+    return view
+
+
+def pareto_numbers(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[int]:
+    """The feasible Pareto front among `trials` with a measured accuracy (constraints as Optuna reads them)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        return []
+    front = [complete[t.number] for t in view_of(study, complete).best_trials]  # the view numbers its copies 0..n-1
+    return sorted(t.number for t in front if not t.user_attrs.get("accuracy_is_placeholder", True))
+
+
+def importances(study: optuna.Study, trials: Sequence[FrozenTrial]) -> dict[str, dict[str, float]]:
     """Optuna's parameter importances per objective (PED-ANOVA, Optuna's default evaluator).
 
-    Accuracy is judged over evaluated trials only (a gate rejection's accuracy is a placeholder); latency over
-    every COMPLETE trial, gate rejections included, since their latency was measured. Too few trials, or a
-    space with nothing varying, gives no figures rather than an error.
+    Judged over `trials` (those measured on one machine). Accuracy over evaluated trials only (a gate
+    rejection's accuracy is a placeholder); latency over every COMPLETE trial, gate rejections included, since
+    their latency was measured. Too few trials, or a space with nothing varying, gives no figures, not an error.
     """
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     evaluated = [t for t in complete if not t.user_attrs.get("accuracy_is_placeholder", True)]
     out: dict[str, dict[str, float]] = {}
     # PED-ANOVA ranks what it takes to reach *low* values, so accuracy is negated.
-    for name, trials, value in (("accuracy", evaluated, lambda t: -t.values[0]), ("latency_ms", complete, lambda t: t.values[1])):
-        if len(trials) < 3:
+    for name, subset, value in (("accuracy", evaluated, lambda t: -t.values[0]), ("latency_ms", complete, lambda t: t.values[1])):
+        if len(subset) < 3:
             continue
-        view = optuna.create_study(directions=study.directions)
-        view.add_trials(trials)
         try:
             with warnings.catch_warnings():  # PED-ANOVA's reminder that it ranks low values: handled by the sign
                 warnings.simplefilter("ignore", UserWarning)
-                scores = optuna.importance.get_param_importances(view, target=value)
+                scores = optuna.importance.get_param_importances(view_of(study, subset), target=value)
         except (ValueError, RuntimeError) as exc:
             log.info("no %s importances: %s", name, exc)
             continue

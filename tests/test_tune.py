@@ -358,28 +358,119 @@ def test_a_custom_metric_replaces_accuracy(teacher_dir: Path, data_csv: Path, tm
 
 # -- bad input through the CLI: exit 2, one sentence, no traceback ----------------------------------------
 
-def bad_inputs(teacher: Path, data: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (spec file, a phrase the error must contain)."""
+def bad_inputs(teacher: Path, data: Path, tmp: Path) -> dict[str, tuple[Path, list[str], str]]:
+    """name -> (spec file, extra command-line arguments, a phrase the error must contain)."""
     good = make_spec(teacher, data)
     wrong_column = write_csv(tmp / "wrong-column.csv", synthetic_rows(40), label_column="sentiment")
-    cases = {
-        "unknown key": ({**good, "search": {"trails": 3}}, "did you mean 'trials'"),
-        "latency not positive": ({**good, "target": {**good["target"], "latency_ms": 0}}, "target.latency_ms"),
-        "model missing": ({**good, "model": {"path": str(tmp / "no-model")}}, "does not exist"),
-        "data missing": ({**good, "data": {**good["data"], "path": str(tmp / "no-data.csv")}}, "no-data.csv"),
-        "column missing": ({**good, "data": {**good["data"], "path": str(wrong_column)}}, "no column 'label'"),
+    three_labels = write_csv(tmp / "three-labels.csv", [(text, 2) for text, _ in synthetic_rows(40)])
+    empty = tmp / "empty.csv"
+    empty.write_text("", encoding="utf-8")
+    latin1 = tmp / "latin1.csv"
+    latin1.write_bytes("text,label\ncaf\u00e9 was good,1\n".encode("latin-1"))
+    no_config = tmp / "no-config"
+    no_config.mkdir()
+    unsupported = tmp / "gpt2"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
+    with_data = lambda path: {**good, "data": {**good["data"], "path": str(path)}}  # noqa: E731
+    with_target = lambda **fields: {**good, "target": {**good["target"], **fields}}  # noqa: E731
+    cases: dict[str, tuple[dict[str, Any] | str, list[str], str]] = {
+        "yaml syntax": ("name: tiny\ntarget: {latency_ms: 5\n", [], "line"),
+        "unknown key": ({**good, "search": {"trails": 3}}, [], "did you mean 'trials'"),
+        "wrong type": (with_target(batch_size="one"), [], "target.batch_size"),
+        "latency not positive": (with_target(latency_ms=0), [], "target.latency_ms"),
+        "percentile over 100": (with_target(percentile=101), [], "target.percentile"),
+        "batch size < 1": (with_target(batch_size=0), [], "target.batch_size"),
+        "seq len < 1": (with_target(seq_len=0), [], "target.seq_len"),
+        "trials < 1": ({**good, "search": {"trials": 0}}, [], "search.trials"),
+        "trials option < 1": (good, ["--trials", "0"], "positive integer"),
+        "model missing": ({**good, "model": {"path": str(tmp / "no-model")}}, [], "does not exist"),
+        "model not loadable": ({**good, "model": {"path": str(no_config)}}, [], "Cannot load a model config"),
+        "architecture unsupported": ({**good, "model": {"path": str(unsupported)}}, [], "gpt2"),
+        "data missing": (with_data(tmp / "no-data.csv"), [], "no-data.csv"),
+        "data empty": (with_data(empty), [], "is empty"),
+        "column missing": (with_data(wrong_column), [], "no column 'label'"),
+        "data not UTF-8": (with_data(latin1), [], "not UTF-8"),
+        "labels beyond num_labels": (with_data(three_labels), [], "num_labels is 2"),
+        "storage malformed": (good, ["--storage", "not a database"], "is not a database URL"),
+        "storage driver unknown": (good, ["--storage", "nosuchdb://alice:s3cret@db.example/x"], "nosuchdb://alice:***@db.example/x"),
+        "database unreachable": (good, ["--storage", "postgresql+psycopg://alice:s3cret@127.0.0.1:1/db"], "host 127.0.0.1:1"),
+        "journal directory missing": (good, ["--storage", f"journal:{tmp / 'nowhere' / 'study.log'}"], "existing directory"),
+        # /proc refuses new directories even to root (CI runs as root, for whom permission bits mean nothing).
+        "output not writable": (good, ["--out", "/proc/autotune-run"], "cannot be created"),
     }
-    files = {name: (write_spec(tmp / f"{name.replace(' ', '-')}.yaml", spec), phrase) for name, (spec, phrase) in cases.items()}
-    return files | {"spec missing": (tmp / "absent.yaml", "does not exist")}
+    files: dict[str, tuple[Path, list[str], str]] = {}
+    for name, (spec, extra, phrase) in cases.items():
+        path = tmp / f"{name.replace(' ', '-')}.yaml"
+        if isinstance(spec, str):
+            path.write_text(spec, encoding="utf-8")
+        else:
+            write_spec(path, spec)
+        files[name] = (path, extra, phrase)
+    return files | {"spec missing": (tmp / "absent.yaml", [], "does not exist")}
 
 
-@pytest.mark.parametrize("case", ["spec missing", "unknown key", "latency not positive", "model missing", "data missing",
-                                  "column missing"])
+BAD_INPUTS = ["spec missing", "yaml syntax", "unknown key", "wrong type", "latency not positive", "percentile over 100",
+              "batch size < 1", "seq len < 1", "trials < 1", "trials option < 1", "model missing", "model not loadable",
+              "architecture unsupported", "data missing", "data empty", "column missing", "data not UTF-8",
+              "labels beyond num_labels", "storage malformed", "storage driver unknown", "database unreachable",
+              "journal directory missing", "output not writable"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_sentence_and_exit_2(
     case: str, teacher_dir: Path, data_csv: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    spec, phrase = bad_inputs(teacher_dir, data_csv, tmp_path)[case]
-    assert tune_cli(spec, "--out", tmp_path / "run") == 2
+    spec, extra, phrase = bad_inputs(teacher_dir, data_csv, tmp_path)[case]
+    out = [] if "--out" in extra else ["--out", tmp_path / "run"]
+    try:
+        code = tune_cli(spec, *out, *extra)
+    except SystemExit as exit_info:  # argparse refuses an option before the command runs
+        code = exit_info.code
+    assert code == 2
     err = capfd.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
-    assert phrase in err and "Traceback" not in err
+    assert phrase in err and "Traceback" not in err and "s3cret" not in err
+
+
+# -- hardware: a study keeps its first worker's fingerprint ------------------------------------------------
+
+def test_a_study_from_other_hardware_is_refused_unless_mixing_is_allowed_and_then_kept_apart(
+    teacher_dir: Path, data_csv: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.create_study(study_name="tiny", storage=storage, directions=["maximize", "minimize"])
+    study.set_user_attr("hardware_fingerprint", "other-machine-0")
+    teacher_shape = {"layers": 2, "hidden": 32, "heads": 4, "ffn": 64, "sparsity": 0.0, "bits": 32}
+    study.add_trial(optuna.create_trial(values=[0.99, 0.01], user_attrs={
+        "hardware_fingerprint": "other-machine-0", "stage": "evaluated", "feasible": True, "accuracy": 0.99,
+        "accuracy_is_placeholder": False, "latency_ms": 0.01, "candidate": teacher_shape}))
+    knobs = {"layers": [2], "hidden": [32], "heads": [4], "ffn": [64], "sparsity": [0.0], "bits": [32]}
+    spec = write_spec(tmp_path / "spec.yaml", make_spec(teacher_dir, data_csv, trials=2, knobs=knobs))
+
+    capfd.readouterr()
+    assert tune_cli(spec, "--out", out, "--resume") == 2
+    err = capfd.readouterr().err
+    assert "other-machine-0" in err and "--allow-mixed-hardware" in err and len(err.strip().splitlines()) == 1
+
+    assert tune_cli(spec, "--out", out, "--resume", "--allow-mixed-hardware") == 0
+    data = result_json(out)
+    assert [t["number"] for t in data["other_hardware_trials"]] == [0]
+    assert [t["number"] for t in data["trials"]] == [1]  # the foreign trial used the budget, was not compared
+    assert data["recommended"]["number"] == 1 and 0 not in data["pareto"]
+    assert data["trials"][0]["hardware_fingerprint"] == data["hardware"]["fingerprint"]
+    assert "other hardware" in (out / "report.md").read_text() and "other-machine-0" in (out / "report.html").read_text()
+
+
+def test_passwords_never_shown_in_commands_and_urls() -> None:
+    from autotune.cli import shown_command
+    from autotune.study import redact
+
+    url = "postgresql+psycopg://alice:s3cret@db.example:5432/studies"
+    assert redact(url) == "postgresql+psycopg://alice:***@db.example:5432/studies"
+    assert redact("journal:/tmp/study.log") == "journal:/tmp/study.log"
+    shown = shown_command(["autotune", "tune", "spec.yaml", "--storage", url, f"--storage={url}",
+                           f"--set=search.storage={url}", "--set", "data.limit=20"])
+    assert "s3cret" not in shown and shown.count("alice:***@db.example") == 3 and "data.limit=20" in shown

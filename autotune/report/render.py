@@ -70,6 +70,23 @@ def _hardware_section(result: dict[str, Any]) -> Section:
     return Section("Hardware and measurement settings", table=Table(("", ""), rows))
 
 
+def _other_hardware_section(result: dict[str, Any]) -> Section | None:
+    """Trials that workers on other hardware ran (--allow-mixed-hardware): counted per fingerprint, never
+    compared with this machine's latencies, nor plotted, nor recommended."""
+    others = result.get("other_hardware_trials") or []
+    if not others:
+        return None
+    by_fingerprint: dict[str, list[dict[str, Any]]] = {}
+    for trial in others:
+        by_fingerprint.setdefault(str(trial.get("hardware_fingerprint")), []).append(trial)
+    rows = tuple((fp, str(len(trials)), _ms(min((t["latency_ms"] for t in trials if t["latency_ms"] is not None), default=None)))
+                 for fp, trials in sorted(by_fingerprint.items()))
+    return Section("Trials measured on other hardware (kept apart)", (
+        f"These trials ran on machines other than {result['hardware']['fingerprint']}; their latencies hold for their "
+        "own hardware only, so they are neither compared nor recommended here.",),
+        Table(("hardware fingerprint", "trials", "fastest latency ms"), rows))
+
+
 def _pareto_section(result: dict[str, Any]) -> Section:
     pct = plan.percentile_name(result)
     rows = tuple(
@@ -154,6 +171,9 @@ def build_report(result: dict[str, Any]) -> Report:
         _capacity_section(result),
         _cost_section(result),
     ]
+    other_hardware = _other_hardware_section(result)
+    if other_hardware is not None:
+        sections.append(other_hardware)
     sections = [section for section in sections if section is not None]
     if result["recommended"] is None:
         measured = [t for t in result["trials"] if t["latency_ms"] is not None and t["stage"] != PREDICTED_SKIP]
