@@ -1,5 +1,7 @@
-"""How well the latency predictor (profilers/predictor.py) predicts measured latency, on this machine and on a
-second "machine" (this one at 1 thread), and what its skips would save on the demo search.
+"""How well the latency predictor predicts measured latency, here and on a second "machine" (1 thread).
+
+The predictor is profilers/predictor.py; the second "machine" is this one at 1 thread. Also: what its skips
+would save on the demo search.
 
 Candidates: `--n` (default 40) distinct shapes drawn uniformly at random from the bert-default space for the
 all-MiniLM-L6-v2 teacher (6x384, 12 heads, FFN 1536), restricted to this machine (fp16 and 2:4 removed on an
