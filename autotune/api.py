@@ -41,7 +41,7 @@ from autotune.study import (
     HARDWARE_ATTR, WORKER_ATTR, Heartbeat, enqueue_anchors, finished_count, has_heartbeat, importances, kept_trials, claim_hardware, make_objective,
     open_storage, open_study, pareto_numbers, redact, run as run_study, worker_id,
 )
-from autotune.tasks import LabeledTexts, Splits, evaluate, load_labeled_texts, split, subsample
+from autotune.tasks import LabeledTexts, Splits, load_labeled_texts, split, subsample
 from autotune.trial import MB, Metric, Target, TrialContext, TrialOutcome, TrialPipeline, noise_margin
 from profilers.hardware import collect_profile, default_threads
 from profilers.cpu import probe_cpu

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,6 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 import onnx.numpy_helper
-import torch
 from torch import nn
 
 from autotune.caches import key_of, publish_dir, read_json, write_json_atomic

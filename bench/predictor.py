@@ -54,7 +54,6 @@ from scipy.stats import kendalltau  # noqa: E402
 from autotune.api import load_teacher  # noqa: E402
 from autotune.compress import shaped_like  # noqa: E402
 from autotune.config import load_spec  # noqa: E402
-from autotune.models import shape_of  # noqa: E402
 from autotune.planning import DEFAULT_SKIP_FACTOR, model_shape  # noqa: E402
 from autotune.runtime import derive_artifact, export_artifact  # noqa: E402
 from autotune.trial import GATE_SETTINGS  # noqa: E402

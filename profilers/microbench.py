@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from profilers.benchmethod import BenchMethod

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import synthetic_rows, write_csv
+from conftest import synthetic_rows
 
 from autotune.tasks import (
     DataError,
