@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import optuna
 import torch
@@ -32,22 +32,23 @@ from autotune.compress import finetune_teacher, teacher_logits, tokenize
 from autotune.compress.distillation import TokenizedData
 from autotune.config import TuneSpec, load_spec
 from autotune.models import load_classifier, shape_of, state_fingerprint
-from autotune.planning import PREDICTED_SKIP, LatencyScreen
+from autotune.planning import LatencyScreen
 from autotune.progress import SilentProgress
 from autotune.result import RESULT_SCHEMA_VERSION, TuneResult, load_result
 from autotune.runtime import Artifact, derive_artifact, export_artifact, load_artifact
 from autotune.report import write_report
+from autotune.report.plan import closest_measured
 from autotune.study import (
     HARDWARE_ATTR, WORKER_ATTR, Heartbeat, enqueue_anchors, finished_count, has_heartbeat, importances, kept_trials, claim_hardware, make_objective,
     open_storage, open_study, pareto_numbers, redact, run as run_study, worker_id,
 )
 from autotune.tasks import LabeledTexts, Splits, load_labeled_texts, split, subsample
 from autotune.trial import MB, Metric, Target, TrialContext, TrialOutcome, TrialPipeline, noise_margin
-from profilers.hardware import collect_profile, default_threads
+from profilers.hardware import HardwareProfile, collect_profile, default_threads, with_throughput
 from profilers.cpu import probe_cpu
 from profilers.latency import LatencyStats
 from profilers.predictor import Workload
-from search_spaces import Candidate, preset, restrict_to_hardware, with_overrides
+from search_spaces import Candidate, Removal, Space, preset, restrict_to_hardware, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +211,7 @@ def choose_recommendation(pipeline: TrialPipeline, records: list[dict[str, Any]]
         if latency <= target_ms:
             return {**record, "latency_ms": latency}, None
         log.info("trial %d re-measured at %.2f ms, over the %.2f ms target", record["number"], latency, target_ms)
-    measured = [r for r in records if r["latency_ms"] is not None and r["stage"] != PREDICTED_SKIP]
-    misses = sorted(measured, key=lambda r: r["latency_ms"])[:3]
+    misses = closest_measured(records)
     if not misses:
         return None, "no trial finished"
     closest = ", ".join(f"trial {r['number']} at {r['latency_ms']:.2f} ms (+{r['latency_ms'] / target_ms - 1:.0%})" for r in misses)
@@ -293,18 +293,21 @@ class Session:
     run_dir: Path
     storage: str
     study: optuna.Study
-    profile: Any
+    profile: HardwareProfile
     pipeline: TrialPipeline
     splits: Splits
     baseline: Artifact
     baseline_stats: LatencyStats
     baseline_val: float
     new_head: bool
-    space: Any
-    removals: list[Any]
-    target_ms: float
-    objective: Any
+    space: Space
+    removals: list[Removal]
+    objective: Callable[[optuna.Trial], list[float]]
     poll_s: float | None
+
+    @property
+    def target_ms(self) -> float:
+        return self.pipeline.ctx.target.latency_ms
 
 
 def search_spec(spec: Any, overrides: Mapping[str, Any]) -> TuneSpec:
@@ -332,14 +335,15 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
     backend = open_storage(storage, heartbeat)
     study, created = open_study(study_name or spec.name, backend, spec.search.sampler, spec.search.seed,
                                 spec.search.minimize_size, resume or join)
-    claim_hardware(study, collect_profile(threads, microbench=False).fingerprint, allow_mixed_hardware)
+    probed = collect_profile(threads, microbench=False)  # the fingerprint now; throughput after the cheap checks
+    claim_hardware(study, probed.fingerprint, allow_mixed_hardware)
     splits = load_splits(spec)
     teacher, tokenizer, new_head = load_teacher(spec)
     space = with_overrides(preset(spec.space.preset, shape_of(teacher)), spec.space.knobs)
     train = tokenize(tokenizer, splits.train.texts, splits.train.labels, max_length=spec.data.max_length)
 
     progress.note(f"profiling this machine at {threads} threads")
-    profile = collect_profile(threads, quick=True)
+    profile = with_throughput(probed, quick=True)
     cache = cache_root()
     if new_head:
         progress.note(f"fine-tuning the teacher's new classification head ({spec.training.teacher_epochs} epochs; cached)")
@@ -382,7 +386,7 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
                   f"{baseline_stats.percentile_ms(t.percentile):.2f} ms")
     return Session(spec=spec, run_dir=run_dir, storage=storage, study=study, profile=profile, pipeline=pipeline,
                    splits=splits, baseline=baseline, baseline_stats=baseline_stats, baseline_val=baseline_val,
-                   new_head=new_head, space=space, removals=removals, target_ms=target_ms, objective=objective,
+                   new_head=new_head, space=space, removals=removals, objective=objective,
                    poll_s=heartbeat.interval_s if has_heartbeat(backend) else None)
 
 

@@ -18,6 +18,7 @@ attempts: a trial lost to a crash or a Ctrl-C and retried does not use it, a tri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -26,7 +27,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
@@ -82,6 +83,15 @@ def redact(url: str) -> str:
         return "<a storage URL that could not be parsed>"
 
 
+@contextlib.contextmanager
+def heartbeat_api() -> Iterator[None]:
+    """Optuna 5 marks its heartbeat and stale-trial retry "experimental"; they are used as documented, so the
+    warning is silenced here, in one place."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        yield
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -109,8 +119,7 @@ def open_storage(url: str, heartbeat: Heartbeat) -> BaseStorage:
                            "sqlite:///study.db or postgresql+psycopg://user@host/db, nor journal:PATH") from None
     where = f"host {parsed.host}" + (f":{parsed.port}" if parsed.port else "") if parsed.host else f"file {parsed.database}"
     try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5: used as documented
-            warnings.simplefilter("ignore", ExperimentalWarning)
+        with heartbeat_api():
             return RDBStorage(url, heartbeat_interval=heartbeat.interval_s, grace_period=heartbeat.grace_s,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     except (SQLAlchemyError, ImportError) as exc:
@@ -297,21 +306,19 @@ def make_objective(
 
 def fail_stale_trials(study: optuna.Study) -> None:
     """Optuna's own check: RUNNING trials whose heartbeat stopped become FAIL and are re-enqueued."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
+    with heartbeat_api():
         optuna.storages.fail_stale_trials(study)
 
 
 def retry_interrupted(study: optuna.Study) -> None:
     """Re-enqueue the trials Ctrl-C stopped in this process, as Optuna retries a crashed one."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    retried = retried_numbers(study.get_trials(deepcopy=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    with heartbeat_api():
         retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     for trial in trials:
-        if trial.user_attrs.get(INTERRUPTED_ATTR) and trial.user_attrs.get(WORKER_ATTR) == worker_id() \
-                and trial.number not in retried:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get(INTERRUPTED_ATTR) \
+                and trial.user_attrs.get(WORKER_ATTR) == worker_id() and trial.number not in retried:
             retry(study, trial)
 
 

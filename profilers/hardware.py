@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -121,11 +121,7 @@ def collect_profile(threads: int | None = None, *, quick: bool = False, microben
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     gpus, reason = probe_gpus()
-    plan = BenchPlan.for_mode(quick)
-    bench = run_cpu_microbench(threads, plan) if microbench else None
-    if microbench:
-        gpus = run_gpu_microbench(gpus, plan)
-    return HardwareProfile(
+    probed = HardwareProfile(
         schema_version=SCHEMA_VERSION,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         threads=threads,
@@ -134,8 +130,16 @@ def collect_profile(threads: int | None = None, *, quick: bool = False, microben
         gpus=gpus,
         gpu_unavailable_reason=reason,
         software=probe_software(),
-        microbench=bench,
+        microbench=None,
     )
+    return with_throughput(probed, quick=quick) if microbench else probed
+
+
+def with_throughput(profile: HardwareProfile, *, quick: bool = False) -> HardwareProfile:
+    """`profile` with its throughput measured (CPU at its threads, and its GPUs): what `collect_profile` adds to
+    the probed facts, so a caller that needed the fingerprint early does not probe the machine twice."""
+    plan = BenchPlan.for_mode(quick)
+    return replace(profile, microbench=run_cpu_microbench(profile.threads, plan), gpus=run_gpu_microbench(profile.gpus, plan))
 
 
 def load_profile(path: str | os.PathLike[str]) -> HardwareProfile:

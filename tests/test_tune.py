@@ -56,6 +56,7 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AUTOTUNE_CACHE_DIR", str(cache))
         mp.setattr(api, "collect_profile", functools.cache(api.collect_profile))
+        mp.setattr(api, "with_throughput", functools.cache(api.with_throughput))
         yield cache
 
 

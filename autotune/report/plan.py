@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from autotune.planning import PREDICTED_SKIP
 from search_spaces import Candidate
 
 TARGET_SCALES = (0.5, 0.75, 1.5, 2.0)
@@ -66,6 +67,13 @@ class TargetOption:
     scale: float
     target_ms: float
     trial: dict[str, Any] | None
+
+
+def closest_measured(trials: list[dict[str, Any]], count: int = 3) -> list[dict[str, Any]]:
+    """The `count` trials with the lowest measured latency (predicted skips excluded): the nearest misses when
+    nothing met the target."""
+    measured = [t for t in trials if t["latency_ms"] is not None and t["stage"] != PREDICTED_SKIP]
+    return sorted(measured, key=lambda t: t["latency_ms"])[:count]
 
 
 def best_under(result: dict[str, Any], limit_ms: float) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ def _interval(prediction: dict[str, Any]) -> str:
     return f"{prediction['low_ms']:.2f}-{prediction['high_ms']:.2f}"
 
 
-def _row(config: dict[str, Any], pct: str) -> tuple[str, ...]:
+def _row(config: dict[str, Any]) -> tuple[str, ...]:
     p = config["prediction"]
     accuracy = "-" if config["accuracy"] is None else f"{config['accuracy']:.4f}"
     if p is None:
@@ -57,7 +57,7 @@ def machine_section(entry: dict[str, Any], metric: str) -> Section:
     headers = ("trial", "configuration", f"val. {metric} (measured in this run)", "predicted p50 ms", f"predicted {pct} ms",
                f"predicted {pct} interval ms", "predicted headroom", "verdict (predicted)")
     return Section(f"Predicted (not measured) on {entry['machine']}, {threads_text(entry['threads'])} [{entry['fingerprint']}]",
-                   (answer, basis), Table(headers, tuple(_row(c, pct) for c in entry["configs"])))
+                   (answer, basis), Table(headers, tuple(_row(c) for c in entry["configs"])))
 
 
 def predicted_sections(result: dict[str, Any]) -> list[Section]:

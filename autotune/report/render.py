@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autotune.planning import PREDICTED_SKIP
 from autotune.report import plan
 from autotune.report.plot import accuracy_latency_png
 
@@ -170,14 +169,11 @@ def build_report(result: dict[str, Any]) -> Report:
         _targets_section(result),
         _capacity_section(result),
         _cost_section(result),
+        _other_hardware_section(result),
     ]
-    other_hardware = _other_hardware_section(result)
-    if other_hardware is not None:
-        sections.append(other_hardware)
     sections = [section for section in sections if section is not None]
     if result["recommended"] is None:
-        measured = [t for t in result["trials"] if t["latency_ms"] is not None and t["stage"] != PREDICTED_SKIP]
-        closest = sorted(measured, key=lambda t: t["latency_ms"])[:3]
+        closest = plan.closest_measured(result["trials"])
         rows = tuple((str(t["number"]), plan.describe(t["candidate"]), _ms(t["latency_ms"]),
                       f"+{t['latency_ms'] / result['target']['latency_ms'] - 1:.0%}") for t in closest)
         fastest = closest[0]["latency_ms"] if closest else None
