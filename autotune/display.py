@@ -55,7 +55,12 @@ def profile_table(profile: HardwareProfile) -> Group:
             ("fp32_gemm_gflops", bench.fp32_gemm_gflops, "GFLOP/s"),
             ("int8_gemm_gops", bench.int8_gemm_gops, "GOP/s"),
             ("memory_bandwidth_gbps", bench.memory_bandwidth_gbps, "GB/s"),
+            ("fp32_chain_gflops", bench.fp32_chain_gflops, "GFLOP/s"),
+            ("int8_chain_gops", bench.int8_chain_gops, "GOP/s"),
+            ("int4_chain_gflops", bench.int4_chain_gflops, "GFLOP/s"),
         ):
+            if value is None:  # a profile written before the encoder-regime figures existed
+                continue
             method = bench.methods.get(name)
             how = f"  ({method.engine}, {method.shape} {method.dtype}, {method.threads} threads, {method.runs} runs)" if method else ""
             rows.append((name, f"{value:.1f} {unit}{how}"))

@@ -5,15 +5,24 @@ deployed model actually hits: `MatMul` for fp32 and `MatMulInteger` (u8 x s8 -> 
 has it) for int8. Memory bandwidth is a large tensor copy through torch at the same thread count. On a GPU,
 fp16/bf16 GEMM and device-memory copy run through torch.cuda. Every figure is timed by the latency harness,
 bounded by a time budget, and stored with how it was measured (engine, shape, threads, runs, seconds).
+
+Peak GEMM figures alone mispredict encoder inference at batch 1: its GEMMs are 64 token rows against
+hidden-sized weights, one ORT node after another, where a second thread buys far less than on a 1024-cube.
+So the CPU profile also times that regime directly: a chain of such GEMMs at each precision as autotune
+deploys it (fp32 MatMul; int8 as ORT's dynamic quantizer rewrites it, activation quantization included; int4
+as MatMulNBits).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from profilers.benchmethod import BenchMethod
@@ -43,13 +52,30 @@ class BenchPlan:
         return MeasureSettings(warmup=2, min_runs=5, max_runs=500, max_seconds=self.seconds_per_figure, rel_ci=0.01)
 
 
+#: The encoder-inference regime the chain figures time: batch 1 x 64 tokens against 384-wide weights (the
+#: MiniLM/BERT-small width), `CHAIN_DEPTH` GEMM nodes in a row.
+CHAIN_ROWS = 64
+CHAIN_WIDTH = 384
+CHAIN_DEPTH = 12
+CHAIN_BITS = (32, 8, 4)
+#: Sessions per chain figure, the median kept: with spinning off, a 2-thread session's small GEMMs read 10-25%
+#: apart from one session to the next on a 2-core box, more than within a session.
+CHAIN_SESSIONS = 3
+
+
 @dataclass(frozen=True)
 class Microbench:
+    """Throughput at this thread count. The chain figures are None in profiles written before they were
+    measured (schema 1 allows both); the predictor then falls back to the peak figures."""
+
     threads: int
     fp32_gemm_gflops: float
     int8_gemm_gops: float
     memory_bandwidth_gbps: float
     methods: dict[str, BenchMethod] = field(default_factory=dict)
+    fp32_chain_gflops: float | None = None
+    int8_chain_gops: float | None = None
+    int4_chain_gflops: float | None = None
 
 
 def gemm_ops(m: int, n: int, k: int) -> float:
@@ -78,6 +104,62 @@ def matmul_model(size: int, integer: bool) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def gemm_chain_model(rows: int = CHAIN_ROWS, width: int = CHAIN_WIDTH, depth: int = CHAIN_DEPTH) -> onnx.ModelProto:
+    """fp32 X[rows, width] through `depth` MatMuls with distinct [width, width] weight initializers (distinct, so
+    the weights stream from cache or memory as a model's do). Weights scaled 1/sqrt(width) keep values bounded."""
+    rng = np.random.default_rng(2)
+    names = ["X", *(f"h{i}" for i in range(1, depth)), "Y"]
+    weights = [numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"W{i}")
+               for i in range(depth)]
+    nodes = [helper.make_node("MatMul", [names[i], f"W{i}"], [names[i + 1]]) for i in range(depth)]
+    graph = helper.make_graph(nodes, "gemm_chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, width])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, width])], initializer=weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def quantized_chain(fp32: onnx.ModelProto, bits: int) -> bytes:
+    """The chain at `bits` as autotune deploys that precision, through ONNX Runtime's own quantizers: int8 dynamic
+    (per-channel weights; DynamicQuantizeLinear + MatMulInteger + rescale per GEMM), int4 MatMulNBits (block 32)."""
+    if bits == 32:
+        return fp32.SerializeToString()
+    if bits == 4:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(fp32, block_size=32, is_symmetric=True)
+        quantizer.process()
+        return quantizer.model.model.SerializeToString()
+    if bits != 8:
+        raise ValueError(f"no chain microbenchmark for bits={bits}; measured: {CHAIN_BITS}")
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="autotune-chain-") as tmp:
+        source, typed, target = (os.path.join(tmp, f"{name}.onnx") for name in ("fp32", "typed", "int8"))
+        onnx.save(fp32, source)
+        quant_pre_process(source, typed, skip_optimization=True)  # what the quantizer expects (and warns without)
+        quantize_dynamic(typed, target, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+        with open(target, "rb") as handle:
+            return handle.read()
+
+
+def cpu_gemm_chain(bits: int, threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
+    """G(FL)OP/s of the encoder-regime GEMM chain at `bits` (see the module docstring), all nodes' time included:
+    the median session of CHAIN_SESSIONS, each given an equal share of `settings.max_seconds`."""
+    model = quantized_chain(gemm_chain_model(), bits)
+    x = np.random.default_rng(3).standard_normal((CHAIN_ROWS, CHAIN_WIDTH)).astype(np.float32)
+    share = replace(settings, max_seconds=settings.max_seconds / CHAIN_SESSIONS)
+    sessions = sorted((measure_onnx(model, {"X": x}, threads=threads, settings=share) for _ in range(CHAIN_SESSIONS)),
+                      key=lambda s: s.p50_ms)
+    stats = sessions[len(sessions) // 2]
+    rate = CHAIN_DEPTH * gemm_ops(CHAIN_ROWS, CHAIN_WIDTH, CHAIN_WIDTH) / (stats.p50_ms / 1000.0) / 1e9
+    engine = {32: "onnxruntime MatMul chain", 8: "onnxruntime quantize_dynamic chain", 4: "onnxruntime MatMulNBits chain"}[bits]
+    dtype = {32: "fp32", 8: "int8 dynamic", 4: "int4 block 32"}[bits]
+    method = _method(engine, f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{CHAIN_WIDTH}x{CHAIN_WIDTH}, median of {CHAIN_SESSIONS} sessions",
+                     dtype, threads, stats)
+    return rate, replace(method, runs=sum(s.runs for s in sessions), seconds=round(sum(s.seconds for s in sessions), 3))
 
 
 def _method(engine: str, shape: str, dtype: str, threads: int | None, stats: LatencyStats) -> BenchMethod:
@@ -110,12 +192,17 @@ def run_cpu_microbench(threads: int, plan: BenchPlan) -> Microbench:
     fp32, fp32_method = cpu_gemm(plan.gemm_size, False, threads, settings)
     int8, int8_method = cpu_gemm(plan.gemm_size, True, threads, settings)
     bandwidth, bw_method = cpu_copy_bandwidth(plan.copy_bytes, threads, settings)
+    chains = {bits: cpu_gemm_chain(bits, threads, settings) for bits in CHAIN_BITS}
     return Microbench(
         threads=threads,
         fp32_gemm_gflops=round(fp32, 2),
         int8_gemm_gops=round(int8, 2),
         memory_bandwidth_gbps=round(bandwidth, 2),
-        methods={"fp32_gemm_gflops": fp32_method, "int8_gemm_gops": int8_method, "memory_bandwidth_gbps": bw_method},
+        methods={"fp32_gemm_gflops": fp32_method, "int8_gemm_gops": int8_method, "memory_bandwidth_gbps": bw_method,
+                 "fp32_chain_gflops": chains[32][1], "int8_chain_gops": chains[8][1], "int4_chain_gflops": chains[4][1]},
+        fp32_chain_gflops=round(chains[32][0], 2),
+        int8_chain_gops=round(chains[8][0], 2),
+        int4_chain_gflops=round(chains[4][0], 2),
     )
 
 

@@ -4,17 +4,22 @@ machine, from that machine's HardwareProfile, with an interval that says how sur
 Two layers, so that a profile of a machine nobody measured a model on still yields a number:
 
 1. **Analytic cost** (`analytic_cost`): FLOPs of every GEMM by precision (fp32, int8 MatMulInteger, int4
-   MatMulNBits, which dequantizes to fp32 compute), the attention matmuls (fp32, small per-head GEMMs), bytes
-   moved by bandwidth-bound operators (layernorm, softmax, gelu, dynamic activation quantization), weight
-   bytes, and the number of graph nodes, for the fused ONNX graph `autotune` deploys (one Attention,
-   three MatMuls, two SkipLayerNormalizations and one BiasGelu per layer; int8 adds a quantize, a scale multiply
-   and casts per MatMul). Divided by the profile's measured GEMM throughput per precision and memory
-   bandwidth, each becomes a time in ms at 100% efficiency (`components_ms`).
+   MatMulNBits), the attention matmuls (fp32), bytes moved by bandwidth-bound operators (layernorm, softmax,
+   gelu, dynamic activation quantization), weight bytes, the number of graph nodes and of per-head attention
+   blocks, for the fused ONNX graph `autotune` deploys (one Attention, three MatMuls, two
+   SkipLayerNormalizations and one BiasGelu per layer; int8 adds a quantize, a scale multiply and casts per
+   MatMul). Each becomes a time in ms against the profile's own measurements (`components_ms`): GEMMs against
+   the encoder-regime chain throughput at their precision (64 token rows, ORT nodes in a row: a second thread
+   buys far less there than on a peak GEMM), bytes against memory bandwidth. Profiles from before those figures
+   fall back to the peak GEMM figures.
 2. **Fitted correction** (`Correction`): predicted ms = sum_k c_k * component_k, one positive coefficient per
-   component (an inverse efficiency; for node count and the constant, ms per node and ms per call). The
-   coefficients are fitted by least squares on log latency, calibrated on latencies measured on one machine,
-   and shrunk toward priors so a handful of points cannot produce a wild model. Because coefficients are
-   efficiencies relative to the profile's own microbenchmarks, a calibration transfers to another profile.
+   component (an inverse efficiency; for nodes and attention heads, ms per node or head; for the constant, ms
+   per call). Per-head attention blocks cost far more than their FLOPs (3 layers of 12 heads x 24 dims ran a
+   third slower than 4 heads x 72 on a 2-core EPYC); their cost is fitted, and carried to another machine
+   unscaled. The coefficients are fitted by least squares on log latency, calibrated on latencies measured on
+   one machine, and shrunk toward priors so a handful of points cannot produce a wild model. Because the
+   other coefficients are efficiencies relative to the profile's own microbenchmarks, a calibration transfers
+   to another profile.
 
 The interval comes from leave-one-out residuals of the calibration (split-conformal style), widened by an
 assumed transfer error when predicting for another machine than the calibration's. A prediction is never a
@@ -46,13 +51,13 @@ INT4_BYTES_PER_WEIGHT = 0.5 + FP32_BYTES / 32
 #: Graph nodes per layer and outside the layers, counted in the fused exports autotune writes (ORT 1.2x).
 NODES_PER_LAYER = {32: 7, 8: 20, 4: 7}
 NODES_FIXED = {32: 8, 8: 18, 4: 8}
-COMPONENTS = ("gemm_fp32", "gemm_int8", "gemm_int4", "attention", "activations", "weights", "nodes", "call")
-#: Prior coefficients (inverse efficiencies; ms per node; ms per call): the calibration's starting point and
-#: what it shrinks toward, and the whole model where nothing was measured. Set by hand (not fitted) so that the
-#: fused MiniLM teacher on a quiet 2-core AVX2 EPYC comes out near its measured p50 (fp32 ~13.5 ms, int8 ~1.15x
-#: and int4 ~0.96x faster), with the attention matmuls' small per-head GEMMs at a third of peak.
-PRIOR_COEFFICIENTS = {"gemm_fp32": 1.3, "gemm_int8": 1.6, "gemm_int4": 1.5, "attention": 3.0, "activations": 1.0,
-                      "weights": 1.0, "nodes": 0.01, "call": 0.05}
+COMPONENTS = ("gemm_fp32", "gemm_int8", "gemm_int4", "attention", "activations", "weights", "nodes", "heads", "call")
+#: Prior coefficients (inverse efficiencies; ms per node and per attention head; ms per call): the
+#: calibration's starting point and what it shrinks toward, and the whole model where nothing was measured.
+#: Set by hand, not fitted, from a quiet 2-core AVX2 EPYC: GEMMs run at about the chain's throughput, the
+#: attention matmuls at a third of it, each head of each layer costs ~20 us.
+PRIOR_COEFFICIENTS = {"gemm_fp32": 1.0, "gemm_int8": 1.0, "gemm_int4": 1.0, "attention": 3.0, "activations": 1.0,
+                      "weights": 1.0, "nodes": 0.01, "heads": 0.02, "call": 0.05}
 #: How far (in log units) a coefficient may plausibly sit from its prior, vs how noisy a measured log latency is:
 #: their ratio sets the shrinkage (a ridge penalty in log-coefficient space).
 PRIOR_LOG_SD = 1.0
@@ -97,6 +102,7 @@ class Cost:
     activation_bytes: float
     weight_bytes: float
     nodes: int
+    attention_heads: int  # per-head attention blocks (batch x heads x layers): each a few small GEMM calls
 
 
 def analytic_cost(shape: ModelShape, workload: Workload) -> Cost:
@@ -140,40 +146,46 @@ def analytic_cost(shape: ModelShape, workload: Workload) -> Cost:
         activation_bytes=layers * per_layer_act + int8_act + m * h * 3 * FP32_BYTES,  # + embeddings
         weight_bytes=weight_bytes,
         nodes=NODES_PER_LAYER[shape.bits] * layers + NODES_FIXED[shape.bits],
+        attention_heads=workload.batch_size * shape.heads * layers,
     )
 
 
 @dataclass(frozen=True)
 class Throughput:
-    """The three figures of a profile the predictor divides by, at the profile's thread count."""
+    """The figures of a profile the predictor divides by, at the profile's thread count: GEMM throughput per
+    precision in the encoder regime (G(FL)OP/s) and memory bandwidth (GB/s)."""
 
     fp32_gflops: float
     int8_gops: float
     bandwidth_gbps: float
     threads: int
     fingerprint: str
+    int4_gflops: float | None = None  # None: int4 GEMMs dequantize to fp32 compute, timed at fp32_gflops
 
     @classmethod
     def of(cls, profile: HardwareProfile) -> "Throughput":
+        """The profile's chain figures where it has them, else (older profiles) its peak GEMM figures."""
         bench: Microbench | None = profile.microbench
         if bench is None or min(bench.fp32_gemm_gflops, bench.int8_gemm_gops, bench.memory_bandwidth_gbps) <= 0:
             raise ProfileError(f"hardware profile {profile.fingerprint} has no measured throughput to predict from; "
                                "re-run `autotune profile -o FILE` on that machine (with its microbenchmarks)")
-        return cls(bench.fp32_gemm_gflops, bench.int8_gemm_gops, bench.memory_bandwidth_gbps, profile.threads,
-                   profile.fingerprint)
+        return cls(bench.fp32_chain_gflops or bench.fp32_gemm_gflops, bench.int8_chain_gops or bench.int8_gemm_gops,
+                   bench.memory_bandwidth_gbps, profile.threads, profile.fingerprint, bench.int4_chain_gflops)
 
 
 def components_ms(cost: Cost, machine: Throughput) -> np.ndarray:
-    """Each component of COMPONENTS as ms at 100% efficiency on `machine` (nodes and call: counts)."""
+    """Each component of COMPONENTS as ms at 100% efficiency on `machine` (nodes, heads and call: counts)."""
     per_ms_fp32, per_ms_int8, per_ms_bytes = machine.fp32_gflops * 1e6, machine.int8_gops * 1e6, machine.bandwidth_gbps * 1e6
+    per_ms_int4 = (machine.int4_gflops or machine.fp32_gflops) * 1e6
     return np.array([
         cost.gemm_fp32_flops / per_ms_fp32,
         cost.gemm_int8_ops / per_ms_int8,
-        cost.gemm_int4_flops / per_ms_fp32,
+        cost.gemm_int4_flops / per_ms_int4,
         cost.attention_flops / per_ms_fp32,
         cost.activation_bytes / per_ms_bytes,
         cost.weight_bytes / per_ms_bytes,
         float(cost.nodes),
+        float(cost.attention_heads),
         1.0,
     ])
 

@@ -45,6 +45,7 @@ def test_prediction_grows_with_every_dimension_of_work(bits: int) -> None:
     for bigger in (replace(base, layers=3), replace(base, hidden=288), replace(base, ffn=1152)):
         assert analytic_cost(bigger, WORKLOAD).weight_bytes > analytic_cost(base, WORKLOAD).weight_bytes
         assert predict(bigger) > predict(base)
+    assert predict(replace(base, heads=12)) > predict(base)  # same FLOPs, twice the per-head attention blocks
     assert predict(base, workload=Workload(1, 128)) > predict(base) and predict(base, workload=Workload(2, 64)) > predict(base)
 
 
@@ -59,11 +60,16 @@ def test_fewer_bits_move_fewer_bytes_and_are_faster_where_that_binds() -> None:
     assert predict(shapes[32], int8_rich) > predict(shapes[8], int8_rich)
     faster = replace(MACHINE, fp32_gflops=200.0, int8_gops=400.0, bandwidth_gbps=40.0, fingerprint="faster")
     assert all(predict(s, faster) < predict(s) for s in shapes.values())
+    slow_int4 = replace(MACHINE, int4_gflops=MACHINE.fp32_gflops / 4, fingerprint="slow int4")
+    assert predict(shapes[4], slow_int4) > predict(shapes[4]) and predict(shapes[32], slow_int4) == predict(shapes[32])
+
+
+
 
 
 def synthetic_points(n: int, seed: int, noise: float = 0.02) -> list[CalibrationPoint]:
     """Latencies from a known ground truth (coefficients unlike the priors) with lognormal noise."""
-    truth = np.array([2.2, 3.0, 1.1, 6.0, 0.6, 2.0, 0.03, 0.2])
+    truth = np.array([2.2, 3.0, 1.1, 6.0, 0.6, 2.0, 0.03, 0.01, 0.2])
     assert len(truth) == len(COMPONENTS)
     rng = np.random.default_rng(seed)
     points = []
@@ -102,6 +108,14 @@ def stats(ms: float):
 @pytest.fixture(scope="module")
 def profile() -> HardwareProfile:
     return HardwareProfile.from_dict(json.loads(FIXTURE.read_text())["hardware"])
+
+
+def test_a_profile_without_chain_figures_predicts_from_its_peak_figures(profile: HardwareProfile) -> None:
+    bench = profile.microbench
+    assert bench is not None and bench.fp32_chain_gflops is None  # the fixture predates the encoder-regime figures
+    machine = Throughput.of(profile)
+    assert (machine.fp32_gflops, machine.int8_gops, machine.int4_gflops) == (bench.fp32_gemm_gflops, bench.int8_gemm_gops, None)
+    assert predict(ModelShape(2, 192, 6, 768, 4), machine) > 0
 
 
 def test_screen_skips_only_far_over_target_once_calibrated(profile: HardwareProfile) -> None:

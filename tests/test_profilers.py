@@ -14,6 +14,7 @@ from profilers.cpu import inference_flags, parse_cache_size
 from profilers.gpu import cuda_version_text, probe_gpus
 from profilers.hardware import SCHEMA_VERSION, HardwareProfile, ProfileError, collect_profile, load_profile
 from profilers.microbench import BenchPlan, run_gpu_microbench
+from profilers.predictor import Throughput
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,14 @@ def test_quick_microbench_measures_positive_figures_with_methods(quick: Hardware
     bench = quick.microbench
     assert bench is not None and bench.threads == quick.threads
     assert bench.fp32_gemm_gflops > 1 and bench.int8_gemm_gops > 1 and bench.memory_bandwidth_gbps > 0.5
-    for name in ("fp32_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbps"):
+    assert bench.fp32_chain_gflops > 1 and bench.int8_chain_gops > 1 and bench.int4_chain_gflops > 1
+    for name in ("fp32_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbps", "fp32_chain_gflops", "int8_chain_gops",
+                 "int4_chain_gflops"):
         method = bench.methods[name]
         assert method.threads == quick.threads and method.runs >= 5 and method.shape
+    machine = Throughput.of(quick)  # the predictor divides by the encoder-regime figures, not the peak ones
+    assert (machine.fp32_gflops, machine.int8_gops, machine.int4_gflops) == (
+        bench.fp32_chain_gflops, bench.int8_chain_gops, bench.int4_chain_gflops)
 
 
 def test_json_names_that_other_parts_rely_on(quick: HardwareProfile) -> None:
