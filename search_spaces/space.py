@@ -42,6 +42,10 @@ class TeacherShape:
     def as_candidate(self, bits: int = 32) -> Candidate:
         return Candidate(layers=self.layers, hidden=self.hidden, heads=self.heads, ffn=self.ffn, bits=bits)
 
+    def cut_to(self, layers: int, bits: int = 32) -> Candidate:
+        """The teacher with only `layers` of its layers, at full width: the layer-dropping student."""
+        return replace(self.as_candidate(bits), layers=layers)
+
 
 @dataclass(frozen=True)
 class Removal:

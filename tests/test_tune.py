@@ -29,7 +29,7 @@ from autotune.config import load_spec
 from autotune.runtime import OrtRuntime, load_artifact
 from autotune.tasks import evaluate, predict_logits
 from autotune.trial import TrialPipeline
-from search_spaces import Candidate
+from search_spaces import Candidate, TeacherShape, preset, with_overrides
 from conftest import synthetic_rows, tiny_config, write_csv, write_tokenizer
 
 GENEROUS_MS = 50.0
@@ -236,6 +236,18 @@ def test_same_shape_candidates_share_one_student_and_later_runs_hit_the_gate_cac
     assert counters["students_trained"] == 0 and counters["student_cache_hits"] == len(bits)
     assert all(t["gate_cache_hit"] for t in second.trials)
     assert counters["students_refined"] == 0 and counters["refined_cache_hits"] == 1
+
+
+def test_anchors_are_the_teacher_then_its_layer_dropped_slices_deepest_first() -> None:
+    teacher = TeacherShape(layers=6, hidden=384, heads=12, ffn=1536)
+    space = with_overrides(preset("bert-default", teacher), {"layers": [1, 2, 4, 6], "hidden": [384, 192]})
+    found = api.anchors(teacher, space)
+    assert found[:2] == [teacher.as_candidate(32), teacher.as_candidate(8)]
+    assert [(c.layers, c.hidden, c.heads, c.ffn, c.bits) for c in found[2:]] == [
+        (4, 384, 12, 1536, 8), (2, 384, 12, 1536, 8), (1, 384, 12, 1536, 8)]
+    assert all(space.contains(c) for c in found)
+    narrow = with_overrides(space, {"hidden": [192]})  # full width is outside: enqueue_anchors skips them all
+    assert not any(narrow.contains(c) for c in api.anchors(teacher, narrow))
 
 
 def test_a_cached_gate_is_trusted_only_at_the_same_machine_speed() -> None:
