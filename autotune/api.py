@@ -131,9 +131,15 @@ def confirmed_latency(pipeline: TrialPipeline, record: dict[str, Any]) -> float:
     return float(median(s.percentile_ms(target.percentile) for s in samples))
 
 
-def anchors(teacher: TeacherShape, space: Space) -> list[Candidate]:
-    """The first trials of a new study: the teacher and its int8 twin, then the teacher cut to each shallower depth
-    the space holds, full width, int8, deepest first (those outside the space are skipped when enqueued).
+#: Anchors take at most this share of the trial budget: the rest is the sampler's, and a trial retried after
+#: a crash or Ctrl-C waits behind every anchor still queued, so anchors must leave it room within the budget.
+ANCHOR_BUDGET_SHARE = 1 / 3
+
+
+def anchors(teacher: TeacherShape, space: Space, budget: int) -> list[Candidate]:
+    """The first trials of a new study, those the space holds, at most ANCHOR_BUDGET_SHARE of `budget` (at least
+    one): the teacher and its int8 twin, then the teacher cut to each shallower depth, full width, int8, deepest
+    first.
 
     Dropping layers while keeping every width is the strongest simple student: it keeps the teacher's attention
     heads and FFN whole (in the demo's runs on all-MiniLM-L6-v2, 2-layer students 384 wide reached 0.84
@@ -142,7 +148,8 @@ def anchors(teacher: TeacherShape, space: Space) -> list[Candidate]:
     search has to beat.
     """
     depths = sorted((d for d in space.knob("layers").values() if d < teacher.layers), reverse=True)
-    return [teacher.as_candidate(32), teacher.as_candidate(8), *(teacher.cut_to(d, bits=8) for d in depths)]
+    wanted = [teacher.as_candidate(32), teacher.as_candidate(8), *(teacher.cut_to(d, bits=8) for d in depths)]
+    return [c for c in wanted if space.contains(c)][:max(1, int(budget * ANCHOR_BUDGET_SHARE))]
 
 
 def stable_baseline(pipeline: TrialPipeline, artifact: Artifact) -> LatencyStats:
@@ -384,7 +391,7 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
     for removal in removals:
         progress.note(f"search space: {removal.knob}={removal.value} removed: {removal.reason}")
     if created or not join:
-        enqueue_anchors(study, space, anchors(ctx.teacher_shape, space))
+        enqueue_anchors(study, space, anchors(ctx.teacher_shape, space, spec.search.trials))
     memo: dict[str, TrialOutcome] = {}
 
     def evaluate_candidate(candidate: Candidate) -> TrialOutcome:

@@ -241,13 +241,15 @@ def test_same_shape_candidates_share_one_student_and_later_runs_hit_the_gate_cac
 def test_anchors_are_the_teacher_then_its_layer_dropped_slices_deepest_first() -> None:
     teacher = TeacherShape(layers=6, hidden=384, heads=12, ffn=1536)
     space = with_overrides(preset("bert-default", teacher), {"layers": [1, 2, 4, 6], "hidden": [384, 192]})
-    found = api.anchors(teacher, space)
+    found = api.anchors(teacher, space, budget=16)
     assert found[:2] == [teacher.as_candidate(32), teacher.as_candidate(8)]
     assert [(c.layers, c.hidden, c.heads, c.ffn, c.bits) for c in found[2:]] == [
         (4, 384, 12, 1536, 8), (2, 384, 12, 1536, 8), (1, 384, 12, 1536, 8)]
-    assert all(space.contains(c) for c in found)
-    narrow = with_overrides(space, {"hidden": [192]})  # full width is outside: enqueue_anchors skips them all
-    assert not any(narrow.contains(c) for c in api.anchors(teacher, narrow))
+    assert api.anchors(teacher, space, budget=9) == found[:3]  # a third of the budget: room for sampler and retries
+    assert api.anchors(teacher, space, budget=2) == found[:1]
+    shallow = with_overrides(space, {"layers": [1, 2, 4]})  # the teacher itself is outside: slices only
+    assert [c.layers for c in api.anchors(teacher, shallow, budget=16)] == [4, 2, 1]
+    assert api.anchors(teacher, with_overrides(space, {"hidden": [192]}), budget=16) == []  # full width is outside
 
 
 def test_a_cached_gate_is_trusted_only_at_the_same_machine_speed() -> None:

@@ -122,6 +122,11 @@ def retries_of(trials: list[FrozenTrial], number: int) -> list[FrozenTrial]:
     return [t for t in trials if number in t.system_attrs.get("retry_history", ())]
 
 
+def outline(trials: list[FrozenTrial]) -> list[tuple[Any, ...]]:
+    """What a failure message needs to tell a race from a bug: number, state, retry history, surplus mark."""
+    return [(t.number, t.state.name, t.system_attrs.get("retry_history"), t.user_attrs.get(SURPLUS_ATTR)) for t in trials]
+
+
 def assert_study_complete(trials: list[FrozenTrial], budget: int) -> None:
     """Exactly `budget` trials used the budget, all COMPLETE; none left running; no trial ran twice."""
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
@@ -152,7 +157,7 @@ def test_three_postgres_workers_finish_the_budget_and_a_killed_workers_trial_is_
     lost = next(t for t in trials if t.number == killed.number)
     assert lost.state == TrialState.FAIL  # failed by a surviving worker once its heartbeat stopped
     retry = [t for t in retries_of(trials, lost.number) if t.state == TrialState.COMPLETE]
-    assert len(retry) == 1 and retry[0].params == lost.params
+    assert len(retry) == 1 and retry[0].params == lost.params, outline(trials)
     assert len({t.user_attrs[WORKER_ATTR] for t in trials if t.state == TrialState.COMPLETE}) == 2
 
     # The result is written by `tune --resume` on the same storage; no password anywhere a user reads.
