@@ -133,7 +133,7 @@ def confirmed_latency(pipeline: TrialPipeline, record: dict[str, Any]) -> float:
 
 #: Anchors take at most this share of the trial budget: the rest is the sampler's, and a trial retried after
 #: a crash or Ctrl-C waits behind every anchor still queued, so anchors must leave it room within the budget.
-ANCHOR_BUDGET_SHARE = 1 / 3
+ANCHOR_BUDGET_SHARE = 1 / 2
 
 
 def anchors(teacher: TeacherShape, space: Space, budget: int) -> list[Candidate]:
