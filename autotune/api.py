@@ -149,6 +149,8 @@ def anchors(teacher: TeacherShape, space: Space, budget: int) -> list[Candidate]
     """
     depths = sorted((d for d in space.knob("layers").values() if d < teacher.layers), reverse=True)
     wanted = [teacher.as_candidate(32), teacher.as_candidate(8), *(teacher.cut_to(d, bits=8) for d in depths)]
+    for outside in (c for c in wanted if not space.contains(c)):
+        log.info("anchor not enqueued (outside the space): %s", outside.describe())
     return [c for c in wanted if space.contains(c)][:max(1, int(budget * ANCHOR_BUDGET_SHARE))]
 
 

@@ -196,15 +196,12 @@ def suggest(trial: optuna.Trial, space: Space) -> Candidate:
 
 
 def enqueue_anchors(study: optuna.Study, space: Space, anchors: Sequence[Candidate]) -> None:
-    """Enqueue the given candidates (e.g. the teacher and its int8 twin) as the first trials, once per study."""
+    """Enqueue the given candidates of the space (`api.anchors` chooses them) as the first trials, once per study."""
     if study.trials:
         return
     names = [k.name for k in space.knobs]
     for anchor in anchors:
-        if space.contains(anchor):
-            study.enqueue_trial({n: v for n, v in asdict(anchor).items() if n in names}, skip_if_exists=True)
-        else:
-            log.info("not enqueued (outside the space): %s", anchor.describe())
+        study.enqueue_trial({n: v for n, v in asdict(anchor).items() if n in names}, skip_if_exists=True)
 
 
 @dataclass(frozen=True)
