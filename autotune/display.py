@@ -58,6 +58,7 @@ def profile_table(profile: HardwareProfile) -> Group:
             ("fp32_chain_gflops", bench.fp32_chain_gflops, "GFLOP/s"),
             ("int8_chain_gops", bench.int8_chain_gops, "GOP/s"),
             ("int4_chain_gflops", bench.int4_chain_gflops, "GFLOP/s"),
+            ("small_op_us", bench.small_op_us, "us per node"),
         ):
             if value is None:  # a profile written before the encoder-regime figures existed
                 continue

@@ -262,9 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     same = cross_validated(points_2t, two, args.seed)
     cross = transferred(points_2t, two, [point(r, 1) for r in random_rows], one)
     savings = demo_savings(random_rows, profile_2t, Predictor.calibrate(two, points_2t, PERCENTILE), teacher_row.p95_2t)
-    print(f"profiles (encoder-regime chains): 2 threads fp32 {two.fp32_gflops} GFLOP/s, int8 {two.int8_gops} GOP/s, "
-          f"int4 {two.int4_gflops} GFLOP/s, {two.bandwidth_gbps} GB/s; 1 thread fp32 {one.fp32_gflops}, int8 {one.int8_gops}, "
-          f"int4 {one.int4_gflops}, {one.bandwidth_gbps} GB/s")
+    for name, machine in (("2 threads", two), ("1 thread", one)):
+        print(f"profile at {name} (encoder-regime chains): fp32 {machine.fp32_gflops} GFLOP/s, int8 {machine.int8_gops} GOP/s, "
+              f"int4 {machine.int4_gflops} GFLOP/s, {machine.bandwidth_gbps} GB/s, one small operator "
+              f"{(machine.small_op_ms or float('nan')) * 1000:.1f} us")
     print(f"teacher (fused fp32) p50 {teacher_row.p50_2t:.2f} ms, p95 {teacher_row.p95_2t:.2f} ms at 2 threads")
     for name, acc in (("same machine (5-fold CV, 2 threads)", same), ("cross machine (2t calibration -> 1t)", cross)):
         print(f"{name}: median APE {acc.mape:.1%}, mean APE {acc.mean_ape:.1%}, within 15% {acc.within_15pct:.0%}, "

@@ -10,7 +10,9 @@ Peak GEMM figures alone mispredict encoder inference at batch 1: its GEMMs are 6
 hidden-sized weights, one ORT node after another, where a second thread buys far less than on a 1024-cube.
 So the CPU profile also times that regime directly: a chain of such GEMMs at each precision as autotune
 deploys it (fp32 MatMul; int8 as ORT's dynamic quantizer rewrites it, activation quantization included; int4
-as MatMulNBits).
+as MatMulNBits). Narrow models are dominated by what each ORT operator costs beyond its arithmetic (dispatch,
+handing work to the thread pool and waiting for it), which shrinks with fewer threads: a 48-wide fp32 chain
+times that per-operator cost (`small_op_us`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ CHAIN_BITS = (32, 8, 4)
 #: Sessions per chain figure, the median kept: with spinning off, a 2-thread session's small GEMMs read 10-25%
 #: apart from one session to the next on a 2-core box, more than within a session.
 CHAIN_SESSIONS = 3
+#: The per-operator figure's chain: 64 x 48 x 48 GEMMs (0.3 MFLOP each) are a few microseconds of arithmetic,
+#: so the time per node is mostly the operator's fixed cost at this thread count (on a 2-core EPYC, about 10 us
+#: at 2 threads against 5 at 1: a second thread costs small operators more than it saves them).
+SMALL_OP_WIDTH = 48
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,7 @@ class Microbench:
     fp32_chain_gflops: float | None = None
     int8_chain_gops: float | None = None
     int4_chain_gflops: float | None = None
+    small_op_us: float | None = None  # microseconds per node of the SMALL_OP_WIDTH fp32 chain
 
 
 def gemm_ops(m: int, n: int, k: int) -> float:
@@ -147,21 +154,33 @@ def quantized_chain(fp32: onnx.ModelProto, bits: int) -> bytes:
             return handle.read()
 
 
-def cpu_gemm_chain(bits: int, threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
-    """G(FL)OP/s of the encoder-regime GEMM chain at `bits` (see the module docstring), all nodes' time included:
-    the median session of CHAIN_SESSIONS, each given an equal share of `settings.max_seconds`."""
-    model = quantized_chain(gemm_chain_model(), bits)
-    x = np.random.default_rng(3).standard_normal((CHAIN_ROWS, CHAIN_WIDTH)).astype(np.float32)
+def chain_sessions(model: bytes, width: int, threads: int, settings: MeasureSettings) -> tuple[LatencyStats, BenchMethod]:
+    """The median session (by p50) of CHAIN_SESSIONS, each given an equal share of `settings.max_seconds`, on a
+    CHAIN_ROWS x `width` input; the method counts every session's runs and seconds (engine and dtype blank)."""
+    x = np.random.default_rng(3).standard_normal((CHAIN_ROWS, width)).astype(np.float32)
     share = replace(settings, max_seconds=settings.max_seconds / CHAIN_SESSIONS)
     sessions = sorted((measure_onnx(model, {"X": x}, threads=threads, settings=share) for _ in range(CHAIN_SESSIONS)),
                       key=lambda s: s.p50_ms)
-    stats = sessions[len(sessions) // 2]
+    method = BenchMethod(engine="", shape=f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{width}x{width}, median of {CHAIN_SESSIONS} sessions",
+                         dtype="", threads=threads, runs=sum(s.runs for s in sessions),
+                         seconds=round(sum(s.seconds for s in sessions), 3))
+    return sessions[len(sessions) // 2], method
+
+
+def cpu_gemm_chain(bits: int, threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
+    """G(FL)OP/s of the encoder-regime GEMM chain at `bits` (see the module docstring), all nodes' time included."""
+    stats, method = chain_sessions(quantized_chain(gemm_chain_model(), bits), CHAIN_WIDTH, threads, settings)
     rate = CHAIN_DEPTH * gemm_ops(CHAIN_ROWS, CHAIN_WIDTH, CHAIN_WIDTH) / (stats.p50_ms / 1000.0) / 1e9
     engine = {32: "onnxruntime MatMul chain", 8: "onnxruntime quantize_dynamic chain", 4: "onnxruntime MatMulNBits chain"}[bits]
     dtype = {32: "fp32", 8: "int8 dynamic", 4: "int4 block 32"}[bits]
-    return rate, BenchMethod(engine=engine, shape=f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{CHAIN_WIDTH}x{CHAIN_WIDTH}, median of "
-                             f"{CHAIN_SESSIONS} sessions", dtype=dtype, threads=threads, runs=sum(s.runs for s in sessions),
-                             seconds=round(sum(s.seconds for s in sessions), 3))
+    return rate, replace(method, engine=engine, dtype=dtype)
+
+
+def cpu_small_op_us(threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
+    """Microseconds per node of the SMALL_OP_WIDTH fp32 MatMul chain: one small operator's cost at `threads`."""
+    model = gemm_chain_model(width=SMALL_OP_WIDTH).SerializeToString()
+    stats, method = chain_sessions(model, SMALL_OP_WIDTH, threads, settings)
+    return stats.p50_ms * 1000.0 / CHAIN_DEPTH, replace(method, engine="onnxruntime MatMul chain (per node)", dtype="fp32")
 
 
 def _method(engine: str, shape: str, dtype: str, threads: int | None, stats: LatencyStats) -> BenchMethod:
@@ -195,16 +214,19 @@ def run_cpu_microbench(threads: int, plan: BenchPlan) -> Microbench:
     int8, int8_method = cpu_gemm(plan.gemm_size, True, threads, settings)
     bandwidth, bw_method = cpu_copy_bandwidth(plan.copy_bytes, threads, settings)
     chains = {bits: cpu_gemm_chain(bits, threads, settings) for bits in CHAIN_BITS}
+    small_op, small_op_method = cpu_small_op_us(threads, settings)
     return Microbench(
         threads=threads,
         fp32_gemm_gflops=round(fp32, 2),
         int8_gemm_gops=round(int8, 2),
         memory_bandwidth_gbps=round(bandwidth, 2),
         methods={"fp32_gemm_gflops": fp32_method, "int8_gemm_gops": int8_method, "memory_bandwidth_gbps": bw_method,
-                 "fp32_chain_gflops": chains[32][1], "int8_chain_gops": chains[8][1], "int4_chain_gflops": chains[4][1]},
+                 "fp32_chain_gflops": chains[32][1], "int8_chain_gops": chains[8][1], "int4_chain_gflops": chains[4][1],
+                 "small_op_us": small_op_method},
         fp32_chain_gflops=round(chains[32][0], 2),
         int8_chain_gops=round(chains[8][0], 2),
         int4_chain_gflops=round(chains[4][0], 2),
+        small_op_us=round(small_op, 2),
     )
 
 

@@ -11,15 +11,19 @@ Two layers, so that a profile of a machine nobody measured a model on still yiel
    MatMul). Each becomes a time in ms against the profile's own measurements (`components_ms`): GEMMs against
    the encoder-regime chain throughput at their precision (64 token rows, ORT nodes in a row: a second thread
    buys far less there than on a peak GEMM), bytes against memory bandwidth. Profiles from before those figures
-   fall back to the peak GEMM figures.
+   fall back to the peak GEMM figures. Nodes, per-head attention blocks and the call itself are counted in
+   units of the profile's operator overhead (`operator_overhead_ms`): what one small ORT operator costs beyond
+   its arithmetic, from the profile's `small_op_us` (a 48-wide MatMul chain's time per node). That overhead is
+   dispatch plus handing work to the thread pool and waiting for it, so it changes with the thread count and
+   the machine (on a 2-core EPYC about 9-12 us at 2 threads against 2-3 at 1), and it dominates narrow models.
+   Profiles from before that figure count them at REFERENCE_OVERHEAD_MS.
 2. **Fitted correction** (`Correction`): predicted ms = sum_k c_k * component_k, one positive coefficient per
-   component (an inverse efficiency; for nodes and attention heads, ms per node or head; for the constant, ms
-   per call). Per-head attention blocks cost far more than their FLOPs (3 layers of 12 heads x 24 dims ran a
-   third slower than 4 heads x 72 on a 2-core EPYC); their cost is fitted, and carried to another machine
-   unscaled. The coefficients are fitted by least squares on log latency, calibrated on latencies measured on
-   one machine, and shrunk toward priors so a handful of points cannot produce a wild model. Because the
-   other coefficients are efficiencies relative to the profile's own microbenchmarks, a calibration transfers
-   to another profile.
+   component (an inverse efficiency; for nodes, heads and the call, how many operator overheads each costs).
+   Per-head attention blocks cost far more than their FLOPs (3 layers of 12 heads x 24 dims ran a third
+   slower than 4 heads x 72 on a 2-core EPYC). The coefficients are fitted by least squares on log latency,
+   calibrated on latencies measured on one machine, and shrunk toward priors so a handful of points cannot
+   produce a wild model. Because every coefficient is relative to the profile's own microbenchmarks, a
+   calibration transfers to another profile.
 
 The interval comes from leave-one-out residuals of the calibration (split-conformal style), widened by an
 assumed transfer error when predicting for another machine than the calibration's. A prediction is never a
@@ -40,7 +44,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from profilers.hardware import HardwareProfile, ProfileError
-from profilers.microbench import Microbench
+from profilers.microbench import CHAIN_ROWS, SMALL_OP_WIDTH, Microbench, gemm_ops
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +56,19 @@ INT4_BYTES_PER_WEIGHT = 0.5 + FP32_BYTES / 32
 NODES_PER_LAYER = {32: 7, 8: 20, 4: 7}
 NODES_FIXED = {32: 8, 8: 18, 4: 8}
 COMPONENTS = ("gemm_fp32", "gemm_int8", "gemm_int4", "attention", "activations", "weights", "nodes", "heads", "call")
-#: Prior coefficients (inverse efficiencies; ms per node and per attention head; ms per call): the
+#: Prior coefficients (inverse efficiencies; small operators per node, per attention head and per call): the
 #: calibration's starting point and what it shrinks toward, and the whole model where nothing was measured.
-#: Set by hand, not fitted, from a quiet 2-core AVX2 EPYC: GEMMs run at about the chain's throughput, the
-#: attention matmuls at a third of it, each head of each layer costs ~20 us.
+#: Set by hand, not fitted, from a quiet 2-core AVX2 EPYC at 2 threads: GEMMs run at about the chain's
+#: throughput, the attention matmuls at a third of it, a node costs about one operator overhead (~10 us), each
+#: head of each layer two, the call five.
 PRIOR_COEFFICIENTS = {"gemm_fp32": 1.0, "gemm_int8": 1.0, "gemm_int4": 1.0, "attention": 3.0, "activations": 1.0,
-                      "weights": 1.0, "nodes": 0.01, "heads": 0.02, "call": 0.05}
+                      "weights": 1.0, "nodes": 1.0, "heads": 2.0, "call": 5.0}
+#: The operator overhead (ms) assumed for profiles measured before `small_op_us` existed: about what that 2-core
+#: EPYC measures at 2 threads.
+REFERENCE_OVERHEAD_MS = 0.01
+#: The overhead never counts below this share of the measured small operator: it is a difference of two measured
+#: figures, and noise in them must not zero it.
+OVERHEAD_FLOOR_SHARE = 0.1
 #: How far (in log units) a coefficient may plausibly sit from its prior, vs how noisy a measured log latency is:
 #: their ratio sets the shrinkage (a ridge penalty in log-coefficient space).
 PRIOR_LOG_SD = 1.0
@@ -153,7 +164,7 @@ def analytic_cost(shape: ModelShape, workload: Workload) -> Cost:
 @dataclass(frozen=True)
 class Throughput:
     """The figures of a profile the predictor divides by, at the profile's thread count: GEMM throughput per
-    precision in the encoder regime (G(FL)OP/s) and memory bandwidth (GB/s)."""
+    precision in the encoder regime (G(FL)OP/s), memory bandwidth (GB/s) and one small operator's cost (ms)."""
 
     fp32_gflops: float
     int8_gops: float
@@ -161,22 +172,36 @@ class Throughput:
     threads: int
     fingerprint: str
     int4_gflops: float | None = None  # None: int4 GEMMs dequantize to fp32 compute, timed at fp32_gflops
+    small_op_ms: float | None = None  # time per node of the SMALL_OP_WIDTH chain; None: REFERENCE_OVERHEAD_MS
 
     @classmethod
     def of(cls, profile: HardwareProfile) -> "Throughput":
-        """The profile's chain figures where it has them, else (older profiles) its peak GEMM figures."""
+        """The profile's chain and small-operator figures where it has them, else (older profiles) its peak GEMM
+        figures and the reference small-operator cost."""
         bench: Microbench | None = profile.microbench
         if bench is None or min(bench.fp32_gemm_gflops, bench.int8_gemm_gops, bench.memory_bandwidth_gbps) <= 0:
             raise ProfileError(f"hardware profile {profile.fingerprint} has no measured throughput to predict from; "
                                "re-run `autotune profile -o FILE` on that machine (with its microbenchmarks)")
         return cls(bench.fp32_chain_gflops or bench.fp32_gemm_gflops, bench.int8_chain_gops or bench.int8_gemm_gops,
-                   bench.memory_bandwidth_gbps, profile.threads, profile.fingerprint, bench.int4_chain_gflops)
+                   bench.memory_bandwidth_gbps, profile.threads, profile.fingerprint, bench.int4_chain_gflops,
+                   bench.small_op_us / 1000.0 if bench.small_op_us else None)
+
+
+def operator_overhead_ms(machine: Throughput) -> float:
+    """What one small operator costs on `machine` beyond its arithmetic: the small-op chain's time per node less
+    its FLOPs at the machine's fp32 chain throughput (at least OVERHEAD_FLOOR_SHARE of that time)."""
+    if machine.small_op_ms is None:
+        return REFERENCE_OVERHEAD_MS
+    arithmetic_ms = gemm_ops(CHAIN_ROWS, SMALL_OP_WIDTH, SMALL_OP_WIDTH) / (machine.fp32_gflops * 1e6)
+    return max(machine.small_op_ms - arithmetic_ms, OVERHEAD_FLOOR_SHARE * machine.small_op_ms)
 
 
 def components_ms(cost: Cost, machine: Throughput) -> np.ndarray:
-    """Each component of COMPONENTS as ms at 100% efficiency on `machine` (nodes, heads and call: counts)."""
+    """Each component of COMPONENTS as ms at 100% efficiency on `machine` (nodes, heads and the call: as that
+    many operator overheads)."""
     per_ms_fp32, per_ms_int8, per_ms_bytes = machine.fp32_gflops * 1e6, machine.int8_gops * 1e6, machine.bandwidth_gbps * 1e6
     per_ms_int4 = (machine.int4_gflops or machine.fp32_gflops) * 1e6
+    overhead_ms = operator_overhead_ms(machine)
     return np.array([
         cost.gemm_fp32_flops / per_ms_fp32,
         cost.gemm_int8_ops / per_ms_int8,
@@ -184,9 +209,9 @@ def components_ms(cost: Cost, machine: Throughput) -> np.ndarray:
         cost.attention_flops / per_ms_fp32,
         cost.activation_bytes / per_ms_bytes,
         cost.weight_bytes / per_ms_bytes,
-        float(cost.nodes),
-        float(cost.attention_heads),
-        1.0,
+        cost.nodes * overhead_ms,
+        cost.attention_heads * overhead_ms,
+        overhead_ms,
     ])
 
 

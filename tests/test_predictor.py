@@ -20,6 +20,7 @@ from profilers.hardware import HardwareProfile
 from profilers.latency import summarize
 from profilers.predictor import (
     COMPONENTS,
+    REFERENCE_OVERHEAD_MS,
     CalibrationPoint,
     ModelShape,
     Predictor,
@@ -27,6 +28,7 @@ from profilers.predictor import (
     Workload,
     analytic_cost,
     components_ms,
+    operator_overhead_ms,
 )
 from search_spaces import Candidate
 
@@ -65,11 +67,20 @@ def test_fewer_bits_move_fewer_bytes_and_are_faster_where_that_binds() -> None:
 
 
 
+def test_costlier_small_operators_slow_narrow_models_most() -> None:
+    """The per-operator figure is what separates a machine's narrow-model speed from its GEMM speed."""
+    narrow, wide = ModelShape(2, 96, 12, 384, 8), ModelShape(6, 384, 12, 1536, 32)
+    costly = replace(MACHINE, small_op_ms=3 * REFERENCE_OVERHEAD_MS, fingerprint="costly operators")
+    assert operator_overhead_ms(costly) == pytest.approx(3 * REFERENCE_OVERHEAD_MS - 2 * 64 * 48 * 48 / 100e6)
+    noisy = replace(MACHINE, small_op_ms=0.001)  # less than its own arithmetic at this machine's throughput
+    assert operator_overhead_ms(noisy) == pytest.approx(0.1 * 0.001)
+    slowdown = {name: predict(shape, costly) / predict(shape) for name, shape in (("narrow", narrow), ("wide", wide))}
+    assert slowdown["narrow"] > slowdown["wide"] > 1.0
 
 
 def synthetic_points(n: int, seed: int, noise: float = 0.02) -> list[CalibrationPoint]:
     """Latencies from a known ground truth (coefficients unlike the priors) with lognormal noise."""
-    truth = np.array([2.2, 3.0, 1.1, 6.0, 0.6, 2.0, 0.03, 0.01, 0.2])
+    truth = np.array([2.2, 3.0, 1.1, 6.0, 0.6, 2.0, 3.0, 1.0, 20.0])
     assert len(truth) == len(COMPONENTS)
     rng = np.random.default_rng(seed)
     points = []
@@ -115,6 +126,7 @@ def test_a_profile_without_chain_figures_predicts_from_its_peak_figures(profile:
     assert bench is not None and bench.fp32_chain_gflops is None  # the fixture predates the encoder-regime figures
     machine = Throughput.of(profile)
     assert (machine.fp32_gflops, machine.int8_gops, machine.int4_gflops) == (bench.fp32_gemm_gflops, bench.int8_gemm_gops, None)
+    assert machine.small_op_ms is None and operator_overhead_ms(machine) == REFERENCE_OVERHEAD_MS
     assert predict(ModelShape(2, 192, 6, 768, 4), machine) > 0
 
 

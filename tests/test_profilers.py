@@ -69,13 +69,14 @@ def test_quick_microbench_measures_positive_figures_with_methods(quick: Hardware
     assert bench is not None and bench.threads == quick.threads
     assert bench.fp32_gemm_gflops > 1 and bench.int8_gemm_gops > 1 and bench.memory_bandwidth_gbps > 0.5
     assert bench.fp32_chain_gflops > 1 and bench.int8_chain_gops > 1 and bench.int4_chain_gflops > 1
+    assert bench.small_op_us is not None and 0 < bench.small_op_us < 10_000
     for name in ("fp32_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbps", "fp32_chain_gflops", "int8_chain_gops",
-                 "int4_chain_gflops"):
+                 "int4_chain_gflops", "small_op_us"):
         method = bench.methods[name]
         assert method.threads == quick.threads and method.runs >= 5 and method.shape
     machine = Throughput.of(quick)  # the predictor divides by the encoder-regime figures, not the peak ones
-    assert (machine.fp32_gflops, machine.int8_gops, machine.int4_gflops) == (
-        bench.fp32_chain_gflops, bench.int8_chain_gops, bench.int4_chain_gflops)
+    assert (machine.fp32_gflops, machine.int8_gops, machine.int4_gflops, machine.small_op_ms) == (
+        bench.fp32_chain_gflops, bench.int8_chain_gops, bench.int4_chain_gflops, bench.small_op_us / 1000)
 
 
 def test_json_names_that_other_parts_rely_on(quick: HardwareProfile) -> None:
