@@ -27,8 +27,10 @@ Figures:
 
 `--quick`: 8 candidates and quick profiles (a smoke run, figures meaningless). `--measurements FILE` keeps every
 timing in FILE (JSON) and reuses the candidates already in it, so an interrupted run continues. The last line is
-JSON: {"mape", "within_15pct", "kendall_tau", "n", "cross_machine": {"mape", "within_15pct", "kendall_tau"},
-"repeat_mape"}; repeat_mape is how far one process's p50 of a build lies from its other processes' median.
+JSON: {"mape", "within_15pct", "kendall_tau", "n", "cross_machine": {"mape", "within_15pct", "kendall_tau",
+"profile_drift"}, "repeat_mape"}; repeat_mape is how far one process's p50 of a build lies from its other
+processes' median, profile_drift how far a second 1-thread profile taken after the timings moves the
+cross-machine predictions (the noise of a profile itself).
 """
 
 from __future__ import annotations
@@ -210,6 +212,14 @@ def transferred(calibration: Sequence[CalibrationPoint], source: Throughput, tar
                     [q.p50_low_ms <= p.p50_ms <= q.p50_high_ms for q, p in zip(preds, targets)])
 
 
+def profile_drift(calibration: Sequence[CalibrationPoint], source: Throughput, first: Throughput, second: Throughput) -> float:
+    """Median |p50 predicted from a second profile of the same machine and threads / from the first - 1|: what
+    the noise of one profile alone moves a cross-machine prediction, before any modelling error."""
+    predictor = Predictor.calibrate(source, calibration, PERCENTILE)
+    return median(abs(predictor.predict(p.shape, WORKLOAD, second).p50_ms / predictor.predict(p.shape, WORKLOAD, first).p50_ms - 1)
+                  for p in calibration)
+
+
 def demo_savings(rows: Sequence[Measured], profile: HardwareProfile, predictor: Predictor, teacher_p95: float) -> dict[str, Any]:
     """Estimated gate seconds saved by predictor skips on the demo spec (see the module docstring)."""
     spec = load_spec(DEMO_SPEC)
@@ -261,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     points_2t = [point(r, 2) for r in random_rows]
     same = cross_validated(points_2t, two, args.seed)
     cross = transferred(points_2t, two, [point(r, 1) for r in random_rows], one)
+    one_again = Throughput.of(collect_profile(1, quick=args.quick))
+    drift = profile_drift(points_2t, two, one, one_again)
     savings = demo_savings(random_rows, profile_2t, Predictor.calibrate(two, points_2t, PERCENTILE), teacher_row.p95_2t)
     for name, machine in (("2 threads", two), ("1 thread", one)):
         print(f"profile at {name} (encoder-regime chains): fp32 {machine.fp32_gflops} GFLOP/s, int8 {machine.int8_gops} GOP/s, "
@@ -273,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     repeat = repeatability(random_rows)
     print(f"repeatability: one process's p50 vs the median of the same build's other {REPEATS - 1} processes: "
           f"median {repeat:.1%} apart (the noise under every figure above)")
+    print(f"profile drift: a second 1-thread profile, taken after the timings, moves the cross-machine predictions a "
+          f"median {drift:.1%} (fp32 chain {one.fp32_gflops} then {one_again.fp32_gflops} GFLOP/s)")
     print("demo search savings (estimate):", json.dumps(savings))
-    print(json.dumps({**same.summary(), "n": len(random_rows), "cross_machine": cross.summary(),
+    print(json.dumps({**same.summary(), "n": len(random_rows), "cross_machine": {**cross.summary(), "profile_drift": round(drift, 4)},
                       "repeat_mape": round(repeat, 4)}))
     return 0
 
