@@ -218,8 +218,10 @@ def pipeline_metric(pipeline: TrialPipeline) -> str:
     return getattr(pipeline.ctx.metric, "__name__", "custom metric") if pipeline.ctx.metric is not None else "accuracy"
 
 
-def choose_recommendation(pipeline: TrialPipeline, records: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
-    """The most accurate evaluated or refined candidate whose re-measured latency meets the target."""
+def choose_recommendation(pipeline: TrialPipeline, records: list[dict[str, Any]],
+                          note: Callable[[str], None] = log.info) -> tuple[dict[str, Any] | None, str | None]:
+    """The most accurate evaluated or refined candidate whose re-measured latency meets the target; `note` hears
+    why a more accurate one was passed over (a user who saw it trained should see why it was not chosen)."""
     target_ms = pipeline.ctx.target.latency_ms
     seen: set[str] = set()
     for record in with_accuracy(records, ("evaluated", "refined")):
@@ -233,7 +235,8 @@ def choose_recommendation(pipeline: TrialPipeline, records: list[dict[str, Any]]
         latency = confirmed_latency(pipeline, record)
         if latency <= target_ms:
             return {**record, "latency_ms": latency}, None
-        log.info("trial %d re-measured at %.2f ms, over the %.2f ms target", record["number"], latency, target_ms)
+        note(f"trial {record['number']} ({record['stage']}, {pipeline_metric(pipeline)} {record['accuracy']:.4f}) "
+             f"re-measured at {latency:.2f} ms, over the {target_ms:.2f} ms target: not recommended")
     misses = closest_measured(records)
     if not misses:
         return None, "no trial finished"
@@ -502,7 +505,7 @@ def tune(
     elsewhere = [trial for trial in trials if trial.user_attrs.get(HARDWARE_ATTR, profile.fingerprint) != profile.fingerprint]
     records = [trial_record(trial) for trial in here]
     refined = refine_finalists(pipeline, records, progress)
-    recommended, reason = choose_recommendation(pipeline, records + refined)
+    recommended, reason = choose_recommendation(pipeline, records + refined, progress.note)
     baseline_test = pipeline.score(baseline, splits.test)[0] if len(splits.test) else None
     baseline_latency = session.baseline_stats.percentile_ms(t.percentile)
     recommended_out = None

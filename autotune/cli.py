@@ -152,6 +152,9 @@ def build_parser() -> Parser:
     )
     profile.add_argument("--quick", action="store_true", help="smaller, ~1 s microbenchmarks (a few seconds in all) instead of the full ~30 s run")
     profile.add_argument("--threads", type=thread_count, default=None, metavar="N", help="threads for the CPU microbenchmarks (default: all physical cores)")
+    profile.add_argument("--rounds", type=positive(int), default=1, metavar="N",
+                         help="repeat the CPU microbenchmarks N times back to back and keep each figure's median "
+                              "(default 1; 3 or more on a shared host, where a neighbour's load swings them by 10-30%%)")
     profile.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     profile.add_argument("-o", "--output", type=writable_file, default=None, metavar="FILE", help="write the profile as JSON to FILE (for `autotune plan --hardware`)")
     profile.set_defaults(handler=run_profile)
@@ -253,8 +256,9 @@ def run_profile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
-    with console.status("Profiling this machine (microbenchmarks running)..."):
-        profile = collect_profile(args.threads, quick=args.quick)
+    rounds = f", {args.rounds} rounds" if args.rounds > 1 else ""
+    with console.status(f"Profiling this machine (microbenchmarks running{rounds})..."):
+        profile = collect_profile(args.threads, quick=args.quick, rounds=args.rounds)
     if args.output is not None:
         try:
             args.output.write_text(profile.to_json() + "\n", encoding="utf-8")

@@ -23,9 +23,11 @@ Figures:
   how many of this bench's measured candidates such a skip would have wrongly skipped (measured p95 at or under
   1.5x target). Sampler behaviour is not modelled (NSGA-II proposes more promising shapes than uniform sampling).
 
-    python bench/predictor.py [--n 40] [--quick] [--seed 0] [--measurements FILE]
+    python bench/predictor.py [--n 40] [--quick] [--seed 0] [--rounds 3] [--measurements FILE]
 
-`--quick`: 8 candidates and quick profiles (a smoke run, figures meaningless). `--measurements FILE` keeps every
+`--quick`: 8 candidates and quick one-round profiles (a smoke run, figures meaningless). `--rounds`: microbenchmark
+rounds per profile, each figure their median (`autotune profile --rounds`); one round is a snapshot of this shared
+box's load at that minute. `--measurements FILE` keeps every
 timing in FILE (JSON) and reuses the candidates already in it, so an interrupted run continues. The last line is
 JSON: {"mape", "within_15pct", "kendall_tau", "n", "cross_machine": {"mape", "within_15pct", "kendall_tau",
 "profile_drift"}, "repeat_mape"}; repeat_mape is how far one process's p50 of a build lies from its other
@@ -254,12 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 candidates, quick profiles")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--measurements", type=Path, default=None, help="JSON file to keep and reuse timings in")
+    parser.add_argument("--rounds", type=int, default=3, help="microbenchmark rounds per profile (default 3)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("fusion_embedlayer").setLevel(logging.ERROR)
     n = 8 if args.quick else args.n
-    profile_2t = collect_profile(2, quick=args.quick)
-    profile_1t = collect_profile(1, quick=args.quick)
+    rounds = 1 if args.quick else args.rounds
+    profile_2t = collect_profile(2, quick=args.quick, rounds=rounds)
+    profile_1t = collect_profile(1, quick=args.quick, rounds=rounds)
     space, _ = restrict_to_hardware(preset("bert-default", shape_of_minilm()), profile_2t, "onnxruntime", "cpu")
     teacher = shape_of_minilm().as_candidate(32)
     candidates = sample_candidates(space, n, args.seed)
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     points_2t = [point(r, 2) for r in random_rows]
     same = cross_validated(points_2t, two, args.seed)
     cross = transferred(points_2t, two, [point(r, 1) for r in random_rows], one)
-    one_again = Throughput.of(collect_profile(1, quick=args.quick))
+    one_again = Throughput.of(collect_profile(1, quick=args.quick, rounds=rounds))
     drift = profile_drift(points_2t, two, one, one_again)
     savings = demo_savings(random_rows, profile_2t, Predictor.calibrate(two, points_2t, PERCENTILE), teacher_row.p95_2t)
     for name, machine in (("2 threads", two), ("1 thread", one)):

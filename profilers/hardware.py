@@ -22,7 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 from profilers.cpu import CpuInfo, probe_cpu
 from profilers.gpu import GpuInfo, probe_gpus
 from profilers.memory import MemoryInfo, probe_memory
-from profilers.microbench import BenchPlan, Microbench, run_cpu_microbench, run_gpu_microbench
+from profilers.microbench import BenchPlan, Microbench, median_of_rounds, run_cpu_microbench, run_gpu_microbench
 from profilers.software import SoftwareInfo, probe_software
 
 SCHEMA_VERSION = 1
@@ -111,15 +111,20 @@ def default_threads(cpu: CpuInfo) -> int:
     return max(1, cpu.physical_cores)
 
 
-def collect_profile(threads: int | None = None, *, quick: bool = False, microbench: bool = True) -> HardwareProfile:
+def collect_profile(threads: int | None = None, *, quick: bool = False, microbench: bool = True,
+                    rounds: int = 1) -> HardwareProfile:
     """Probe this machine; with `microbench`, also measure its throughput at `threads` (default: physical cores).
 
     quick: smaller problems and ~1 s per figure (the whole profile in seconds) instead of ~6 s per figure.
+    rounds: CPU microbenchmark rounds run back to back, each figure the median of the rounds (see
+    `with_throughput`).
     """
     cpu = probe_cpu()
     threads = default_threads(cpu) if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
     gpus, reason = probe_gpus()
     probed = HardwareProfile(
         schema_version=SCHEMA_VERSION,
@@ -132,14 +137,21 @@ def collect_profile(threads: int | None = None, *, quick: bool = False, microben
         software=probe_software(),
         microbench=None,
     )
-    return with_throughput(probed, quick=quick) if microbench else probed
+    return with_throughput(probed, quick=quick, rounds=rounds) if microbench else probed
 
 
-def with_throughput(profile: HardwareProfile, *, quick: bool = False) -> HardwareProfile:
+def with_throughput(profile: HardwareProfile, *, quick: bool = False, rounds: int = 1) -> HardwareProfile:
     """`profile` with its throughput measured (CPU at its threads, and its GPUs): what `collect_profile` adds to
-    the probed facts, so a caller that needed the fingerprint early does not probe the machine twice."""
+    the probed facts, so a caller that needed the fingerprint early does not probe the machine twice.
+
+    On a shared host a neighbour's load swings the CPU figures by 10-30% from one minute to the next (2-thread
+    fp32 GEMM chains read 100-140 GFLOP/s on the development box); `rounds` > 1 repeats the CPU microbenchmarks
+    and keeps each figure's median, so a profile spans more of those swings. GPUs are measured once.
+    """
     plan = BenchPlan.for_mode(quick)
-    return replace(profile, microbench=run_cpu_microbench(profile.threads, plan), gpus=run_gpu_microbench(profile.gpus, plan))
+    cpu = [run_cpu_microbench(profile.threads, plan) for _ in range(rounds)]
+    return replace(profile, microbench=cpu[0] if rounds == 1 else median_of_rounds(cpu),
+                   gpus=run_gpu_microbench(profile.gpus, plan))
 
 
 def load_profile(path: str | os.PathLike[str]) -> HardwareProfile:

@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -228,6 +228,34 @@ def run_cpu_microbench(threads: int, plan: BenchPlan) -> Microbench:
         int4_chain_gflops=round(chains[4][0], 2),
         small_op_us=round(small_op, 2),
     )
+
+
+#: The figures of a Microbench that `median_of_rounds` takes the median of (the optional ones only when every
+#: round has them).
+FIGURES = ("fp32_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbps", "fp32_chain_gflops", "int8_chain_gops",
+           "int4_chain_gflops", "small_op_us")
+
+
+def median_of_rounds(rounds: Sequence[Microbench]) -> Microbench:
+    """Several back-to-back rounds at one thread count as one Microbench: each figure the median of its rounds
+    (one round in a noisy neighbour's busy minute moves it no further than the middle round), each method with
+    every round's runs and seconds and the value each round measured."""
+    if not rounds or len({r.threads for r in rounds}) != 1:
+        raise ValueError("median_of_rounds needs one or more rounds, all at the same thread count")
+    values: dict[str, float | None] = {}
+    methods: dict[str, BenchMethod] = {}
+    for name in FIGURES:
+        measured = [getattr(r, name) for r in rounds]
+        if any(v is None for v in measured):
+            values[name] = None
+            continue
+        values[name] = round(float(np.median(measured)), 2)
+        first = rounds[0].methods.get(name)
+        if first is not None:
+            methods[name] = replace(first, runs=sum(r.methods[name].runs for r in rounds),
+                                    seconds=round(sum(r.methods[name].seconds for r in rounds), 3),
+                                    statistic=f"median of {len(rounds)} rounds", round_values=tuple(measured))
+    return Microbench(threads=rounds[0].threads, methods=methods, **values)  # type: ignore[arg-type]
 
 
 def _cuda_index_by_uuid() -> dict[str, int]:

@@ -52,7 +52,7 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["profile", "--help"])
     help_text = capsys.readouterr().out
-    for option in ("--quick", "--threads", "--json", "--output"):
+    for option in ("--quick", "--threads", "--rounds", "--json", "--output"):
         assert option in help_text
 
 
@@ -65,6 +65,7 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
         (["profile", "-o", "/nonexistent-dir/box.json"], "does not exist"),
         (["profile", "-o", "/"], "is a directory"),
         (["profile", "--bogus"], "unrecognized arguments"),
+        (["profile", "--rounds", "0"], "must be a positive integer"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],

@@ -13,7 +13,7 @@ import pytest
 from profilers.cpu import inference_flags, parse_cache_size
 from profilers.gpu import cuda_version_text, probe_gpus
 from profilers.hardware import SCHEMA_VERSION, HardwareProfile, ProfileError, collect_profile, load_profile
-from profilers.microbench import BenchPlan, run_gpu_microbench
+from profilers.microbench import BenchPlan, median_of_rounds, run_gpu_microbench
 from profilers.predictor import Throughput
 
 
@@ -77,6 +77,25 @@ def test_quick_microbench_measures_positive_figures_with_methods(quick: Hardware
     machine = Throughput.of(quick)  # the predictor divides by the encoder-regime figures, not the peak ones
     assert (machine.fp32_gflops, machine.int8_gops, machine.int4_gflops, machine.small_op_ms) == (
         bench.fp32_chain_gflops, bench.int8_chain_gops, bench.int4_chain_gflops, bench.small_op_us / 1000)
+
+
+def test_rounds_keep_each_figures_median_and_every_rounds_value(quick: HardwareProfile) -> None:
+    bench = quick.microbench
+    assert bench is not None
+    slow, fast = (replace(bench, fp32_chain_gflops=v, small_op_us=u) for v, u in ((60.0, 20.0), (200.0, 5.0)))
+    merged = median_of_rounds([slow, bench, fast])
+    assert merged.fp32_chain_gflops == bench.fp32_chain_gflops and merged.small_op_us == bench.small_op_us
+    method = merged.methods["fp32_chain_gflops"]
+    assert method.round_values == (60.0, bench.fp32_chain_gflops, 200.0) and method.statistic == "median of 3 rounds"
+    assert method.runs == 3 * bench.methods["fp32_chain_gflops"].runs
+    assert median_of_rounds([bench, replace(bench, small_op_us=None)]).small_op_us is None  # an older round lacks it
+    with pytest.raises(ValueError, match="same thread count"):
+        median_of_rounds([bench, replace(bench, threads=bench.threads + 1)])
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        collect_profile(rounds=0)
+    two = collect_profile(1, quick=True, rounds=2)
+    assert two.microbench is not None and len(two.microbench.methods["int8_chain_gops"].round_values) == 2
+    assert HardwareProfile.from_json(two.to_json()) == two
 
 
 def test_json_names_that_other_parts_rely_on(quick: HardwareProfile) -> None:

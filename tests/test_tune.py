@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -489,3 +490,18 @@ def test_passwords_never_shown_in_commands_and_urls() -> None:
     shown = shown_command(["autotune", "tune", "spec.yaml", "--storage", url, f"--storage={url}",
                            f"--set=search.storage={url}", "--set", "data.limit=20"])
     assert "s3cret" not in shown and shown.count("alice:***@db.example") == 3 and "data.limit=20" in shown
+
+
+def test_a_more_accurate_candidate_passed_over_at_re_measurement_is_explained(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refined student the user watched train must not vanish from the answer without a word."""
+    pipeline = SimpleNamespace(ctx=SimpleNamespace(target=SimpleNamespace(latency_ms=5.0), metric=None))
+    records = [{"number": 2, "stage": stage, "accuracy": accuracy, "latency_ms": 4.6, "artifact": str(tmp_path / stage),
+                "remeasured": remeasured} for stage, accuracy, remeasured in (("refined", 0.856, 5.2), ("evaluated", 0.832, 4.9))]
+    for record in records:
+        Path(record["artifact"]).mkdir()
+    monkeypatch.setattr(api, "confirmed_latency", lambda pipeline, record: record["remeasured"])
+    notes: list[str] = []
+    chosen, reason = api.choose_recommendation(pipeline, records, notes.append)  # type: ignore[arg-type]
+    assert chosen is not None and chosen["stage"] == "evaluated" and chosen["latency_ms"] == 4.9 and reason is None
+    assert notes == ["trial 2 (refined, accuracy 0.8560) re-measured at 5.20 ms, over the 5.00 ms target: not recommended"]
