@@ -64,8 +64,8 @@ CHAIN_BITS = (32, 8, 4)
 #: apart from one session to the next on a 2-core box, more than within a session.
 CHAIN_SESSIONS = 3
 #: The per-operator figure's chain: 64 x 48 x 48 GEMMs (0.3 MFLOP each) are a few microseconds of arithmetic,
-#: so the time per node is mostly the operator's fixed cost at this thread count (on a 2-core EPYC, about 10 us
-#: at 2 threads against 5 at 1: a second thread costs small operators more than it saves them).
+#: so the time per node is mostly the operator's fixed cost at this thread count (on a 2-core EPYC, 9-14 us
+#: at 2 threads against 4.5-8 at 1: a second thread costs small operators more than it saves them).
 SMALL_OP_WIDTH = 48
 
 

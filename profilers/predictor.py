@@ -15,7 +15,7 @@ Two layers, so that a profile of a machine nobody measured a model on still yiel
    units of the profile's operator overhead (`operator_overhead_ms`): what one small ORT operator costs beyond
    its arithmetic, from the profile's `small_op_us` (a 48-wide MatMul chain's time per node). That overhead is
    dispatch plus handing work to the thread pool and waiting for it, so it changes with the thread count and
-   the machine (on a 2-core EPYC about 9-12 us at 2 threads against 2-3 at 1), and it dominates narrow models.
+   the machine (on a 2-core EPYC 7-12 us at 2 threads against 0.5-4.5 at 1), and it dominates narrow models.
    Profiles from before that figure count them at REFERENCE_OVERHEAD_MS.
 2. **Fitted correction** (`Correction`): predicted ms = sum_k c_k * component_k, one positive coefficient per
    component (an inverse efficiency; for nodes, heads and the call, how many operator overheads each costs).
