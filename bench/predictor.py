@@ -27,8 +27,8 @@ Figures:
 
 `--quick`: 8 candidates and quick one-round profiles (a smoke run, figures meaningless). `--rounds`: microbenchmark
 rounds per profile, each figure their median (`autotune profile --rounds`); one round is a snapshot of this shared
-box's load at that minute. `--measurements FILE` keeps every
-timing in FILE (JSON) and reuses the candidates already in it, so an interrupted run continues. The last line is
+box's load at that minute. `--measurements FILE` keeps every timing in FILE (JSON) and reuses the candidates
+already in it, so an interrupted run continues. The last line is
 JSON: {"mape", "within_15pct", "kendall_tau", "n", "cross_machine": {"mape", "within_15pct", "kendall_tau",
 "profile_drift"}, "repeat_mape"}; repeat_mape is how far one process's p50 of a build lies from its other
 processes' median, profile_drift how far a second 1-thread profile taken after the timings moves the
