@@ -148,10 +148,13 @@ def anchors(teacher: TeacherShape, space: Space, budget: int) -> list[Candidate]
     search has to beat.
     """
     depths = sorted((d for d in space.knob("layers").values() if d < teacher.layers), reverse=True)
-    wanted = [teacher.as_candidate(32), teacher.as_candidate(8), *(teacher.cut_to(d, bits=8) for d in depths)]
-    for outside in (c for c in wanted if not space.contains(c)):
-        log.info("anchor not enqueued (outside the space): %s", outside.describe())
-    return [c for c in wanted if space.contains(c)][:max(1, int(budget * ANCHOR_BUDGET_SHARE))]
+    inside = []
+    for candidate in (teacher.as_candidate(32), teacher.as_candidate(8), *(teacher.cut_to(d, bits=8) for d in depths)):
+        if space.contains(candidate):
+            inside.append(candidate)
+        else:
+            log.info("anchor not enqueued (outside the space): %s", candidate.describe())
+    return inside[:max(1, int(budget * ANCHOR_BUDGET_SHARE))]
 
 
 def stable_baseline(pipeline: TrialPipeline, artifact: Artifact) -> LatencyStats:

@@ -206,18 +206,15 @@ def cross_validated(points: Sequence[CalibrationPoint], machine: Throughput, see
     return accuracy(predicted, measured, inside)
 
 
-def transferred(calibration: Sequence[CalibrationPoint], source: Throughput, targets: Sequence[CalibrationPoint],
-                machine: Throughput) -> Accuracy:
-    predictor = Predictor.calibrate(source, calibration, PERCENTILE)
+def transferred(predictor: Predictor, targets: Sequence[CalibrationPoint], machine: Throughput) -> Accuracy:
     preds = [predictor.predict(p.shape, WORKLOAD, machine) for p in targets]
     return accuracy([q.p50_ms for q in preds], [p.p50_ms for p in targets],
                     [q.p50_low_ms <= p.p50_ms <= q.p50_high_ms for q, p in zip(preds, targets)])
 
 
-def profile_drift(calibration: Sequence[CalibrationPoint], source: Throughput, first: Throughput, second: Throughput) -> float:
+def profile_drift(predictor: Predictor, calibration: Sequence[CalibrationPoint], first: Throughput, second: Throughput) -> float:
     """Median |p50 predicted from a second profile of the same machine and threads / from the first - 1|: what
     the noise of one profile alone moves a cross-machine prediction, before any modelling error."""
-    predictor = Predictor.calibrate(source, calibration, PERCENTILE)
     return median(abs(predictor.predict(p.shape, WORKLOAD, second).p50_ms / predictor.predict(p.shape, WORKLOAD, first).p50_ms - 1)
                   for p in calibration)
 
@@ -274,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     one = Throughput.of(profile_1t)
     points_2t = [point(r, 2) for r in random_rows]
     same = cross_validated(points_2t, two, args.seed)
-    cross = transferred(points_2t, two, [point(r, 1) for r in random_rows], one)
+    calibrated = Predictor.calibrate(two, points_2t, PERCENTILE)  # on every 2-thread point, for what follows
+    cross = transferred(calibrated, [point(r, 1) for r in random_rows], one)
     one_again = Throughput.of(collect_profile(1, quick=args.quick, rounds=rounds))
-    drift = profile_drift(points_2t, two, one, one_again)
-    savings = demo_savings(random_rows, profile_2t, Predictor.calibrate(two, points_2t, PERCENTILE), teacher_row.p95_2t)
+    drift = profile_drift(calibrated, points_2t, one, one_again)
+    savings = demo_savings(random_rows, profile_2t, calibrated, teacher_row.p95_2t)
     for name, machine in (("2 threads", two), ("1 thread", one)):
         print(f"profile at {name} (encoder-regime chains): fp32 {machine.fp32_gflops} GFLOP/s, int8 {machine.int8_gops} GOP/s, "
               f"int4 {machine.int4_gflops} GFLOP/s, {machine.bandwidth_gbps} GB/s, one small operator "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -154,33 +154,33 @@ def quantized_chain(fp32: onnx.ModelProto, bits: int) -> bytes:
             return handle.read()
 
 
-def chain_sessions(model: bytes, width: int, threads: int, settings: MeasureSettings) -> tuple[LatencyStats, BenchMethod]:
+def chain_sessions(model: bytes, width: int, threads: int, settings: MeasureSettings, engine: str,
+                   dtype: str) -> tuple[LatencyStats, BenchMethod]:
     """The median session (by p50) of CHAIN_SESSIONS, each given an equal share of `settings.max_seconds`, on a
-    CHAIN_ROWS x `width` input; the method counts every session's runs and seconds (engine and dtype blank)."""
+    CHAIN_ROWS x `width` input; the method counts every session's runs and seconds."""
     x = np.random.default_rng(3).standard_normal((CHAIN_ROWS, width)).astype(np.float32)
     share = replace(settings, max_seconds=settings.max_seconds / CHAIN_SESSIONS)
     sessions = sorted((measure_onnx(model, {"X": x}, threads=threads, settings=share) for _ in range(CHAIN_SESSIONS)),
                       key=lambda s: s.p50_ms)
-    method = BenchMethod(engine="", shape=f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{width}x{width}, median of {CHAIN_SESSIONS} sessions",
-                         dtype="", threads=threads, runs=sum(s.runs for s in sessions),
+    method = BenchMethod(engine=engine, shape=f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{width}x{width}, median of {CHAIN_SESSIONS} sessions",
+                         dtype=dtype, threads=threads, runs=sum(s.runs for s in sessions),
                          seconds=round(sum(s.seconds for s in sessions), 3))
     return sessions[len(sessions) // 2], method
 
 
 def cpu_gemm_chain(bits: int, threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
     """G(FL)OP/s of the encoder-regime GEMM chain at `bits` (see the module docstring), all nodes' time included."""
-    stats, method = chain_sessions(quantized_chain(gemm_chain_model(), bits), CHAIN_WIDTH, threads, settings)
-    rate = CHAIN_DEPTH * gemm_ops(CHAIN_ROWS, CHAIN_WIDTH, CHAIN_WIDTH) / (stats.p50_ms / 1000.0) / 1e9
     engine = {32: "onnxruntime MatMul chain", 8: "onnxruntime quantize_dynamic chain", 4: "onnxruntime MatMulNBits chain"}[bits]
     dtype = {32: "fp32", 8: "int8 dynamic", 4: "int4 block 32"}[bits]
-    return rate, replace(method, engine=engine, dtype=dtype)
+    stats, method = chain_sessions(quantized_chain(gemm_chain_model(), bits), CHAIN_WIDTH, threads, settings, engine, dtype)
+    return CHAIN_DEPTH * gemm_ops(CHAIN_ROWS, CHAIN_WIDTH, CHAIN_WIDTH) / (stats.p50_ms / 1000.0) / 1e9, method
 
 
 def cpu_small_op_us(threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
     """Microseconds per node of the SMALL_OP_WIDTH fp32 MatMul chain: one small operator's cost at `threads`."""
     model = gemm_chain_model(width=SMALL_OP_WIDTH).SerializeToString()
-    stats, method = chain_sessions(model, SMALL_OP_WIDTH, threads, settings)
-    return stats.p50_ms * 1000.0 / CHAIN_DEPTH, replace(method, engine="onnxruntime MatMul chain (per node)", dtype="fp32")
+    stats, method = chain_sessions(model, SMALL_OP_WIDTH, threads, settings, "onnxruntime MatMul chain (per node)", "fp32")
+    return stats.p50_ms * 1000.0 / CHAIN_DEPTH, method
 
 
 def _method(engine: str, shape: str, dtype: str, threads: int | None, stats: LatencyStats) -> BenchMethod:
@@ -230,16 +230,15 @@ def run_cpu_microbench(threads: int, plan: BenchPlan) -> Microbench:
     )
 
 
-#: The figures of a Microbench that `median_of_rounds` takes the median of (the optional ones only when every
-#: round has them).
-FIGURES = ("fp32_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbps", "fp32_chain_gflops", "int8_chain_gops",
-           "int4_chain_gflops", "small_op_us")
+#: The measured figures of a Microbench (every field but its thread count and methods).
+FIGURES = tuple(f.name for f in fields(Microbench) if f.name not in ("threads", "methods"))
 
 
 def median_of_rounds(rounds: Sequence[Microbench]) -> Microbench:
     """Several back-to-back rounds at one thread count as one Microbench: each figure the median of its rounds
     (one round in a noisy neighbour's busy minute moves it no further than the middle round), each method with
-    every round's runs and seconds and the value each round measured."""
+    every round's runs and seconds and the value each round measured. A figure some round lacks (an optional
+    one) is None."""
     if not rounds or len({r.threads for r in rounds}) != 1:
         raise ValueError("median_of_rounds needs one or more rounds, all at the same thread count")
     values: dict[str, float | None] = {}
