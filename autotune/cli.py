@@ -155,6 +155,9 @@ def build_parser() -> Parser:
     profile.add_argument("--rounds", type=positive(int), default=1, metavar="N",
                          help="repeat the CPU microbenchmarks N times back to back and keep each figure's median "
                               "(default 1; 3 or more on a shared host, where a neighbour's load swings them by 10-30%%)")
+    profile.add_argument("--interval", type=positive(float), default=None, metavar="SECONDS",
+                         help="wait SECONDS between rounds (needs --rounds 2 or more), so the rounds sample the "
+                              "host over minutes rather than one stretch of about 45 s a round")
     profile.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     profile.add_argument("-o", "--output", type=writable_file, default=None, metavar="FILE", help="write the profile as JSON to FILE (for `autotune plan --hardware`)")
     profile.set_defaults(handler=run_profile)
@@ -255,10 +258,13 @@ def run_profile(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    if args.interval is not None and args.rounds < 2:
+        raise UsageError(f"--interval {args.interval:g} waits between rounds: give --rounds 2 or more")
     console = Console(stderr=True)
     rounds = f", {args.rounds} rounds" if args.rounds > 1 else ""
-    with console.status(f"Profiling this machine (microbenchmarks running{rounds})..."):
-        profile = collect_profile(args.threads, quick=args.quick, rounds=args.rounds)
+    apart = f" {args.interval:g} s apart" if args.interval else ""
+    with console.status(f"Profiling this machine (microbenchmarks running{rounds}{apart})..."):
+        profile = collect_profile(args.threads, quick=args.quick, rounds=args.rounds, interval_s=args.interval or 0.0)
     if args.output is not None:
         try:
             args.output.write_text(profile.to_json() + "\n", encoding="utf-8")

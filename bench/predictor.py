@@ -23,16 +23,21 @@ Figures:
   how many of this bench's measured candidates such a skip would have wrongly skipped (measured p95 at or under
   1.5x target). Sampler behaviour is not modelled (NSGA-II proposes more promising shapes than uniform sampling).
 
-    python bench/predictor.py [--n 40] [--quick] [--seed 0] [--rounds 3] [--measurements FILE]
+    python bench/predictor.py [--n 40] [--quick] [--seed 0] [--rounds 8] [--measurements FILE]
 
-`--quick`: 8 candidates and quick one-round profiles (a smoke run, figures meaningless). `--rounds`: microbenchmark
-rounds per profile, each figure their median (`autotune profile --rounds`); one round is a snapshot of this shared
-box's load at that minute. `--measurements FILE` keeps every timing in FILE (JSON) and reuses the candidates
-already in it, so an interrupted run continues. The last line is
-JSON: {"mape", "within_15pct", "kendall_tau", "n", "cross_machine": {"mape", "within_15pct", "kendall_tau",
-"profile_drift"}, "repeat_mape"}; repeat_mape is how far one process's p50 of a build lies from its other
-processes' median, profile_drift how far a second 1-thread profile taken after the timings moves the
-cross-machine predictions (the noise of a profile itself).
+Profiles: `--rounds` (default 3) microbenchmark rounds at each thread count, spread evenly over the timings (one
+before the first build, one after the last, the rest between), each figure the median of its rounds, as
+`autotune profile --rounds` merges them. One round is a snapshot of this shared box at that minute: the 2-thread
+fp32 chain read 95-127 GFLOP/s across six runs' opening rounds while the builds' own 1t/2t ratio held near 1.4,
+so rounds taken back to back before ten minutes of timings grade the predictor against another minute's machine.
+
+`--quick`: 8 candidates and quick one-round profiles (a smoke run, figures meaningless). `--measurements FILE`
+keeps every timing in FILE (JSON) and reuses the candidates already in it, so an interrupted run continues (with
+nothing left to time, the rounds run back to back); every profile round goes to FILE's sibling
+`<stem>.profiles.json`. The last line is JSON: {"mape", "within_15pct", "kendall_tau", "n", "cross_machine":
+{"mape", "within_15pct", "kendall_tau", "profile_drift"}, "repeat_mape"}; repeat_mape is how far one process's
+p50 of a build lies from its other processes' median, profile_drift how far one 1-thread round alone moves the
+cross-machine predictions from the merged profile's (the noise of a one-round profile).
 """
 
 from __future__ import annotations
@@ -46,10 +51,10 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import mean, median
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,9 +68,10 @@ from autotune.config import load_spec  # noqa: E402
 from autotune.planning import DEFAULT_SKIP_FACTOR, model_shape  # noqa: E402
 from autotune.runtime import derive_artifact, export_artifact  # noqa: E402
 from autotune.trial import GATE_SETTINGS  # noqa: E402
-from profilers.hardware import HardwareProfile, collect_profile  # noqa: E402
+from profilers.hardware import HardwareProfile, collect_profile, with_throughput  # noqa: E402
 from profilers.isolated import OnnxRequest, measure_onnx_isolated  # noqa: E402
 from profilers.latency import MeasureSettings  # noqa: E402
+from profilers.microbench import median_of_rounds  # noqa: E402
 from profilers.predictor import CalibrationPoint, Predictor, Throughput, Workload  # noqa: E402
 from search_spaces import Candidate, Space, preset, restrict_to_hardware, with_overrides  # noqa: E402
 
@@ -145,18 +151,31 @@ def load_measurements(path: Path | None) -> list[Measured]:
             for row in json.loads(path.read_text())]
 
 
-def measure_all(candidates: Sequence[Candidate], path: Path | None) -> list[Measured]:
-    """Timings of every candidate, reusing those already in `path` and saving after each new one."""
+def round_positions(rounds: int, builds: int) -> list[int]:
+    """Before which of `builds` timings (0 .. builds, builds meaning after the last) each profile round is taken:
+    evenly from the first to after the last, so the rounds span the timings' conditions."""
+    if rounds == 1:
+        return [0]
+    return [round(k * builds / (rounds - 1)) for k in range(rounds)]
+
+
+def measure_all(candidates: Sequence[Candidate], path: Path | None, rounds: int,
+                take_round: Callable[[], None]) -> list[Measured]:
+    """Timings of every candidate, reusing those already in `path` and saving after each new one, with
+    `take_round` called `rounds` times spread over the new timings (see round_positions)."""
     rows = [r for r in load_measurements(path) if r.repeats == REPEATS and r.process_p50s_2t]  # older rows: re-measured
     done = {Candidate.from_dict(r.candidate).shape_key for r in rows}
     todo = [c for c in candidates if c.shape_key not in done]
-    if todo:
-        teacher, tokenizer, _ = load_teacher(load_spec(DEMO_SPEC))
-        time.sleep(1.0)
-        for i, candidate in enumerate(todo, 1):
+    positions = round_positions(rounds, len(todo))
+    teacher, tokenizer, _ = load_teacher(load_spec(DEMO_SPEC)) if todo else (None, None, None)
+    for i in range(len(todo) + 1):
+        for _ in range(positions.count(i)):
+            take_round()
+        if i < len(todo):
+            candidate = todo[i]
             rows.append(time_candidate(teacher, tokenizer, candidate))
             r = rows[-1]
-            print(f"[{i}/{len(todo)}] {candidate.describe()}: p50 {r.p50_2t:.2f} ms (2t), {r.p50_1t:.2f} ms (1t); "
+            print(f"[{i + 1}/{len(todo)}] {candidate.describe()}: p50 {r.p50_2t:.2f} ms (2t), {r.p50_1t:.2f} ms (1t); "
                   f"gate {r.gate_seconds:.1f} s", flush=True)
             if path is not None:
                 path.write_text(json.dumps([asdict(m) for m in rows], indent=1))
@@ -212,11 +231,22 @@ def transferred(predictor: Predictor, targets: Sequence[CalibrationPoint], machi
                     [q.p50_low_ms <= p.p50_ms <= q.p50_high_ms for q, p in zip(preds, targets)])
 
 
-def profile_drift(predictor: Predictor, calibration: Sequence[CalibrationPoint], first: Throughput, second: Throughput) -> float:
-    """Median |p50 predicted from a second profile of the same machine and threads / from the first - 1|: what
-    the noise of one profile alone moves a cross-machine prediction, before any modelling error."""
-    return median(abs(predictor.predict(p.shape, WORKLOAD, second).p50_ms / predictor.predict(p.shape, WORKLOAD, first).p50_ms - 1)
-                  for p in calibration)
+def profile_drift(predictor: Predictor, calibration: Sequence[CalibrationPoint], merged_machine: Throughput,
+                  single_rounds: Sequence[Throughput]) -> float:
+    """Median |p50 predicted from one round's profile / from the merged profile - 1| over rounds and shapes: what
+    the noise of a one-round profile alone moves a cross-machine prediction, before any modelling error."""
+    return median(abs(predictor.predict(p.shape, WORKLOAD, single).p50_ms
+                      / predictor.predict(p.shape, WORKLOAD, merged_machine).p50_ms - 1)
+                  for single in single_rounds for p in calibration)
+
+
+def rounds_path(measurements: Path) -> Path:
+    return measurements.with_name(f"{measurements.stem}.profiles.json")
+
+
+def merged(rounds: Sequence[HardwareProfile]) -> HardwareProfile:
+    """One profile from rounds of one machine at one thread count: each figure the median of its rounds."""
+    return replace(rounds[0], microbench=median_of_rounds([p.microbench for p in rounds]))
 
 
 def demo_savings(rows: Sequence[Measured], profile: HardwareProfile, predictor: Predictor, teacher_p95: float) -> dict[str, Any]:
@@ -253,18 +283,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 candidates, quick profiles")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--measurements", type=Path, default=None, help="JSON file to keep and reuse timings in")
-    parser.add_argument("--rounds", type=int, default=3, help="microbenchmark rounds per profile (default 3)")
+    parser.add_argument("--rounds", type=int, default=8, help="microbenchmark rounds per profile, spread over the timings (default 8)")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.n < 2:
+        parser.error(f"--rounds must be >= 1 and --n >= 2 (got --rounds {args.rounds}, --n {args.n})")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("fusion_embedlayer").setLevel(logging.ERROR)
     n = 8 if args.quick else args.n
     rounds = 1 if args.quick else args.rounds
-    profile_2t = collect_profile(2, quick=args.quick, rounds=rounds)
-    profile_1t = collect_profile(1, quick=args.quick, rounds=rounds)
-    space, _ = restrict_to_hardware(preset("bert-default", shape_of_minilm()), profile_2t, "onnxruntime", "cpu")
+    probed = {threads: collect_profile(threads, microbench=False) for threads in (2, 1)}
+    taken: dict[int, list[HardwareProfile]] = {2: [], 1: []}
+
+    def take_round() -> None:
+        for threads, profile in probed.items():
+            taken[threads].append(with_throughput(profile, quick=args.quick))
+        if args.measurements is not None:
+            rounds_path(args.measurements).write_text(json.dumps({t: [p.to_dict() for p in ps] for t, ps in taken.items()}))
+
+    space, _ = restrict_to_hardware(preset("bert-default", shape_of_minilm()), probed[2], "onnxruntime", "cpu")
     teacher = shape_of_minilm().as_candidate(32)
     candidates = sample_candidates(space, n, args.seed)
-    rows = measure_all([*candidates, teacher], args.measurements)
+    rows = measure_all([*candidates, teacher], args.measurements, rounds, take_round)
+    profile_2t, profile_1t = (merged(taken[t]) for t in (2, 1))
     teacher_row = next(r for r in rows if Candidate.from_dict(r.candidate).shape_key == teacher.shape_key)
     random_rows = [r for r in rows if r is not teacher_row]
     two = Throughput.of(profile_2t)
@@ -273,8 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     same = cross_validated(points_2t, two, args.seed)
     calibrated = Predictor.calibrate(two, points_2t, PERCENTILE)  # on every 2-thread point, for what follows
     cross = transferred(calibrated, [point(r, 1) for r in random_rows], one)
-    one_again = Throughput.of(collect_profile(1, quick=args.quick, rounds=rounds))
-    drift = profile_drift(calibrated, points_2t, one, one_again)
+    drift = profile_drift(calibrated, points_2t, one, [Throughput.of(p) for p in taken[1]])
     savings = demo_savings(random_rows, profile_2t, calibrated, teacher_row.p95_2t)
     for name, machine in (("2 threads", two), ("1 thread", one)):
         print(f"profile at {name} (encoder-regime chains): fp32 {machine.fp32_gflops} GFLOP/s, int8 {machine.int8_gops} GOP/s, "
@@ -287,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     repeat = repeatability(random_rows)
     print(f"repeatability: one process's p50 vs the median of the same build's other {REPEATS - 1} processes: "
           f"median {repeat:.1%} apart (the noise under every figure above)")
-    print(f"profile drift: a second 1-thread profile, taken after the timings, moves the cross-machine predictions a "
-          f"median {drift:.1%} (fp32 chain {one.fp32_gflops} then {one_again.fp32_gflops} GFLOP/s)")
+    for threads, profiles in taken.items():
+        print(f"{threads}-thread rounds, fp32 chain GFLOP/s in order: {[p.microbench.fp32_chain_gflops for p in profiles]}")
+    print(f"profile drift: one 1-thread round alone moves the cross-machine predictions a median {drift:.1%} from the "
+          f"merged profile's")
     print("demo search savings (estimate):", json.dumps(savings))
     print(json.dumps({**same.summary(), "n": len(random_rows), "cross_machine": {**cross.summary(), "profile_drift": round(drift, 4)},
                       "repeat_mape": round(repeat, 4)}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,12 +113,12 @@ def default_threads(cpu: CpuInfo) -> int:
 
 
 def collect_profile(threads: int | None = None, *, quick: bool = False, microbench: bool = True,
-                    rounds: int = 1) -> HardwareProfile:
+                    rounds: int = 1, interval_s: float = 0.0) -> HardwareProfile:
     """Probe this machine; with `microbench`, also measure its throughput at `threads` (default: physical cores).
 
     quick: smaller problems and ~1 s per figure (the whole profile in seconds) instead of ~6 s per figure.
-    rounds: CPU microbenchmark rounds run back to back, each figure the median of the rounds (see
-    `with_throughput`).
+    rounds, interval_s: CPU microbenchmark rounds, `interval_s` seconds apart, each figure the median of the
+    rounds (see `with_throughput`).
     """
     cpu = probe_cpu()
     threads = default_threads(cpu) if threads is None else threads
@@ -125,6 +126,8 @@ def collect_profile(threads: int | None = None, *, quick: bool = False, microben
         raise ValueError(f"threads must be >= 1, got {threads}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if interval_s < 0:
+        raise ValueError(f"interval_s must be >= 0, got {interval_s}")
     gpus, reason = probe_gpus()
     probed = HardwareProfile(
         schema_version=SCHEMA_VERSION,
@@ -137,20 +140,27 @@ def collect_profile(threads: int | None = None, *, quick: bool = False, microben
         software=probe_software(),
         microbench=None,
     )
-    return with_throughput(probed, quick=quick, rounds=rounds) if microbench else probed
+    return with_throughput(probed, quick=quick, rounds=rounds, interval_s=interval_s) if microbench else probed
 
 
-def with_throughput(profile: HardwareProfile, *, quick: bool = False, rounds: int = 1) -> HardwareProfile:
+def with_throughput(profile: HardwareProfile, *, quick: bool = False, rounds: int = 1,
+                    interval_s: float = 0.0) -> HardwareProfile:
     """`profile` with its throughput measured (CPU at its threads, and its GPUs): what `collect_profile` adds to
     the probed facts, so a caller that needed the fingerprint early does not probe the machine twice.
 
     On a shared host a neighbour's load swings the CPU figures by 10-30% from one minute to the next (2-thread
-    fp32 GEMM chains read 100-140 GFLOP/s on the development box); `rounds` > 1 repeats the CPU microbenchmarks
-    and keeps each figure's median, so a profile spans more of those swings. GPUs are measured once.
+    fp32 GEMM chains read 95-140 GFLOP/s on the development box); `rounds` > 1 repeats the CPU microbenchmarks,
+    waiting `interval_s` seconds between rounds, and keeps each figure's median, so a profile spans more of those
+    swings: rounds spread over the ten minutes of bench/predictor.py's timings predicted them better than the
+    first round alone did. GPUs are measured once.
     """
     plan = BenchPlan.for_mode(quick)
-    cpu = [run_cpu_microbench(profile.threads, plan) for _ in range(rounds)]
-    return replace(profile, microbench=cpu[0] if rounds == 1 else median_of_rounds(cpu),
+    cpu = []
+    for index in range(rounds):
+        if index and interval_s:
+            time.sleep(interval_s)
+        cpu.append(run_cpu_microbench(profile.threads, plan))
+    return replace(profile, microbench=median_of_rounds(cpu),
                    gpus=run_gpu_microbench(profile.gpus, plan))
 
 

@@ -238,9 +238,11 @@ def median_of_rounds(rounds: Sequence[Microbench]) -> Microbench:
     """Several back-to-back rounds at one thread count as one Microbench: each figure the median of its rounds
     (one round in a noisy neighbour's busy minute moves it no further than the middle round), each method with
     every round's runs and seconds and the value each round measured. A figure some round lacks (an optional
-    one) is None."""
+    one) is None. One round is returned as it is."""
     if not rounds or len({r.threads for r in rounds}) != 1:
         raise ValueError("median_of_rounds needs one or more rounds, all at the same thread count")
+    if len(rounds) == 1:
+        return rounds[0]
     values: dict[str, float | None] = {}
     methods: dict[str, BenchMethod] = {}
     for name in FIGURES:

@@ -52,7 +52,7 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["profile", "--help"])
     help_text = capsys.readouterr().out
-    for option in ("--quick", "--threads", "--rounds", "--json", "--output"):
+    for option in ("--quick", "--threads", "--rounds", "--interval", "--json", "--output"):
         assert option in help_text
 
 
@@ -66,6 +66,8 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
         (["profile", "-o", "/"], "is a directory"),
         (["profile", "--bogus"], "unrecognized arguments"),
         (["profile", "--rounds", "0"], "must be a positive integer"),
+        (["profile", "--rounds", "3", "--interval", "-5"], "must be a positive number"),
+        (["profile", "--rounds", "3", "--interval", "soon"], "must be a positive number"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ],
@@ -86,6 +88,12 @@ def test_unwritable_output_is_refused(capsys: pytest.CaptureFixture[str]) -> Non
         code = exit_info.code
     err = capsys.readouterr().err
     assert code == 2 and "/proc/autotune-box.json" in err and "writ" in err and err.count("\n") == 1
+
+
+def test_an_interval_without_rounds_to_wait_between_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "--quick", "--interval", "60"]) == 2
+    err = capsys.readouterr().err
+    assert "--rounds 2 or more" in err and err.count("\n") == 1
 
 
 def test_bad_input_through_the_console_script_has_no_traceback() -> None:

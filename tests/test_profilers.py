@@ -89,13 +89,30 @@ def test_rounds_keep_each_figures_median_and_every_rounds_value(quick: HardwareP
     assert method.round_values == (60.0, bench.fp32_chain_gflops, 200.0) and method.statistic == "median of 3 rounds"
     assert method.runs == 3 * bench.methods["fp32_chain_gflops"].runs
     assert median_of_rounds([bench, replace(bench, small_op_us=None)]).small_op_us is None  # an older round lacks it
+    assert median_of_rounds([bench]) is bench  # one round is the profile as measured, methods untouched
     with pytest.raises(ValueError, match="same thread count"):
         median_of_rounds([bench, replace(bench, threads=bench.threads + 1)])
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         collect_profile(rounds=0)
+    with pytest.raises(ValueError, match="interval_s must be >= 0"):
+        collect_profile(rounds=2, interval_s=-1.0)
     two = collect_profile(1, quick=True, rounds=2)
     assert two.microbench is not None and len(two.microbench.methods["int8_chain_gops"].round_values) == 2
     assert HardwareProfile.from_json(two.to_json()) == two
+
+
+def test_rounds_wait_the_interval_between_them_only(quick: HardwareProfile, monkeypatch: pytest.MonkeyPatch) -> None:
+    import profilers.hardware as hardware
+
+    bench = quick.microbench
+    assert bench is not None
+    measured = iter([replace(bench, fp32_chain_gflops=v) for v in (90.0, 110.0, 100.0)])
+    events: list[str] = []
+    monkeypatch.setattr(hardware, "run_cpu_microbench", lambda threads, plan: events.append("round") or next(measured))
+    monkeypatch.setattr(hardware.time, "sleep", lambda seconds: events.append(f"wait {seconds}"))
+    profile = hardware.with_throughput(replace(quick, microbench=None), quick=True, rounds=3, interval_s=30.0)
+    assert events == ["round", "wait 30.0", "round", "wait 30.0", "round"]
+    assert profile.microbench is not None and profile.microbench.fp32_chain_gflops == 100.0
 
 
 def test_json_names_that_other_parts_rely_on(quick: HardwareProfile) -> None:
