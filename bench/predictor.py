@@ -25,11 +25,12 @@ Figures:
 
     python bench/predictor.py [--n 40] [--quick] [--seed 0] [--rounds 8] [--measurements FILE]
 
-Profiles: `--rounds` (default 3) microbenchmark rounds at each thread count, spread evenly over the timings (one
+Profiles: `--rounds` (default 8) microbenchmark rounds at each thread count, spread evenly over the timings (one
 before the first build, one after the last, the rest between), each figure the median of its rounds, as
-`autotune profile --rounds` merges them. One round is a snapshot of this shared box at that minute: the 2-thread
-fp32 chain read 95-127 GFLOP/s across six runs' opening rounds while the builds' own 1t/2t ratio held near 1.4,
-so rounds taken back to back before ten minutes of timings grade the predictor against another minute's machine.
+`autotune profile --rounds` merges them. One round is a snapshot of this shared box at that minute: within one
+run the 2-thread fp32 chain read 79-117 GFLOP/s from round to round while the teacher's 2-thread p50 held at
+13.9-15.4 ms across six runs, and in each of those runs the rounds' median profile put more cross-machine
+predictions within 15% than the median single round did (e.g. 0.85 against 0.74; single rounds 0.20-0.85).
 
 `--quick`: 8 candidates and quick one-round profiles (a smoke run, figures meaningless). `--measurements FILE`
 keeps every timing in FILE (JSON) and reuses the candidates already in it, so an interrupted run continues (with
