@@ -29,7 +29,7 @@ Profiles: `--rounds` (default 8) microbenchmark rounds at each thread count, spr
 before the first build, one after the last, the rest between), each figure the median of its rounds, as
 `autotune profile --rounds` merges them. One round is a snapshot of this shared box at that minute: within one
 run the 2-thread fp32 chain read 79-117 GFLOP/s from round to round while the teacher's 2-thread p50 held at
-13.9-15.4 ms across six runs, and in each of those runs the rounds' median profile put more cross-machine
+13.9-15.4 ms across seven runs, and in each of those runs the rounds' median profile put more cross-machine
 predictions within 15% than the median single round did (e.g. 0.85 against 0.74; single rounds 0.20-0.85).
 
 `--quick`: 8 candidates and quick one-round profiles (a smoke run, figures meaningless). `--measurements FILE`

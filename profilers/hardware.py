@@ -151,7 +151,7 @@ def with_throughput(profile: HardwareProfile, *, quick: bool = False, rounds: in
     On a shared host a neighbour's load swings the CPU figures by 10-30% from one minute to the next (2-thread
     fp32 GEMM chains read 95-140 GFLOP/s on the development box); `rounds` > 1 repeats the CPU microbenchmarks,
     waiting `interval_s` seconds between rounds, and keeps each figure's median, so a profile spans more of those
-    swings. In each of six bench/predictor.py runs, rounds spread over its ten minutes of timings merged this
+    swings. In each of seven bench/predictor.py runs, rounds spread over its ten minutes of timings merged this
     way put more 1-thread predictions within 15% of measured than the median single round (0.85 against 0.74
     in one; single rounds 0.20-0.85 there). GPUs are measured once.
     """

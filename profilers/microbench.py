@@ -235,7 +235,7 @@ FIGURES = tuple(f.name for f in fields(Microbench) if f.name not in ("threads", 
 
 
 def median_of_rounds(rounds: Sequence[Microbench]) -> Microbench:
-    """Several back-to-back rounds at one thread count as one Microbench: each figure the median of its rounds
+    """Several rounds at one thread count as one Microbench: each figure the median of its rounds
     (one round in a noisy neighbour's busy minute moves it no further than the middle round), each method with
     every round's runs and seconds and the value each round measured. A figure some round lacks (an optional
     one) is None. One round is returned as it is."""
