@@ -69,10 +69,10 @@ from autotune.config import load_spec  # noqa: E402
 from autotune.planning import DEFAULT_SKIP_FACTOR, model_shape  # noqa: E402
 from autotune.runtime import derive_artifact, export_artifact  # noqa: E402
 from autotune.trial import GATE_SETTINGS  # noqa: E402
-from profilers.hardware import HardwareProfile, collect_profile, with_throughput  # noqa: E402
+from profilers.hardware import HardwareProfile, collect_profile  # noqa: E402
 from profilers.isolated import OnnxRequest, measure_onnx_isolated  # noqa: E402
 from profilers.latency import MeasureSettings  # noqa: E402
-from profilers.microbench import median_of_rounds  # noqa: E402
+from profilers.microbench import BenchPlan, Microbench, median_of_rounds, run_cpu_microbench  # noqa: E402
 from profilers.predictor import CalibrationPoint, Predictor, Throughput, Workload  # noqa: E402
 from search_spaces import Candidate, Space, preset, restrict_to_hardware, with_overrides  # noqa: E402
 
@@ -236,18 +236,13 @@ def profile_drift(predictor: Predictor, calibration: Sequence[CalibrationPoint],
                   single_rounds: Sequence[Throughput]) -> float:
     """Median |p50 predicted from one round's profile / from the merged profile - 1| over rounds and shapes: what
     the noise of a one-round profile alone moves a cross-machine prediction, before any modelling error."""
-    return median(abs(predictor.predict(p.shape, WORKLOAD, single).p50_ms
-                      / predictor.predict(p.shape, WORKLOAD, merged_machine).p50_ms - 1)
-                  for single in single_rounds for p in calibration)
+    from_merged = [predictor.predict(p.shape, WORKLOAD, merged_machine).p50_ms for p in calibration]
+    return median(abs(predictor.predict(p.shape, WORKLOAD, single).p50_ms / merged_ms - 1)
+                  for single in single_rounds for p, merged_ms in zip(calibration, from_merged))
 
 
 def rounds_path(measurements: Path) -> Path:
     return measurements.with_name(f"{measurements.stem}.profiles.json")
-
-
-def merged(rounds: Sequence[HardwareProfile]) -> HardwareProfile:
-    """One profile from rounds of one machine at one thread count: each figure the median of its rounds."""
-    return replace(rounds[0], microbench=median_of_rounds([p.microbench for p in rounds]))
 
 
 def demo_savings(rows: Sequence[Measured], profile: HardwareProfile, predictor: Predictor, teacher_p95: float) -> dict[str, Any]:
@@ -293,19 +288,22 @@ def main(argv: list[str] | None = None) -> int:
     n = 8 if args.quick else args.n
     rounds = 1 if args.quick else args.rounds
     probed = {threads: collect_profile(threads, microbench=False) for threads in (2, 1)}
-    taken: dict[int, list[HardwareProfile]] = {2: [], 1: []}
+    taken: dict[int, list[Microbench]] = {2: [], 1: []}
+    plan = BenchPlan.for_mode(args.quick)
 
     def take_round() -> None:
-        for threads, profile in probed.items():
-            taken[threads].append(with_throughput(profile, quick=args.quick))
+        """One CPU round at each thread count (the GPUs, if any, play no part in this bench)."""
+        for threads in probed:
+            taken[threads].append(run_cpu_microbench(threads, plan))
         if args.measurements is not None:
-            rounds_path(args.measurements).write_text(json.dumps({t: [p.to_dict() for p in ps] for t, ps in taken.items()}))
+            rounds_path(args.measurements).write_text(json.dumps(
+                {t: [replace(probed[t], microbench=m).to_dict() for m in ms] for t, ms in taken.items()}))
 
     space, _ = restrict_to_hardware(preset("bert-default", shape_of_minilm()), probed[2], "onnxruntime", "cpu")
     teacher = shape_of_minilm().as_candidate(32)
     candidates = sample_candidates(space, n, args.seed)
     rows = measure_all([*candidates, teacher], args.measurements, rounds, take_round)
-    profile_2t, profile_1t = (merged(taken[t]) for t in (2, 1))
+    profile_2t, profile_1t = (replace(probed[t], microbench=median_of_rounds(taken[t])) for t in (2, 1))
     teacher_row = next(r for r in rows if Candidate.from_dict(r.candidate).shape_key == teacher.shape_key)
     random_rows = [r for r in rows if r is not teacher_row]
     two = Throughput.of(profile_2t)
@@ -314,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     same = cross_validated(points_2t, two, args.seed)
     calibrated = Predictor.calibrate(two, points_2t, PERCENTILE)  # on every 2-thread point, for what follows
     cross = transferred(calibrated, [point(r, 1) for r in random_rows], one)
-    drift = profile_drift(calibrated, points_2t, one, [Throughput.of(p) for p in taken[1]])
+    drift = profile_drift(calibrated, points_2t, one, [Throughput.of(replace(probed[1], microbench=m)) for m in taken[1]])
     savings = demo_savings(random_rows, profile_2t, calibrated, teacher_row.p95_2t)
     for name, machine in (("2 threads", two), ("1 thread", one)):
         print(f"profile at {name} (encoder-regime chains): fp32 {machine.fp32_gflops} GFLOP/s, int8 {machine.int8_gops} GOP/s, "
@@ -327,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     repeat = repeatability(random_rows)
     print(f"repeatability: one process's p50 vs the median of the same build's other {REPEATS - 1} processes: "
           f"median {repeat:.1%} apart (the noise under every figure above)")
-    for threads, profiles in taken.items():
-        print(f"{threads}-thread rounds, fp32 chain GFLOP/s in order: {[p.microbench.fp32_chain_gflops for p in profiles]}")
+    for threads, benches in taken.items():
+        print(f"{threads}-thread rounds, fp32 chain GFLOP/s in order: {[m.fp32_chain_gflops for m in benches]}")
     print(f"profile drift: one 1-thread round alone moves the cross-machine predictions a median {drift:.1%} from the "
           f"merged profile's")
     print("demo search savings (estimate):", json.dumps(savings))
