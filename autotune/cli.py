@@ -153,8 +153,8 @@ def build_parser() -> Parser:
     profile.add_argument("--quick", action="store_true", help="smaller, ~1 s microbenchmarks (a few seconds in all) instead of the full ~30 s run")
     profile.add_argument("--threads", type=thread_count, default=None, metavar="N", help="threads for the CPU microbenchmarks (default: all physical cores)")
     profile.add_argument("--rounds", type=positive(int), default=1, metavar="N",
-                         help="repeat the CPU microbenchmarks N times (back to back unless --interval) and keep each figure's median "
-                              "(default 1; 3 or more on a shared host, where a neighbour's load swings them by 10-30%%)")
+                         help="repeat the CPU microbenchmarks N times (back to back unless --interval) and keep each figure's geometric "
+                              "mean (default 1; 3 or more on a shared host, where a neighbour's load swings them by 10-40%%)")
     profile.add_argument("--interval", type=positive(float), default=None, metavar="SECONDS",
                          help="wait SECONDS between rounds (needs --rounds 2 or more), so the rounds sample the "
                               "host over minutes rather than one stretch of about 20 s a round")

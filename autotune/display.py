@@ -65,7 +65,7 @@ def profile_table(profile: HardwareProfile) -> Group:
             method = bench.methods.get(name)
             how = f"  ({method.engine}, {method.shape} {method.dtype}, {method.threads} threads, {method.runs} runs)" if method else ""
             if method and method.round_values:
-                how += f", median of {', '.join(f'{v:.1f}' for v in method.round_values)}"
+                how += f", {method.statistic}: {', '.join(f'{v:.1f}' for v in method.round_values)}"
             rows.append((name, f"{value:.1f} {unit}{how}"))
         parts.append(_section("Measured throughput (CPU)", rows))
     if not profile.gpus:

@@ -26,11 +26,11 @@ Figures:
     python bench/predictor.py [--n 40] [--quick] [--seed 0] [--rounds 8] [--measurements FILE]
 
 Profiles: `--rounds` (default 8) microbenchmark rounds at each thread count, spread evenly over the timings (one
-before the first build, one after the last, the rest between), each figure the median of its rounds, as
+before the first build, one after the last, the rest between), each figure the geometric mean of its rounds, as
 `autotune profile --rounds` merges them. One round is a snapshot of this shared box at that minute: within one
 run the 2-thread fp32 chain read 79-117 GFLOP/s from round to round while the teacher's 2-thread p50 held at
-13.9-15.4 ms across seven runs, and in each of those runs the rounds' median profile put more cross-machine
-predictions within 15% than the median single round did (e.g. 0.85 against 0.74; single rounds 0.20-0.85).
+13.9-15.4 ms across seven runs, and in each of those runs the merged profile put more cross-machine predictions
+within 15% than the median single round did (e.g. 0.85 against 0.74; single rounds 0.20-0.85).
 
 `--quick`: 8 candidates and quick one-round profiles (a smoke run, figures meaningless). `--measurements FILE`
 keeps every timing in FILE (JSON) and reuses the candidates already in it, so an interrupted run continues (with
@@ -72,7 +72,7 @@ from autotune.trial import GATE_SETTINGS  # noqa: E402
 from profilers.hardware import HardwareProfile, collect_profile  # noqa: E402
 from profilers.isolated import OnnxRequest, measure_onnx_isolated  # noqa: E402
 from profilers.latency import MeasureSettings  # noqa: E402
-from profilers.microbench import BenchPlan, Microbench, median_of_rounds, run_cpu_microbench  # noqa: E402
+from profilers.microbench import BenchPlan, Microbench, merge_rounds, run_cpu_microbench  # noqa: E402
 from profilers.predictor import CalibrationPoint, Predictor, Throughput, Workload  # noqa: E402
 from search_spaces import Candidate, Space, preset, restrict_to_hardware, with_overrides  # noqa: E402
 
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = shape_of_minilm().as_candidate(32)
     candidates = sample_candidates(space, n, args.seed)
     rows = measure_all([*candidates, teacher], args.measurements, rounds, take_round)
-    profile_2t, profile_1t = (replace(probed[t], microbench=median_of_rounds(taken[t])) for t in (2, 1))
+    profile_2t, profile_1t = (replace(probed[t], microbench=merge_rounds(taken[t])) for t in (2, 1))
     teacher_row = next(r for r in rows if Candidate.from_dict(r.candidate).shape_key == teacher.shape_key)
     random_rows = [r for r in rows if r is not teacher_row]
     two = Throughput.of(profile_2t)

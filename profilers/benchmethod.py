@@ -14,4 +14,4 @@ class BenchMethod:
     runs: int
     seconds: float
     statistic: str = "median"
-    round_values: tuple[float, ...] = ()  # the figure from each round, when it is the median of several
+    round_values: tuple[float, ...] = ()  # the figure from each round, when it merges several

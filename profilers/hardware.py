@@ -23,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 from profilers.cpu import CpuInfo, probe_cpu
 from profilers.gpu import GpuInfo, probe_gpus
 from profilers.memory import MemoryInfo, probe_memory
-from profilers.microbench import BenchPlan, Microbench, median_of_rounds, run_cpu_microbench, run_gpu_microbench
+from profilers.microbench import BenchPlan, Microbench, merge_rounds, run_cpu_microbench, run_gpu_microbench
 from profilers.software import SoftwareInfo, probe_software
 
 SCHEMA_VERSION = 1
@@ -117,8 +117,8 @@ def collect_profile(threads: int | None = None, *, quick: bool = False, microben
     """Probe this machine; with `microbench`, also measure its throughput at `threads` (default: physical cores).
 
     quick: smaller problems and ~1 s per figure (the whole profile in seconds) instead of ~6 s per figure.
-    rounds, interval_s: CPU microbenchmark rounds, `interval_s` seconds apart, each figure the median of the
-    rounds (see `with_throughput`).
+    rounds, interval_s: CPU microbenchmark rounds, `interval_s` seconds apart, each figure the geometric mean of
+    the rounds (see `with_throughput`).
     """
     cpu = probe_cpu()
     threads = default_threads(cpu) if threads is None else threads
@@ -148,12 +148,12 @@ def with_throughput(profile: HardwareProfile, *, quick: bool = False, rounds: in
     """`profile` with its throughput measured (CPU at its threads, and its GPUs): what `collect_profile` adds to
     the probed facts, so a caller that needed the fingerprint early does not probe the machine twice.
 
-    On a shared host a neighbour's load swings the CPU figures by 10-30% from one minute to the next (2-thread
-    fp32 GEMM chains read 95-140 GFLOP/s on the development box); `rounds` > 1 repeats the CPU microbenchmarks,
-    waiting `interval_s` seconds between rounds, and keeps each figure's median, so a profile spans more of those
-    swings. In each of seven bench/predictor.py runs, rounds spread over its ten minutes of timings merged this
-    way put more 1-thread predictions within 15% of measured than the median single round (0.85 against 0.74
-    in one; single rounds 0.20-0.85 there). GPUs are measured once.
+    On a shared host a neighbour's load swings the CPU figures by 10-40% from one minute to the next (2-thread
+    fp32 GEMM chains read 86-140 GFLOP/s on the development box); `rounds` > 1 repeats the CPU microbenchmarks,
+    waiting `interval_s` seconds between rounds, and merges each figure's rounds (`merge_rounds`), so a profile
+    spans more of those swings. In each of seven bench/predictor.py runs, rounds spread over its ten minutes of
+    timings merged put more 1-thread predictions within 15% of measured than the median single round (0.85
+    against 0.74 in one; single rounds 0.20-0.85 there). GPUs are measured once.
     """
     plan = BenchPlan.for_mode(quick)
     cpu = []
@@ -161,7 +161,7 @@ def with_throughput(profile: HardwareProfile, *, quick: bool = False, rounds: in
         if index and interval_s:
             time.sleep(interval_s)
         cpu.append(run_cpu_microbench(profile.threads, plan))
-    return replace(profile, microbench=median_of_rounds(cpu),
+    return replace(profile, microbench=merge_rounds(cpu),
                    gpus=run_gpu_microbench(profile.gpus, plan))
 
 

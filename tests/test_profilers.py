@@ -13,7 +13,7 @@ import pytest
 from profilers.cpu import inference_flags, parse_cache_size
 from profilers.gpu import cuda_version_text, probe_gpus
 from profilers.hardware import SCHEMA_VERSION, HardwareProfile, ProfileError, collect_profile, load_profile
-from profilers.microbench import BenchPlan, median_of_rounds, run_gpu_microbench
+from profilers.microbench import BenchPlan, merge_rounds, run_gpu_microbench
 from profilers.predictor import Throughput
 
 
@@ -79,19 +79,22 @@ def test_quick_microbench_measures_positive_figures_with_methods(quick: Hardware
         bench.fp32_chain_gflops, bench.int8_chain_gops, bench.int4_chain_gflops, bench.small_op_us / 1000)
 
 
-def test_rounds_keep_each_figures_median_and_every_rounds_value(quick: HardwareProfile) -> None:
+def test_rounds_keep_each_figures_geometric_mean_and_every_rounds_value(quick: HardwareProfile) -> None:
     bench = quick.microbench
     assert bench is not None
-    slow, fast = (replace(bench, fp32_chain_gflops=v, small_op_us=u) for v, u in ((60.0, 20.0), (200.0, 5.0)))
-    merged = median_of_rounds([slow, bench, fast])
-    assert merged.fp32_chain_gflops == bench.fp32_chain_gflops and merged.small_op_us == bench.small_op_us
+    fast, slow = (replace(bench, fp32_chain_gflops=v, small_op_us=u) for v, u in ((135.0, 5.0), (85.0, 20.0)))
+    merged = merge_rounds([fast, fast, slow])
+    # One slow round in three moves the figure by its share (a median would ignore it; two would flip it).
+    assert merged.fp32_chain_gflops == pytest.approx((135.0 * 135.0 * 85.0) ** (1 / 3), abs=0.01)
+    assert merged.small_op_us == pytest.approx((5.0 * 5.0 * 20.0) ** (1 / 3), abs=0.01)
+    assert merged.int8_chain_gops == bench.int8_chain_gops  # equal rounds merge to their value
     method = merged.methods["fp32_chain_gflops"]
-    assert method.round_values == (60.0, bench.fp32_chain_gflops, 200.0) and method.statistic == "median of 3 rounds"
+    assert method.round_values == (135.0, 135.0, 85.0) and method.statistic == "geometric mean of 3 rounds"
     assert method.runs == 3 * bench.methods["fp32_chain_gflops"].runs
-    assert median_of_rounds([bench, replace(bench, small_op_us=None)]).small_op_us is None  # an older round lacks it
-    assert median_of_rounds([bench]) is bench  # one round is the profile as measured, methods untouched
+    assert merge_rounds([bench, replace(bench, small_op_us=None)]).small_op_us is None  # an older round lacks it
+    assert merge_rounds([bench]) is bench  # one round is the profile as measured, methods untouched
     with pytest.raises(ValueError, match="same thread count"):
-        median_of_rounds([bench, replace(bench, threads=bench.threads + 1)])
+        merge_rounds([bench, replace(bench, threads=bench.threads + 1)])
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         collect_profile(rounds=0)
     with pytest.raises(ValueError, match="interval_s must be >= 0"):
@@ -112,7 +115,8 @@ def test_rounds_wait_the_interval_between_them_only(quick: HardwareProfile, monk
     monkeypatch.setattr(hardware.time, "sleep", lambda seconds: events.append(f"wait {seconds}"))
     profile = hardware.with_throughput(replace(quick, microbench=None), quick=True, rounds=3, interval_s=30.0)
     assert events == ["round", "wait 30.0", "round", "wait 30.0", "round"]
-    assert profile.microbench is not None and profile.microbench.fp32_chain_gflops == 100.0
+    assert profile.microbench is not None
+    assert profile.microbench.methods["fp32_chain_gflops"].round_values == (90.0, 110.0, 100.0)  # every round kept
 
 
 def test_json_names_that_other_parts_rely_on(quick: HardwareProfile) -> None:
