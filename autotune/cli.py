@@ -157,7 +157,7 @@ def build_parser() -> Parser:
                               "mean (default 1; 3 or more on a shared host, where a neighbour's load swings them by 10-40%%)")
     profile.add_argument("--interval", type=positive(float), default=None, metavar="SECONDS",
                          help="wait SECONDS between rounds (needs --rounds 2 or more), so the rounds sample the "
-                              "host over minutes rather than one stretch of about 20 s a round")
+                              "host over minutes rather than one stretch of a few seconds a round")
     profile.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
     profile.add_argument("-o", "--output", type=writable_file, default=None, metavar="FILE", help="write the profile as JSON to FILE (for `autotune plan --hardware`)")
     profile.set_defaults(handler=run_profile)

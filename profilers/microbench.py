@@ -64,7 +64,7 @@ CHAIN_BITS = (32, 8, 4)
 #: Sessions per chain figure, their geometric mean kept. A session's figure sits in one of two modes more than it
 #: varies within them: on the 2-core development box, the int8 chain at 1 thread read ~112 or ~150 GOP/s from
 #: one fresh session to the next (at random), and the fp32 chain at 2 threads ~86 or ~138 GFLOP/s (for ten
-#: seconds and more at a time, when the host takes the second vCPU). A median of a few such values jumps between
+#: seconds and more at a time, then no faster than one thread). A median of a few such values jumps between
 #: modes; the mean of their logs moves by the share of sessions in each, and log latency is what the predictor
 #: fits.
 CHAIN_SESSIONS = 5
@@ -245,9 +245,9 @@ def merge_rounds(rounds: Sequence[Microbench]) -> Microbench:
     optional one) is None. One round is returned as it is.
 
     Not the median: on a shared host a round lands in a fast or a slow minute (see CHAIN_SESSIONS), and the
-    latencies a profile must predict were measured through both. Rescoring the eight bench/predictor.py timing
-    sets of 2026-11-28 against their saved rounds, the geometric mean put a median 0.76 of 1-thread predictions
-    within 15% of measured, the median of rounds 0.68 (per run 0.54-0.90 against 0.37-0.85)."""
+    latencies a profile must predict were measured through both. Rescoring twelve bench/predictor.py timing sets
+    against their own saved rounds, the geometric mean of rounds put more 1-thread predictions within 15% of
+    measured than their median in eight, as many in two, fewer in two (per set 0.55-0.93 against 0.40-0.85)."""
     if not rounds or len({r.threads for r in rounds}) != 1:
         raise ValueError("merge_rounds needs one or more rounds, all at the same thread count")
     if len(rounds) == 1:
