@@ -7,8 +7,9 @@ Candidates: `--n` (default 40) distinct shapes drawn uniformly at random from th
 all-MiniLM-L6-v2 teacher (6x384, 12 heads, FFN 1536), restricted to this machine (fp16 and 2:4 removed on an
 AVX2 CPU). Each is built as the latency gate builds it (random weights, export, fuse, quantize to its bits) and
 timed at batch 1, 64 tokens in fresh child processes (profilers.isolated, the gate's path), at 2 threads and at
-1 thread, three processes each (the median p50 is the truth graded against), plus one gate-length timing whose
-wall seconds (with the build's) are the cost of one gate.
+1 thread, three processes each, in three passes over all candidates so that a build's processes are minutes
+apart (the median p50 is the truth graded against), plus one gate-length timing whose wall seconds (with the
+build's) are the cost of one gate.
 
 Figures:
 - same machine: 5-fold cross-validation over the 2-thread measurements (calibrate on 4 folds with the 2-thread
@@ -71,7 +72,7 @@ from autotune.runtime import derive_artifact, export_artifact  # noqa: E402
 from autotune.trial import GATE_SETTINGS  # noqa: E402
 from profilers.hardware import HardwareProfile, collect_profile  # noqa: E402
 from profilers.isolated import OnnxRequest, measure_onnx_isolated  # noqa: E402
-from profilers.latency import MeasureSettings  # noqa: E402
+from profilers.latency import LatencyStats, MeasureSettings  # noqa: E402
 from profilers.microbench import BenchPlan, Microbench, merge_rounds, run_cpu_microbench  # noqa: E402
 from profilers.predictor import CalibrationPoint, Predictor, Throughput, Workload  # noqa: E402
 from search_spaces import Candidate, Space, preset, restrict_to_hardware, with_overrides  # noqa: E402
@@ -89,7 +90,7 @@ REPEATS = 3
 @dataclass(frozen=True)
 class Measured:
     candidate: dict[str, Any]
-    p50_2t: float  # each: the median over REPEATS fresh processes
+    p50_2t: float  # each: the median over the processes timed so far (REPEATS when complete)
     p95_2t: float
     p50_1t: float
     p95_1t: float
@@ -97,6 +98,16 @@ class Measured:
     repeats: int = 1
     process_p50s_2t: tuple[float, ...] = ()  # each process's p50, for the repeatability figure
     process_p50s_1t: tuple[float, ...] = ()
+    process_p95s_2t: tuple[float, ...] = ()
+    process_p95s_1t: tuple[float, ...] = ()
+
+    def with_process(self, two: LatencyStats, one: LatencyStats) -> "Measured":
+        """This build with one more process timed at each thread count, its medians recomputed."""
+        p50s_2t, p50s_1t = (*self.process_p50s_2t, two.p50_ms), (*self.process_p50s_1t, one.p50_ms)
+        p95s_2t, p95s_1t = (*self.process_p95s_2t, two.p95_ms), (*self.process_p95s_1t, one.p95_ms)
+        return replace(self, p50_2t=median(p50s_2t), p95_2t=median(p95s_2t), p50_1t=median(p50s_1t),
+                       p95_1t=median(p95s_1t), repeats=len(p50s_2t), process_p50s_2t=p50s_2t, process_p50s_1t=p50s_1t,
+                       process_p95s_2t=p95s_2t, process_p95s_1t=p95s_1t)
 
 
 def sample_candidates(space: Space, n: int, seed: int) -> list[Candidate]:
@@ -110,30 +121,23 @@ def sample_candidates(space: Space, n: int, seed: int) -> list[Candidate]:
     return list(seen.values())
 
 
-def time_candidate(teacher: Any, tokenizer: Any, candidate: Candidate) -> Measured:
-    """Build the candidate's shape as the gate does and time it at 2 and 1 threads in child processes, REPEATS
-    processes each (alternating thread counts), keeping the median p50 and p95."""
+def build_candidate(teacher: Any, tokenizer: Any, candidate: Candidate, directory: Path) -> tuple[OnnxRequest, float]:
+    """Build the candidate's shape as the gate does (into `directory`) and time it once at gate length at 2
+    threads: what to time it with, and the wall seconds of build + gate timing (the cost of one gate)."""
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-predictor-") as tmp:
-        model = shaped_like(teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
-        plain = export_artifact(model, tokenizer, Path(tmp) / "fp32")
-        variant = derive_artifact(plain, Path(tmp) / "variant", bits=candidate.bits)
+    model = shaped_like(teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
+    plain = export_artifact(model, tokenizer, directory / "fp32")
+    variant = derive_artifact(plain, directory / "variant", bits=candidate.bits)
+    request = OnnxRequest(onnx_path=str(variant.onnx_path), input_names=variant.input_names,
+                          batch_size=WORKLOAD.batch_size, seq_len=WORKLOAD.seq_len, vocab_size=variant.vocab_size, threads=2)
+    measure_onnx_isolated(request, GATE_SETTINGS)
+    return request, time.perf_counter() - start
 
-        def timed(threads: int, settings: MeasureSettings):
-            request = OnnxRequest(onnx_path=str(variant.onnx_path), input_names=variant.input_names,
-                                  batch_size=WORKLOAD.batch_size, seq_len=WORKLOAD.seq_len,
-                                  vocab_size=variant.vocab_size, threads=threads)
-            return measure_onnx_isolated(request, settings)
 
-        timed(2, GATE_SETTINGS)
-        gate_seconds = time.perf_counter() - start
-        runs: dict[int, list[Any]] = {2: [], 1: []}
-        for _ in range(REPEATS):
-            for threads in runs:
-                runs[threads].append(timed(threads, SETTINGS))
-    two, one = ({q: median(getattr(s, q) for s in runs[t]) for q in ("p50_ms", "p95_ms")} for t in (2, 1))
-    return Measured(candidate.to_dict(), two["p50_ms"], two["p95_ms"], one["p50_ms"], one["p95_ms"], gate_seconds, REPEATS,
-                    tuple(s.p50_ms for s in runs[2]), tuple(s.p50_ms for s in runs[1]))
+def time_process(request: OnnxRequest) -> tuple[LatencyStats, LatencyStats]:
+    """One fresh process's timing of the build at 2 threads, then one at 1 thread."""
+    return (measure_onnx_isolated(replace(request, threads=2), SETTINGS),
+            measure_onnx_isolated(replace(request, threads=1), SETTINGS))
 
 
 def repeatability(rows: Sequence[Measured]) -> float:
@@ -148,7 +152,8 @@ def repeatability(rows: Sequence[Measured]) -> float:
 def load_measurements(path: Path | None) -> list[Measured]:
     if path is None or not path.exists():
         return []
-    return [Measured(**{**row, **{k: tuple(row.get(k, ())) for k in ("process_p50s_2t", "process_p50s_1t")}})
+    lists = ("process_p50s_2t", "process_p50s_1t", "process_p95s_2t", "process_p95s_1t")
+    return [Measured(**{**row, **{k: tuple(row.get(k, ())) for k in lists}})
             for row in json.loads(path.read_text())]
 
 
@@ -162,26 +167,37 @@ def round_positions(rounds: int, builds: int) -> list[int]:
 
 def measure_all(candidates: Sequence[Candidate], path: Path | None, rounds: int,
                 take_round: Callable[[], None]) -> list[Measured]:
-    """Timings of every candidate, reusing those already in `path` and saving after each new one, with
-    `take_round` called `rounds` times spread over the new timings (see round_positions)."""
-    rows = [r for r in load_measurements(path) if r.repeats == REPEATS and r.process_p50s_2t]  # older rows: re-measured
-    done = {Candidate.from_dict(r.candidate).shape_key for r in rows}
-    todo = [c for c in candidates if c.shape_key not in done]
-    positions = round_positions(rounds, len(todo))
-    teacher, tokenizer, _ = load_teacher(load_spec(DEMO_SPEC)) if todo else (None, None, None)
-    for i in range(len(todo) + 1):
-        for _ in range(positions.count(i)):
-            take_round()
-        if i < len(todo):
-            candidate = todo[i]
-            rows.append(time_candidate(teacher, tokenizer, candidate))
-            r = rows[-1]
-            print(f"[{i + 1}/{len(todo)}] {candidate.describe()}: p50 {r.p50_2t:.2f} ms (2t), {r.p50_1t:.2f} ms (1t); "
-                  f"gate {r.gate_seconds:.1f} s", flush=True)
+    """Timings of every candidate in REPEATS passes over all of them (one process per thread count per pass), so
+    a build's processes are minutes apart and its median spans the host's fast and slow stretches as the profile
+    rounds do. Timed back to back, a build's processes shared its minute: in one run the first five builds ran
+    15-26% slower at 2 threads than predicted, barely faster than at 1 thread, and most later ones faster.
+    Reuses what `path` holds and saves after each step (an interrupted run continues: an unfinished build is
+    rebuilt, its gate seconds kept), with `take_round` called `rounds` times spread over the new steps (see
+    round_positions)."""
+    saved = {Candidate.from_dict(r.candidate).shape_key: r for r in load_measurements(path)
+             if r.process_p50s_2t and len(r.process_p95s_2t) == r.repeats}  # older files' rows: re-measured
+    rows = {c.shape_key: saved[c.shape_key] for c in candidates if c.shape_key in saved}
+    steps = [c for k in range(REPEATS) for c in candidates if c.shape_key not in rows or rows[c.shape_key].repeats <= k]
+    positions = round_positions(rounds, len(steps))
+    teacher, tokenizer, _ = load_teacher(load_spec(DEMO_SPEC)) if steps else (None, None, None)
+    requests: dict[str, OnnxRequest] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-predictor-") as tmp:
+        for i in range(len(steps) + 1):
+            for _ in range(positions.count(i)):
+                take_round()
+            if i == len(steps):
+                break
+            candidate, key = steps[i], steps[i].shape_key
+            if key not in requests:
+                requests[key], gate_seconds = build_candidate(teacher, tokenizer, candidate, Path(tmp) / f"c{len(requests)}")
+                rows.setdefault(key, Measured(candidate.to_dict(), 0.0, 0.0, 0.0, 0.0, gate_seconds, 0))
+            row = rows[key] = rows[key].with_process(*time_process(requests[key]))
+            print(f"[{i + 1}/{len(steps)}] {candidate.describe()}, process {row.repeats}: p50 "
+                  f"{row.process_p50s_2t[-1]:.2f} ms (2t), {row.process_p50s_1t[-1]:.2f} ms (1t); gate {row.gate_seconds:.1f} s",
+                  flush=True)
             if path is not None:
-                path.write_text(json.dumps([asdict(m) for m in rows], indent=1))
-    keys = {c.shape_key for c in candidates}
-    return [r for r in rows if Candidate.from_dict(r.candidate).shape_key in keys]
+                path.write_text(json.dumps([asdict(m) for m in rows.values()], indent=1))
+    return [rows[c.shape_key] for c in candidates]
 
 
 def point(row: Measured, threads: int) -> CalibrationPoint:
