@@ -89,25 +89,42 @@ REPEATS = 3
 
 @dataclass(frozen=True)
 class Measured:
+    """One build's timings: each process's p50 and p95 at 2 and 1 threads (one process per pass), and the cost of
+    its gate. The figures graded against are the medians over its processes."""
+
     candidate: dict[str, Any]
-    p50_2t: float  # each: the median over the processes timed so far (REPEATS when complete)
-    p95_2t: float
-    p50_1t: float
-    p95_1t: float
     gate_seconds: float  # build (export + fuse + quantize) + one gate-length timing, wall clock
-    repeats: int = 1
-    process_p50s_2t: tuple[float, ...] = ()  # each process's p50, for the repeatability figure
+    process_p50s_2t: tuple[float, ...] = ()
     process_p50s_1t: tuple[float, ...] = ()
     process_p95s_2t: tuple[float, ...] = ()
     process_p95s_1t: tuple[float, ...] = ()
 
+    @property
+    def repeats(self) -> int:
+        return len(self.process_p50s_2t)
+
+    @property
+    def p50_2t(self) -> float:
+        return median(self.process_p50s_2t)
+
+    @property
+    def p95_2t(self) -> float:
+        return median(self.process_p95s_2t)
+
+    @property
+    def p50_1t(self) -> float:
+        return median(self.process_p50s_1t)
+
+    @property
+    def p95_1t(self) -> float:
+        return median(self.process_p95s_1t)
+
     def with_process(self, two: LatencyStats, one: LatencyStats) -> "Measured":
-        """This build with one more process timed at each thread count, its medians recomputed."""
-        p50s_2t, p50s_1t = (*self.process_p50s_2t, two.p50_ms), (*self.process_p50s_1t, one.p50_ms)
-        p95s_2t, p95s_1t = (*self.process_p95s_2t, two.p95_ms), (*self.process_p95s_1t, one.p95_ms)
-        return replace(self, p50_2t=median(p50s_2t), p95_2t=median(p95s_2t), p50_1t=median(p50s_1t),
-                       p95_1t=median(p95s_1t), repeats=len(p50s_2t), process_p50s_2t=p50s_2t, process_p50s_1t=p50s_1t,
-                       process_p95s_2t=p95s_2t, process_p95s_1t=p95s_1t)
+        """This build with one more process timed at each thread count."""
+        return replace(self, process_p50s_2t=(*self.process_p50s_2t, two.p50_ms),
+                       process_p50s_1t=(*self.process_p50s_1t, one.p50_ms),
+                       process_p95s_2t=(*self.process_p95s_2t, two.p95_ms),
+                       process_p95s_1t=(*self.process_p95s_1t, one.p95_ms))
 
 
 def sample_candidates(space: Space, n: int, seed: int) -> list[Candidate]:
@@ -150,11 +167,12 @@ def repeatability(rows: Sequence[Measured]) -> float:
 
 
 def load_measurements(path: Path | None) -> list[Measured]:
+    """The rows saved in `path`; rows of older files (without each process's p95) are left out, to be re-measured."""
     if path is None or not path.exists():
         return []
     lists = ("process_p50s_2t", "process_p50s_1t", "process_p95s_2t", "process_p95s_1t")
-    return [Measured(**{**row, **{k: tuple(row.get(k, ())) for k in lists}})
-            for row in json.loads(path.read_text())]
+    return [Measured(row["candidate"], row["gate_seconds"], *(tuple(row[k]) for k in lists))
+            for row in json.loads(path.read_text()) if all(k in row for k in lists) and row["process_p95s_2t"]]
 
 
 def round_positions(rounds: int, builds: int) -> list[int]:
@@ -174,8 +192,7 @@ def measure_all(candidates: Sequence[Candidate], path: Path | None, rounds: int,
     Reuses what `path` holds and saves after each step (an interrupted run continues: an unfinished build is
     rebuilt, its gate seconds kept), with `take_round` called `rounds` times spread over the new steps (see
     round_positions)."""
-    saved = {Candidate.from_dict(r.candidate).shape_key: r for r in load_measurements(path)
-             if r.process_p50s_2t and len(r.process_p95s_2t) == r.repeats}  # older files' rows: re-measured
+    saved = {Candidate.from_dict(r.candidate).shape_key: r for r in load_measurements(path)}
     rows = {c.shape_key: saved[c.shape_key] for c in candidates if c.shape_key in saved}
     steps = [c for k in range(REPEATS) for c in candidates if c.shape_key not in rows or rows[c.shape_key].repeats <= k]
     positions = round_positions(rounds, len(steps))
@@ -190,7 +207,7 @@ def measure_all(candidates: Sequence[Candidate], path: Path | None, rounds: int,
             candidate, key = steps[i], steps[i].shape_key
             if key not in requests:
                 requests[key], gate_seconds = build_candidate(teacher, tokenizer, candidate, Path(tmp) / f"c{len(requests)}")
-                rows.setdefault(key, Measured(candidate.to_dict(), 0.0, 0.0, 0.0, 0.0, gate_seconds, 0))
+                rows.setdefault(key, Measured(candidate.to_dict(), gate_seconds))
             row = rows[key] = rows[key].with_process(*time_process(requests[key]))
             print(f"[{i + 1}/{len(steps)}] {candidate.describe()}, process {row.repeats}: p50 "
                   f"{row.process_p50s_2t[-1]:.2f} ms (2t), {row.process_p50s_1t[-1]:.2f} ms (1t); gate {row.gate_seconds:.1f} s",
