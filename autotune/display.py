@@ -59,6 +59,7 @@ def profile_table(profile: HardwareProfile) -> Group:
             ("int8_chain_gops", bench.int8_chain_gops, "GOP/s"),
             ("int4_chain_gflops", bench.int4_chain_gflops, "GFLOP/s"),
             ("small_op_us", bench.small_op_us, "us per node"),
+            ("elementwise_gbps", bench.elementwise_gbps, "GB/s of activations"),
         ):
             if value is None:  # a profile written before the encoder-regime figures existed
                 continue

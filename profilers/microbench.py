@@ -12,7 +12,9 @@ So the CPU profile also times that regime directly: a chain of such GEMMs at eac
 deploys it (fp32 MatMul; int8 as ORT's dynamic quantizer rewrites it, activation quantization included; int4
 as MatMulNBits). Narrow models are dominated by what each ORT operator costs beyond its arithmetic (dispatch,
 handing work to the thread pool and waiting for it), which shrinks with fewer threads: a 48-wide fp32 chain
-times that per-operator cost (`small_op_us`).
+times that per-operator cost (`small_op_us`). The activations between GEMMs (skip-layernorm, gelu) are 64 x 384
+tensors that live in cache, far from memory bandwidth, and a second thread barely speeds them up: a chain of the
+fused graph's own SkipLayerNormalization + BiasGelu nodes times them (`elementwise_gbps`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Microbench:
     int8_chain_gops: float | None = None
     int4_chain_gflops: float | None = None
     small_op_us: float | None = None  # microseconds per node of the SMALL_OP_WIDTH fp32 chain
+    elementwise_gbps: float | None = None  # activation traffic of the elementwise chain, GB/s as the predictor counts it
 
 
 def gemm_ops(m: int, n: int, k: int) -> float:
@@ -133,6 +136,31 @@ def gemm_chain_model(rows: int = CHAIN_ROWS, width: int = CHAIN_WIDTH, depth: in
     return model
 
 
+#: Bytes one SkipLayerNormalization + BiasGelu block moves per element of its rows x width input, counted as the
+#: predictor counts activation bytes: the skip-layernorm's two inputs and one output, the gelu's input and output,
+#: 4 bytes each.
+ELEMENTWISE_BYTES_PER_ELEMENT = 5 * 4
+
+
+def elementwise_chain_model(rows: int = CHAIN_ROWS, width: int = CHAIN_WIDTH, depth: int = CHAIN_DEPTH) -> onnx.ModelProto:
+    """fp32 X[rows, width] through `depth` blocks of SkipLayerNormalization (skip: X) + BiasGelu, the contrib
+    operators ONNX Runtime's transformer fusion puts between an encoder layer's GEMMs."""
+    rng = np.random.default_rng(4)
+    initializers = [numpy_helper.from_array(v.astype(np.float32), name) for name, v in
+                    (("gamma", np.ones(width)), ("beta", np.zeros(width)), ("bias", rng.standard_normal(width) * 0.1))]
+    nodes, current = [], "X"
+    for i in range(depth):
+        nodes.append(helper.make_node("SkipLayerNormalization", [current, "X", "gamma", "beta", "bias"], [f"n{i}"],
+                                      domain="com.microsoft", epsilon=1e-5))
+        current = "Y" if i == depth - 1 else f"g{i}"
+        nodes.append(helper.make_node("BiasGelu", [f"n{i}", "bias"], [current], domain="com.microsoft"))
+    graph = helper.make_graph(nodes, "elementwise_chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, width])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, width])], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
 def quantized_chain(fp32: onnx.ModelProto, bits: int) -> bytes:
     """The chain at `bits` as autotune deploys that precision, through ONNX Runtime's own quantizers: int8 dynamic
     (per-channel weights; DynamicQuantizeLinear + MatMulInteger + rescale per GEMM), int4 MatMulNBits (block 32)."""
@@ -160,13 +188,14 @@ def quantized_chain(fp32: onnx.ModelProto, bits: int) -> bytes:
 
 
 def chain_sessions(model: bytes, width: int, threads: int, settings: MeasureSettings, engine: str,
-                   dtype: str) -> tuple[float, BenchMethod]:
+                   dtype: str, shape: str = "") -> tuple[float, BenchMethod]:
     """The geometric mean of the p50s (ms) of CHAIN_SESSIONS fresh sessions, each given an equal share of
-    `settings.max_seconds`, on a CHAIN_ROWS x `width` input; the method counts every session's runs and seconds."""
+    `settings.max_seconds`, on a CHAIN_ROWS x `width` input; the method (`shape`: by default the GEMM chain's)
+    counts every session's runs and seconds."""
     x = np.random.default_rng(3).standard_normal((CHAIN_ROWS, width)).astype(np.float32)
     share = replace(settings, max_seconds=settings.max_seconds / CHAIN_SESSIONS)
     sessions = [measure_onnx(model, {"X": x}, threads=threads, settings=share) for _ in range(CHAIN_SESSIONS)]
-    method = BenchMethod(engine=engine, shape=f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{width}x{width}",
+    method = BenchMethod(engine=engine, shape=shape or f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{width}x{width}",
                          dtype=dtype, threads=threads, runs=sum(s.runs for s in sessions),
                          seconds=round(sum(s.seconds for s in sessions), 3),
                          statistic=f"geometric mean of {CHAIN_SESSIONS} sessions' medians")
@@ -186,6 +215,15 @@ def cpu_small_op_us(threads: int, settings: MeasureSettings) -> tuple[float, Ben
     model = gemm_chain_model(width=SMALL_OP_WIDTH).SerializeToString()
     p50_ms, method = chain_sessions(model, SMALL_OP_WIDTH, threads, settings, "onnxruntime MatMul chain (per node)", "fp32")
     return p50_ms * 1000.0 / CHAIN_DEPTH, method
+
+
+def cpu_elementwise_gbps(threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
+    """GB/s of activation traffic (ELEMENTWISE_BYTES_PER_ELEMENT) through the elementwise chain at `threads`."""
+    model = elementwise_chain_model().SerializeToString()
+    p50_ms, method = chain_sessions(model, CHAIN_WIDTH, threads, settings, "onnxruntime SkipLayerNormalization + BiasGelu chain",
+                                    "fp32", shape=f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{CHAIN_WIDTH}")
+    moved = CHAIN_DEPTH * CHAIN_ROWS * CHAIN_WIDTH * ELEMENTWISE_BYTES_PER_ELEMENT
+    return moved / (p50_ms / 1000.0) / 1e9, method
 
 
 def _method(engine: str, shape: str, dtype: str, threads: int | None, stats: LatencyStats) -> BenchMethod:
@@ -220,6 +258,7 @@ def run_cpu_microbench(threads: int, plan: BenchPlan) -> Microbench:
     bandwidth, bw_method = cpu_copy_bandwidth(plan.copy_bytes, threads, settings)
     chains = {bits: cpu_gemm_chain(bits, threads, settings) for bits in CHAIN_BITS}
     small_op, small_op_method = cpu_small_op_us(threads, settings)
+    elementwise, elementwise_method = cpu_elementwise_gbps(threads, settings)
     return Microbench(
         threads=threads,
         fp32_gemm_gflops=round(fp32, 2),
@@ -227,11 +266,12 @@ def run_cpu_microbench(threads: int, plan: BenchPlan) -> Microbench:
         memory_bandwidth_gbps=round(bandwidth, 2),
         methods={"fp32_gemm_gflops": fp32_method, "int8_gemm_gops": int8_method, "memory_bandwidth_gbps": bw_method,
                  "fp32_chain_gflops": chains[32][1], "int8_chain_gops": chains[8][1], "int4_chain_gflops": chains[4][1],
-                 "small_op_us": small_op_method},
+                 "small_op_us": small_op_method, "elementwise_gbps": elementwise_method},
         fp32_chain_gflops=round(chains[32][0], 2),
         int8_chain_gops=round(chains[8][0], 2),
         int4_chain_gflops=round(chains[4][0], 2),
         small_op_us=round(small_op, 2),
+        elementwise_gbps=round(elementwise, 3),
     )
 
 

@@ -4,18 +4,21 @@ machine, from that machine's HardwareProfile, with an interval that says how sur
 Two layers, so that a profile of a machine nobody measured a model on still yields a number:
 
 1. **Analytic cost** (`analytic_cost`): FLOPs of every GEMM by precision (fp32, int8 MatMulInteger, int4
-   MatMulNBits), the attention matmuls (fp32), bytes moved by bandwidth-bound operators (layernorm, softmax,
-   gelu, dynamic activation quantization), weight bytes, the number of graph nodes and of per-head attention
-   blocks, for the fused ONNX graph `autotune` deploys (one Attention, three MatMuls, two
+   MatMulNBits), the attention matmuls (fp32), activation bytes of the elementwise operators (layernorm,
+   softmax, gelu), int8's dynamic quantization bytes, weight bytes, the number of graph nodes and of per-head
+   attention blocks, for the fused ONNX graph `autotune` deploys (one Attention, three MatMuls, two
    SkipLayerNormalizations and one BiasGelu per layer; int8 adds a quantize, a scale multiply and casts per
    MatMul). Each becomes a time in ms against the profile's own measurements (`components_ms`): GEMMs against
    the encoder-regime chain throughput at their precision (64 token rows, ORT nodes in a row: a second thread
-   buys far less there than on a peak GEMM), bytes against memory bandwidth. Profiles from before those figures
-   fall back to the peak GEMM figures. Nodes, per-head attention blocks and the call itself are counted in
-   units of the profile's operator overhead (`operator_overhead_ms`): what one small ORT operator costs beyond
-   its arithmetic, from the profile's `small_op_us` (a 48-wide MatMul chain's time per node). That overhead is
-   dispatch plus handing work to the thread pool and waiting for it, so it changes with the thread count and
-   the machine (on a 2-core EPYC 7-12 us at 2 threads against 0.5-4.5 at 1), and it dominates narrow models.
+   buys far less there than on a peak GEMM); weight bytes against memory bandwidth; activation and quantization
+   bytes against the elementwise chain (the fused graph's skip-layernorm and gelu on 64 x 384 tensors, which
+   live in cache: on a 2-core EPYC ~1/7 of copy bandwidth, and 1.15-1.4x faster at two threads than at one
+   where copy bandwidth is 1.6x). Profiles from before those figures fall back to the peak GEMM figures and
+   REFERENCE_ELEMENTWISE_SHARE of copy bandwidth. Nodes, per-head attention blocks and the call itself are
+   counted in units of the profile's operator overhead (`operator_overhead_ms`): what one small ORT operator
+   costs beyond its arithmetic, from the profile's `small_op_us` (a 48-wide MatMul chain's time per node). That
+   overhead is dispatch plus handing work to the thread pool and waiting for it, so it changes with the thread
+   count and the machine (on a 2-core EPYC 7-12 us at 2 threads against 0.5-4.5 at 1), and it dominates narrow models.
    Profiles from before that figure count them at REFERENCE_OVERHEAD_MS.
 2. **Fitted correction** (`Correction`): predicted ms = sum_k c_k * component_k, one positive coefficient per
    component (an inverse efficiency; for nodes, heads and the call, how many operator overheads each costs).
@@ -55,17 +58,22 @@ INT4_BYTES_PER_WEIGHT = 0.5 + FP32_BYTES / 32
 #: Graph nodes per layer and outside the layers, counted in the fused exports autotune writes (ORT 1.2x).
 NODES_PER_LAYER = {32: 7, 8: 20, 4: 7}
 NODES_FIXED = {32: 8, 8: 18, 4: 8}
-COMPONENTS = ("gemm_fp32", "gemm_int8", "gemm_int4", "attention", "activations", "weights", "nodes", "heads", "call")
+COMPONENTS = ("gemm_fp32", "gemm_int8", "gemm_int4", "attention", "activations", "quantize", "weights", "nodes", "heads",
+              "call")
 #: Prior coefficients (inverse efficiencies; small operators per node, per attention head and per call): the
 #: calibration's starting point and what it shrinks toward, and the whole model where nothing was measured.
 #: Set by hand, not fitted, from a quiet 2-core AVX2 EPYC at 2 threads: GEMMs run at about the chain's
-#: throughput, the attention matmuls at a third of it, a node costs about one operator overhead (~10 us), each
-#: head of each layer two, the call five.
+#: throughput, the attention matmuls at a third of it, activations at the elementwise chain's rate, int8's
+#: quantization traffic (min/max, quantize, cast, rescale: simpler per byte than layernorm and gelu) at four times
+#: it, a node costs about one operator overhead (~10 us), each head of each layer two, the call five.
 PRIOR_COEFFICIENTS = {"gemm_fp32": 1.0, "gemm_int8": 1.0, "gemm_int4": 1.0, "attention": 3.0, "activations": 1.0,
-                      "weights": 1.0, "nodes": 1.0, "heads": 2.0, "call": 5.0}
+                      "quantize": 0.25, "weights": 1.0, "nodes": 1.0, "heads": 2.0, "call": 5.0}
 #: The operator overhead (ms) assumed for profiles measured before `small_op_us` existed: about what that 2-core
 #: EPYC measures at 2 threads.
 REFERENCE_OVERHEAD_MS = 0.01
+#: The elementwise chain's rate as a share of copy bandwidth, assumed for profiles measured before
+#: `elementwise_gbps` existed: what that 2-core EPYC measured (3.4-4.7 GB/s against 18-29).
+REFERENCE_ELEMENTWISE_SHARE = 0.15
 #: The overhead never counts below this share of the measured small operator: it is a difference of two measured
 #: figures, and noise in them must not zero it.
 OVERHEAD_FLOOR_SHARE = 0.1
@@ -110,7 +118,8 @@ class Cost:
     gemm_int8_ops: float
     gemm_int4_flops: float
     attention_flops: float
-    activation_bytes: float
+    activation_bytes: float  # between and around the GEMMs: embeddings, attention, skip-layernorms, gelu
+    quantize_bytes: float  # int8 only: dynamic quantization of each GEMM input, rescaling of each int32 output
     weight_bytes: float
     nodes: int
     attention_heads: int  # per-head attention blocks (batch x heads x layers): each a few small GEMM calls
@@ -140,11 +149,11 @@ def analytic_cost(shape: ModelShape, workload: Workload) -> Cost:
         + m * h * 3 * 2  # two skip-layernorms: two inputs, one output each
         + m * f * 4  # FFN1 output, gelu in/out, FFN2 input
     ) * FP32_BYTES
-    int8_act = 0.0
+    quantize_bytes = 0.0
     if shape.bits == 8:
         gemm_inputs = m * (h + h + h + f)  # QKV, out projection, FFN1, FFN2 inputs
         gemm_outputs = m * (3 * h + h + f + h)
-        int8_act = layers * (gemm_inputs * (2 * FP32_BYTES + 1) + gemm_outputs * 4 * FP32_BYTES)
+        quantize_bytes = layers * (gemm_inputs * (2 * FP32_BYTES + 1) + gemm_outputs * 4 * FP32_BYTES)
     weights = (qkv_w + rest_w) * layers + head_w
     bytes_per_weight = {32: FP32_BYTES, 8: 1.0, 4: INT4_BYTES_PER_WEIGHT}[shape.bits]
     weight_bytes = (qkv_w * layers * FP32_BYTES + (rest_w * layers + head_w) * bytes_per_weight if shape.bits == 4
@@ -154,7 +163,8 @@ def analytic_cost(shape: ModelShape, workload: Workload) -> Cost:
         gemm_int8_ops=qkv_flops + rest_flops + head_flops if shape.bits == 8 else 0.0,
         gemm_int4_flops=rest_flops if shape.bits == 4 else 0.0,
         attention_flops=4 * m * workload.seq_len * h * layers,
-        activation_bytes=layers * per_layer_act + int8_act + m * h * 3 * FP32_BYTES,  # + embeddings
+        activation_bytes=layers * per_layer_act + m * h * 3 * FP32_BYTES,  # + embeddings
+        quantize_bytes=quantize_bytes,
         weight_bytes=weight_bytes,
         nodes=NODES_PER_LAYER[shape.bits] * layers + NODES_FIXED[shape.bits],
         attention_heads=workload.batch_size * shape.heads * layers,
@@ -164,7 +174,8 @@ def analytic_cost(shape: ModelShape, workload: Workload) -> Cost:
 @dataclass(frozen=True)
 class Throughput:
     """The figures of a profile the predictor divides by, at the profile's thread count: GEMM throughput per
-    precision in the encoder regime (G(FL)OP/s), memory bandwidth (GB/s) and one small operator's cost (ms)."""
+    precision in the encoder regime (G(FL)OP/s), memory bandwidth and the elementwise chain's rate (GB/s), and one
+    small operator's cost (ms)."""
 
     fp32_gflops: float
     int8_gops: float
@@ -173,18 +184,19 @@ class Throughput:
     fingerprint: str
     int4_gflops: float | None = None  # None: int4 GEMMs dequantize to fp32 compute, timed at fp32_gflops
     small_op_ms: float | None = None  # time per node of the SMALL_OP_WIDTH chain; None: REFERENCE_OVERHEAD_MS
+    elementwise_gbps: float | None = None  # None: REFERENCE_ELEMENTWISE_SHARE of bandwidth_gbps
 
     @classmethod
     def of(cls, profile: HardwareProfile) -> "Throughput":
-        """The profile's chain and small-operator figures where it has them, else (older profiles) its peak GEMM
-        figures and the reference small-operator cost."""
+        """The profile's chain, small-operator and elementwise figures where it has them, else (older profiles) its
+        peak GEMM figures and the reference small-operator cost and elementwise share."""
         bench: Microbench | None = profile.microbench
         if bench is None or min(bench.fp32_gemm_gflops, bench.int8_gemm_gops, bench.memory_bandwidth_gbps) <= 0:
             raise ProfileError(f"hardware profile {profile.fingerprint} has no measured throughput to predict from; "
                                "re-run `autotune profile -o FILE` on that machine (with its microbenchmarks)")
         return cls(bench.fp32_chain_gflops or bench.fp32_gemm_gflops, bench.int8_chain_gops or bench.int8_gemm_gops,
                    bench.memory_bandwidth_gbps, profile.threads, profile.fingerprint, bench.int4_chain_gflops,
-                   bench.small_op_us / 1000.0 if bench.small_op_us else None)
+                   bench.small_op_us / 1000.0 if bench.small_op_us else None, bench.elementwise_gbps)
 
 
 def operator_overhead_ms(machine: Throughput) -> float:
@@ -196,18 +208,26 @@ def operator_overhead_ms(machine: Throughput) -> float:
     return max(machine.small_op_ms - arithmetic_ms, OVERHEAD_FLOOR_SHARE * machine.small_op_ms)
 
 
+def elementwise_gbps(machine: Throughput) -> float:
+    """The rate activation bytes move at on `machine`: its elementwise chain's, else a reference share of its copy
+    bandwidth."""
+    return machine.elementwise_gbps or REFERENCE_ELEMENTWISE_SHARE * machine.bandwidth_gbps
+
+
 def components_ms(cost: Cost, machine: Throughput) -> np.ndarray:
     """Each component of COMPONENTS as ms at 100% efficiency on `machine` (nodes, heads and the call: as that
     many operator overheads)."""
     per_ms_fp32, per_ms_int8, per_ms_bytes = machine.fp32_gflops * 1e6, machine.int8_gops * 1e6, machine.bandwidth_gbps * 1e6
     per_ms_int4 = (machine.int4_gflops or machine.fp32_gflops) * 1e6
+    per_ms_activations = elementwise_gbps(machine) * 1e6
     overhead_ms = operator_overhead_ms(machine)
     return np.array([
         cost.gemm_fp32_flops / per_ms_fp32,
         cost.gemm_int8_ops / per_ms_int8,
         cost.gemm_int4_flops / per_ms_int4,
         cost.attention_flops / per_ms_fp32,
-        cost.activation_bytes / per_ms_bytes,
+        cost.activation_bytes / per_ms_activations,
+        cost.quantize_bytes / per_ms_activations,
         cost.weight_bytes / per_ms_bytes,
         cost.nodes * overhead_ms,
         cost.attention_heads * overhead_ms,

@@ -20,6 +20,7 @@ from profilers.hardware import HardwareProfile
 from profilers.latency import summarize
 from profilers.predictor import (
     COMPONENTS,
+    REFERENCE_ELEMENTWISE_SHARE,
     REFERENCE_OVERHEAD_MS,
     CalibrationPoint,
     ModelShape,
@@ -28,6 +29,7 @@ from profilers.predictor import (
     Workload,
     analytic_cost,
     components_ms,
+    elementwise_gbps,
     operator_overhead_ms,
 )
 from search_spaces import Candidate
@@ -55,7 +57,8 @@ def test_fewer_bits_move_fewer_bytes_and_are_faster_where_that_binds() -> None:
     shapes = {bits: ModelShape(6, 384, 12, 1536, bits) for bits in (32, 8, 4)}
     weights = {bits: analytic_cost(s, WORKLOAD).weight_bytes for bits, s in shapes.items()}
     assert weights[32] > weights[4] > weights[8]  # int4 keeps the fused Q/K/V weights in fp32
-    starved = replace(MACHINE, bandwidth_gbps=0.5, fingerprint="bandwidth-bound")
+    # Starved of memory bandwidth (the weights stream from memory), its cache-resident activations unchanged.
+    starved = replace(MACHINE, bandwidth_gbps=0.5, elementwise_gbps=elementwise_gbps(MACHINE), fingerprint="bandwidth-bound")
     assert predict(shapes[32], starved) > predict(shapes[4], starved)
     assert predict(shapes[32], starved) > predict(shapes[8], starved)
     int8_rich = replace(MACHINE, int8_gops=4 * MACHINE.fp32_gflops, fingerprint="vnni")
@@ -78,9 +81,27 @@ def test_costlier_small_operators_slow_narrow_models_most() -> None:
     assert slowdown["narrow"] > slowdown["wide"] > 1.0
 
 
+def test_activations_move_at_the_elementwise_chains_rate_and_int8_quantization_apart() -> None:
+    """Skip-layernorm and gelu traffic is timed against the profile's elementwise chain (copy bandwidth only for
+    older profiles); int8's quantization traffic is a component of its own, so fp32 and int4 do not pay for it."""
+    shape = ModelShape(3, 192, 6, 1536, 32)
+    assert elementwise_gbps(MACHINE) == pytest.approx(REFERENCE_ELEMENTWISE_SHARE * MACHINE.bandwidth_gbps)
+    measured = replace(MACHINE, elementwise_gbps=1.0, fingerprint="elementwise measured")
+    slower_activations = replace(measured, elementwise_gbps=0.5)
+    assert predict(shape, slower_activations) > predict(shape, measured)
+    more_bandwidth = replace(measured, bandwidth_gbps=10 * MACHINE.bandwidth_gbps)  # weights only, here
+    assert predict(shape, more_bandwidth) < predict(shape, measured)
+    assert predict(shape, more_bandwidth) > predict(shape, replace(more_bandwidth, elementwise_gbps=10.0))
+    costs = {bits: analytic_cost(replace(shape, bits=bits), WORKLOAD) for bits in (32, 8, 4)}
+    assert costs[32].quantize_bytes == costs[4].quantize_bytes == 0 < costs[8].quantize_bytes
+    assert costs[32].activation_bytes == costs[8].activation_bytes == costs[4].activation_bytes
+    quantize = COMPONENTS.index("quantize")
+    assert components_ms(costs[8], measured)[quantize] == pytest.approx(costs[8].quantize_bytes / 1e6)  # at 1 GB/s
+
+
 def synthetic_points(n: int, seed: int, noise: float = 0.02) -> list[CalibrationPoint]:
     """Latencies from a known ground truth (coefficients unlike the priors) with lognormal noise."""
-    truth = np.array([2.2, 3.0, 1.1, 6.0, 0.6, 2.0, 3.0, 1.0, 20.0])
+    truth = np.array([2.2, 3.0, 1.1, 6.0, 0.6, 0.1, 2.0, 3.0, 1.0, 20.0])
     assert len(truth) == len(COMPONENTS)
     rng = np.random.default_rng(seed)
     points = []
@@ -127,6 +148,8 @@ def test_a_profile_without_chain_figures_predicts_from_its_peak_figures(profile:
     machine = Throughput.of(profile)
     assert (machine.fp32_gflops, machine.int8_gops, machine.int4_gflops) == (bench.fp32_gemm_gflops, bench.int8_gemm_gops, None)
     assert machine.small_op_ms is None and operator_overhead_ms(machine) == REFERENCE_OVERHEAD_MS
+    assert machine.elementwise_gbps is None
+    assert elementwise_gbps(machine) == pytest.approx(REFERENCE_ELEMENTWISE_SHARE * bench.memory_bandwidth_gbps)
     assert predict(ModelShape(2, 192, 6, 768, 4), machine) > 0
 
 

@@ -70,13 +70,16 @@ def test_quick_microbench_measures_positive_figures_with_methods(quick: Hardware
     assert bench.fp32_gemm_gflops > 1 and bench.int8_gemm_gops > 1 and bench.memory_bandwidth_gbps > 0.5
     assert bench.fp32_chain_gflops > 1 and bench.int8_chain_gops > 1 and bench.int4_chain_gflops > 1
     assert bench.small_op_us is not None and 0 < bench.small_op_us < 10_000
+    assert bench.elementwise_gbps is not None and 0.01 < bench.elementwise_gbps < 10_000
     for name in ("fp32_gemm_gflops", "int8_gemm_gops", "memory_bandwidth_gbps", "fp32_chain_gflops", "int8_chain_gops",
-                 "int4_chain_gflops", "small_op_us"):
+                 "int4_chain_gflops", "small_op_us", "elementwise_gbps"):
         method = bench.methods[name]
         assert method.threads == quick.threads and method.runs >= 5 and method.shape
+    assert bench.methods["elementwise_gbps"].shape == "12 x 64x384"
     machine = Throughput.of(quick)  # the predictor divides by the encoder-regime figures, not the peak ones
-    assert (machine.fp32_gflops, machine.int8_gops, machine.int4_gflops, machine.small_op_ms) == (
-        bench.fp32_chain_gflops, bench.int8_chain_gops, bench.int4_chain_gflops, bench.small_op_us / 1000)
+    assert (machine.fp32_gflops, machine.int8_gops, machine.int4_gflops, machine.small_op_ms, machine.elementwise_gbps) == (
+        bench.fp32_chain_gflops, bench.int8_chain_gops, bench.int4_chain_gflops, bench.small_op_us / 1000,
+        bench.elementwise_gbps)
 
 
 def test_rounds_keep_each_figures_geometric_mean_and_every_rounds_value(quick: HardwareProfile) -> None:

@@ -63,7 +63,7 @@ def _hardware_section(result: dict[str, Any]) -> Section:
                                 f"memory {bench.get('memory_bandwidth_gbps', '-')} GB/s; at batch 1 x 64 tokens (GEMM chains): "
                                 f"fp32 {bench.get('fp32_chain_gflops') or '-'} GFLOP/s, int8 {bench.get('int8_chain_gops') or '-'} GOP/s, "
                                 f"int4 {bench.get('int4_chain_gflops') or '-'} GFLOP/s; one small operator "
-                                f"{bench.get('small_op_us') or '-'} us"),
+                                f"{bench.get('small_op_us') or '-'} us; activations {bench.get('elementwise_gbps') or '-'} GB/s"),
         ("software", f"onnxruntime {hw['software']['onnxruntime']}, torch {hw['software']['torch']}, optuna {hw['software']['optuna']}"),
         ("measurement", f"{plan.percentile_name(result)} latency at batch {target['batch_size']}, sequence length {target['seq_len']}, "
                         f"{target['threads']} threads, {target['runtime']} on {target['device']}; each figure timed in a fresh "
