@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     savings = demo_savings(random_rows, profile_2t, calibrated, teacher_row.p95_2t)
     for name, machine in (("2 threads", two), ("1 thread", one)):
         print(f"profile at {name} (encoder-regime chains): fp32 {machine.fp32_gflops} GFLOP/s, int8 {machine.int8_gops} GOP/s, "
-              f"int4 {machine.int4_gflops} GFLOP/s, {machine.bandwidth_gbps} GB/s, one small operator "
-              f"{(machine.small_op_ms or float('nan')) * 1000:.1f} us")
+              f"int4 {machine.int4_gflops} GFLOP/s, {machine.bandwidth_gbps} GB/s copy, activations {machine.elementwise_gbps} GB/s, "
+              f"one small operator {(machine.small_op_ms or float('nan')) * 1000:.1f} us")
     print(f"teacher (fused fp32) p50 {teacher_row.p50_2t:.2f} ms, p95 {teacher_row.p95_2t:.2f} ms at 2 threads")
     for name, acc in (("same machine (5-fold CV, 2 threads)", same), ("cross machine (2t calibration -> 1t)", cross)):
         print(f"{name}: median APE {acc.mape:.1%}, mean APE {acc.mean_ape:.1%}, within 15% {acc.within_15pct:.0%}, "
