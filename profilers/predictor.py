@@ -18,8 +18,8 @@ Two layers, so that a profile of a machine nobody measured a model on still yiel
    counted in units of the profile's operator overhead (`operator_overhead_ms`): what one small ORT operator
    costs beyond its arithmetic, from the profile's `small_op_us` (a 48-wide MatMul chain's time per node). That
    overhead is dispatch plus handing work to the thread pool and waiting for it, so it changes with the thread
-   count and the machine (on a 2-core EPYC 7-12 us at 2 threads against 0.5-4.5 at 1), and it dominates narrow models.
-   Profiles from before that figure count them at REFERENCE_OVERHEAD_MS.
+   count and the machine (on a 2-core EPYC 7-12 us at 2 threads against 0.5-4.5 at 1), and it dominates narrow
+   models. Profiles from before that figure count them at REFERENCE_OVERHEAD_MS.
 2. **Fitted correction** (`Correction`): predicted ms = sum_k c_k * component_k, one positive coefficient per
    component (an inverse efficiency; for nodes, heads and the call, how many operator overheads each costs).
    Per-head attention blocks cost far more than their FLOPs (3 layers of 12 heads x 24 dims ran a third
@@ -72,7 +72,7 @@ PRIOR_COEFFICIENTS = {"gemm_fp32": 1.0, "gemm_int8": 1.0, "gemm_int4": 1.0, "att
 #: EPYC measures at 2 threads.
 REFERENCE_OVERHEAD_MS = 0.01
 #: The elementwise chain's rate as a share of copy bandwidth, assumed for profiles measured before
-#: `elementwise_gbps` existed: what that 2-core EPYC measured (3.4-4.7 GB/s against 18-29).
+#: `elementwise_gbps` existed: about what that 2-core EPYC measured (2.6-4.7 GB/s against 16-32 of copy).
 REFERENCE_ELEMENTWISE_SHARE = 0.15
 #: The overhead never counts below this share of the measured small operator: it is a difference of two measured
 #: figures, and noise in them must not zero it.
