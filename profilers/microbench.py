@@ -122,6 +122,17 @@ def matmul_model(size: int, integer: bool) -> bytes:
     return model.SerializeToString()
 
 
+def _row_chain(name: str, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto], rows: int, width: int,
+               *domains: str) -> onnx.ModelProto:
+    """A chain graph from fp32 X[rows, width] to Y[rows, width] (opset 17, plus opset 1 of `domains`)."""
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, width])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, width])], initializer=initializers)
+    opsets = [helper.make_opsetid("", 17), *(helper.make_opsetid(domain, 1) for domain in domains)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model
+
+
 def gemm_chain_model(rows: int = CHAIN_ROWS, width: int = CHAIN_WIDTH, depth: int = CHAIN_DEPTH) -> onnx.ModelProto:
     """fp32 X[rows, width] through `depth` MatMuls with distinct [width, width] weight initializers (distinct, so
     the weights stream from cache or memory as a model's do). Weights scaled 1/sqrt(width) keep values bounded."""
@@ -130,11 +141,7 @@ def gemm_chain_model(rows: int = CHAIN_ROWS, width: int = CHAIN_WIDTH, depth: in
     weights = [numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"W{i}")
                for i in range(depth)]
     nodes = [helper.make_node("MatMul", [names[i], f"W{i}"], [names[i + 1]]) for i in range(depth)]
-    graph = helper.make_graph(nodes, "gemm_chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, width])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, width])], initializer=weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _row_chain("gemm_chain", nodes, weights, rows, width)
 
 
 #: Bytes one SkipLayerNormalization + BiasGelu block moves per element of its rows x width input, counted as the
@@ -155,11 +162,7 @@ def elementwise_chain_model(rows: int = CHAIN_ROWS, width: int = CHAIN_WIDTH, de
                                       domain="com.microsoft", epsilon=1e-5))
         current = "Y" if i == depth - 1 else f"g{i}"
         nodes.append(helper.make_node("BiasGelu", [f"n{i}", "bias"], [current], domain="com.microsoft"))
-    graph = helper.make_graph(nodes, "elementwise_chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [rows, width])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, width])], initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
-    return model
+    return _row_chain("elementwise_chain", nodes, initializers, rows, width, "com.microsoft")
 
 
 def quantized_chain(fp32: onnx.ModelProto, bits: int) -> bytes:
@@ -189,32 +192,38 @@ def quantized_chain(fp32: onnx.ModelProto, bits: int) -> bytes:
 
 
 def chain_sessions(model: bytes, width: int, threads: int, settings: MeasureSettings, engine: str,
-                   dtype: str, shape: str = "") -> tuple[float, BenchMethod]:
+                   dtype: str, shape: str) -> tuple[float, BenchMethod]:
     """The geometric mean of the p50s (ms) of CHAIN_SESSIONS fresh sessions, each given an equal share of
-    `settings.max_seconds`, on a CHAIN_ROWS x `width` input; the method (`shape`: by default the GEMM chain's)
-    counts every session's runs and seconds."""
+    `settings.max_seconds`, on a CHAIN_ROWS x `width` input; the method (described as `shape`) counts every
+    session's runs and seconds."""
     x = np.random.default_rng(3).standard_normal((CHAIN_ROWS, width)).astype(np.float32)
     share = replace(settings, max_seconds=settings.max_seconds / CHAIN_SESSIONS)
     sessions = [measure_onnx(model, {"X": x}, threads=threads, settings=share) for _ in range(CHAIN_SESSIONS)]
-    method = BenchMethod(engine=engine, shape=shape or f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{width}x{width}",
+    method = BenchMethod(engine=engine, shape=shape,
                          dtype=dtype, threads=threads, runs=sum(s.runs for s in sessions),
                          seconds=round(sum(s.seconds for s in sessions), 3),
                          statistic=f"geometric mean of {CHAIN_SESSIONS} sessions' medians")
     return float(gmean([s.p50_ms for s in sessions])), method
 
 
+def gemm_chain_shape(width: int) -> str:
+    return f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{width}x{width}"
+
+
 def cpu_gemm_chain(bits: int, threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
     """G(FL)OP/s of the encoder-regime GEMM chain at `bits` (see the module docstring), all nodes' time included."""
     engine = {32: "onnxruntime MatMul chain", 8: "onnxruntime quantize_dynamic chain", 4: "onnxruntime MatMulNBits chain"}[bits]
     dtype = {32: "fp32", 8: "int8 dynamic", 4: "int4 block 32"}[bits]
-    p50_ms, method = chain_sessions(quantized_chain(gemm_chain_model(), bits), CHAIN_WIDTH, threads, settings, engine, dtype)
+    p50_ms, method = chain_sessions(quantized_chain(gemm_chain_model(), bits), CHAIN_WIDTH, threads, settings, engine, dtype,
+                                    gemm_chain_shape(CHAIN_WIDTH))
     return CHAIN_DEPTH * gemm_ops(CHAIN_ROWS, CHAIN_WIDTH, CHAIN_WIDTH) / (p50_ms / 1000.0) / 1e9, method
 
 
 def cpu_small_op_us(threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
     """Microseconds per node of the SMALL_OP_WIDTH fp32 MatMul chain: one small operator's cost at `threads`."""
     model = gemm_chain_model(width=SMALL_OP_WIDTH).SerializeToString()
-    p50_ms, method = chain_sessions(model, SMALL_OP_WIDTH, threads, settings, "onnxruntime MatMul chain (per node)", "fp32")
+    p50_ms, method = chain_sessions(model, SMALL_OP_WIDTH, threads, settings, "onnxruntime MatMul chain (per node)", "fp32",
+                                    gemm_chain_shape(SMALL_OP_WIDTH))
     return p50_ms * 1000.0 / CHAIN_DEPTH, method
 
 
@@ -222,7 +231,7 @@ def cpu_elementwise_gbps(threads: int, settings: MeasureSettings) -> tuple[float
     """GB/s of activation traffic (ELEMENTWISE_BYTES_PER_ELEMENT) through the elementwise chain at `threads`."""
     model = elementwise_chain_model().SerializeToString()
     p50_ms, method = chain_sessions(model, CHAIN_WIDTH, threads, settings, "onnxruntime SkipLayerNormalization + BiasGelu chain",
-                                    "fp32", shape=f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{CHAIN_WIDTH}")
+                                    "fp32", f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{CHAIN_WIDTH}")
     moved = CHAIN_DEPTH * CHAIN_ROWS * CHAIN_WIDTH * ELEMENTWISE_BYTES_PER_ELEMENT
     return moved / (p50_ms / 1000.0) / 1e9, method
 
