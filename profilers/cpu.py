@@ -19,6 +19,16 @@ INFERENCE_FLAG_PATTERN = re.compile(
     r"^(sse4_1|sse4_2|ssse3|avx|avx2|fma|f16c|avx512\w*|avx_vnni\w*|avx_ifma|avx_ne_convert|amx\w*"
     r"|neon|asimd\w*|sve\w*|sme\d*|sme_\w+|i8mm|bf16|fphp|asimdhp|dotprod)$"
 )
+#: py-cpuinfo adds CPUID-decoded names beside the kernel's; these are the ones it spells differently. The kernel's
+#: spelling (/proc/cpuinfo) is canonical, so a profile, its fingerprint and the hardware rules read one name per
+#: feature whichever library reported it.
+FLAG_ALIASES = {
+    "avx512vnni": "avx512_vnni", "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
+    "avx512vpopcntdq": "avx512_vpopcntdq", "avx5124vnniw": "avx512_4vnniw", "avx5124fmaps": "avx512_4fmaps",
+    "avx512vp2intersect": "avx512_vp2intersect", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+    "avxvnni": "avx_vnni", "amxbf16": "amx_bf16", "amxint8": "amx_int8", "amxtile": "amx_tile",
+    "amxfp16": "amx_fp16",
+}
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 SYSFS_NODE = Path("/sys/devices/system/node")
 
@@ -39,9 +49,15 @@ class CpuInfo:
     numa_nodes: int
 
 
+def canonical_flag(name: str) -> str:
+    """The kernel's spelling of a CPU flag (`avx512vnni` -> `avx512_vnni`), lower case."""
+    lowered = name.lower()
+    return FLAG_ALIASES.get(lowered, lowered)
+
+
 def inference_flags(all_flags: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """The sorted subset of CPU flags that matter for inference kernels."""
-    return tuple(sorted({f.lower() for f in all_flags if INFERENCE_FLAG_PATTERN.match(f.lower())}))
+    """The sorted subset of CPU flags that matter for inference kernels, in the kernel's spelling."""
+    return tuple(sorted({canonical_flag(f) for f in all_flags if INFERENCE_FLAG_PATTERN.match(canonical_flag(f))}))
 
 
 def parse_cache_size(text: str) -> int:

@@ -49,6 +49,12 @@ def test_isa_flags_are_the_inference_subset_of_proc_cpuinfo(facts: HardwareProfi
     assert "smep" not in facts.cpu.flags  # security flags are not inference ISA
 
 
+def test_flags_take_the_kernel_spelling_whichever_library_reported_them() -> None:
+    # py-cpuinfo reports CPUID names (avx512vnni, avxvnni, amxint8) beside the kernel's; one name per feature.
+    reported = ["AVX2", "avx512vnni", "avx512_vnni", "avxvnni", "amxint8", "amx_tile", "smep"]
+    assert inference_flags(reported) == ("amx_int8", "amx_tile", "avx2", "avx512_vnni", "avx_vnni")
+
+
 @pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="needs Linux /proc/meminfo")
 def test_memory_total_matches_proc_meminfo(facts: HardwareProfile) -> None:
     line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal:"))
