@@ -7,6 +7,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class BenchMethod:
+    """The recipe behind one throughput figure (engine, shape, precision, threads, effort, statistic).
+
+    A bare number cannot be compared with another machine's or re-measured; kept beside the figure, the recipe lets
+    a reader judge whether two figures measure the same thing and repeat the measurement.
+    """
+
     engine: str
     shape: str
     dtype: str

@@ -35,6 +35,12 @@ SYSFS_NODE = Path("/sys/devices/system/node")
 
 @dataclass(frozen=True)
 class CpuInfo:
+    """The static facts of the CPU that decide which kernels run and how fast: frozen, so a profile can hash them.
+
+    Only the ISA flags that inference kernels dispatch on are kept, so an unrelated flag cannot change the
+    fingerprint.
+    """
+
     vendor: str
     model_name: str
     architecture: str
@@ -87,6 +93,8 @@ def sysfs_cache_sizes(cpu_dir: Path = SYSFS_CPU / "cpu0") -> dict[str, int]:
 
 
 def numa_node_count(node_dir: Path = SYSFS_NODE) -> int:
+    """NUMA nodes from sysfs, at least 1: neither py-cpuinfo nor psutil reports them, and a thread pool spread over
+    nodes pays remote-memory latency, so the count is part of what determines speed."""
     nodes = [p for p in node_dir.glob("node[0-9]*")] if node_dir.exists() else []
     return max(1, len(nodes))
 
@@ -123,6 +131,7 @@ def cpu_info_from(raw: Mapping[str, Any], caches: Mapping[str, int], numa_nodes:
 
 
 def probe_cpu() -> CpuInfo:
+    """This machine's CpuInfo; the only impure entry point, so `cpu_info_from` stays testable with canned inputs."""
     import cpuinfo
 
     return cpu_info_from(cpuinfo.get_cpu_info(), sysfs_cache_sizes(), numa_node_count())

@@ -21,6 +21,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class GpuInfo:
+    """One NVIDIA GPU: NVML's static facts, plus throughput figures once the microbenchmarks have filled them in.
+
+    Facts a GPU or driver cannot report are None rather than an error, so one old card does not cost the whole
+    profile; the figures stay None until measured, and `methods` says how each was measured.
+    """
+
     index: int
     name: str
     uuid: str

@@ -35,6 +35,9 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class HardwareProfile:
+    """Everything autotune knows about one machine, frozen and JSON-round-trippable, so it can be written once with
+    `autotune profile -o` and reused, and so every stored latency can be tagged with the machine it belongs to."""
+
     schema_version: int
     created_at: str
     threads: int
@@ -47,12 +50,17 @@ class HardwareProfile:
 
     @property
     def fingerprint(self) -> str:
+        """Short hash of the speed-determining facts (see `fingerprint_fields`), recomputed rather than stored so
+        it can never disagree with the profile's contents."""
         return fingerprint_of(self)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data with the fingerprint added, so a reader of the file sees the key its measurements are filed
+        under and `from_dict` can detect an edited or corrupted file."""
         return {**asdict(self), "fingerprint": self.fingerprint}
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The profile as JSON text (indented by default, since people read and diff profile files)."""
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     @classmethod
@@ -80,6 +88,8 @@ class HardwareProfile:
 
     @classmethod
     def from_json(cls, text: str, source: str = "hardware profile") -> "HardwareProfile":
+        """Parse and validate JSON text; malformed JSON becomes a ProfileError naming the line, like every other
+        problem with a profile file, so the CLI has one error to report."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -103,6 +113,8 @@ def fingerprint_fields(profile: HardwareProfile) -> dict[str, Any]:
 
 
 def fingerprint_of(profile: HardwareProfile) -> str:
+    """16 hex digits of SHA-256 over the canonical JSON of `fingerprint_fields`: canonical (sorted keys, no spaces)
+    so the same facts hash the same on every machine and Python version."""
     canonical = json.dumps(fingerprint_fields(profile), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -148,12 +160,11 @@ def with_throughput(profile: HardwareProfile, *, quick: bool = False, rounds: in
     """`profile` with its throughput measured (CPU at its threads, and its GPUs): what `collect_profile` adds to
     the probed facts, so a caller that needed the fingerprint early does not probe the machine twice.
 
-    On a shared host a neighbour's load swings the CPU figures by 10-40% from one minute to the next (2-thread
-    fp32 GEMM chains read 86-140 GFLOP/s on the development box); `rounds` > 1 repeats the CPU microbenchmarks,
-    waiting `interval_s` seconds between rounds, and merges each figure's rounds (`merge_rounds`), so a profile
-    spans more of those swings. In each of seven bench/predictor.py runs, rounds spread over its ten minutes of
-    timings merged put more 1-thread predictions within 15% of measured than the median single round (0.85
-    against 0.74 in one; single rounds 0.20-0.85 there). GPUs are measured once.
+    On a shared host a neighbour's load swings the CPU figures from one minute to the next, so one round describes
+    one minute rather than the machine. `rounds` > 1 repeats the CPU microbenchmarks, waiting `interval_s` seconds
+    between rounds, and merges each figure's rounds (`merge_rounds`), so a profile spans more of those swings and
+    predicts latencies timed over minutes better than a single round does (bench/predictor.py measures this).
+    GPUs are measured once.
     """
     plan = BenchPlan.for_mode(quick)
     cpu = []

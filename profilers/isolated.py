@@ -1,9 +1,9 @@
 """Time an ONNX model in a fresh child process, where no other thread pool can steal the cores.
 
 In a tuning process, torch's OpenMP workers keep spinning for a while after training and other ORT sessions
-may be alive; measured on 2 cores, either made latencies 3-5x too high. A child process that imports only
-ONNX Runtime and numpy has nothing else running, costs well under a second to start, and makes a latency
-measured right after training equal to one measured on a quiet machine.
+may be alive; on a machine with few cores either inflates latencies several-fold, because they compete for the
+same cores. A child process that imports only ONNX Runtime and numpy has nothing else running, is cheap to
+start, and makes a latency measured right after training equal to one measured on a quiet machine.
 
 The child builds its own synthetic feeds (random token ids, full attention mask) from a small JSON request,
 so nothing large crosses the process boundary; it answers with the LatencyStats as JSON on stdout.

@@ -86,6 +86,7 @@ class LatencyStats:
         return table[float(percentile)]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain field values for JSON results and reports; every field is a plain scalar, so it serialises as is."""
         return asdict(self)
 
 

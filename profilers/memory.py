@@ -9,6 +9,9 @@ import psutil
 
 @dataclass(frozen=True)
 class MemoryInfo:
+    """Host RAM and swap: whether a model and its working set fit. Recorded but left out of the fingerprint, since
+    available memory changes between runs and capacity does not change speed."""
+
     total_bytes: int
     available_bytes: int
     swap_total_bytes: int
@@ -16,6 +19,7 @@ class MemoryInfo:
 
 
 def probe_memory() -> MemoryInfo:
+    """This machine's MemoryInfo now, through psutil so the same code works on Linux, macOS and Windows."""
     virtual = psutil.virtual_memory()
     swap = psutil.swap_memory()
     return MemoryInfo(

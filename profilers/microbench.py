@@ -14,8 +14,7 @@ as MatMulNBits). Narrow models are dominated by what each ORT operator costs bey
 handing work to the thread pool and waiting for it), which shrinks with fewer threads: a 48-wide fp32 chain
 times that per-operator cost (`small_op_us`). The activations between GEMMs (skip-layernorm, gelu) are 64 x 384
 tensors that live in cache, far from memory bandwidth, and a second thread buys them less than it buys a large
-copy (1.15-1.4x against 1.6x on a 2-core EPYC): a chain of the fused graph's own SkipLayerNormalization +
-BiasGelu nodes times them (`elementwise_gbps`).
+copy: a chain of the fused graph's own SkipLayerNormalization + BiasGelu nodes times them (`elementwise_gbps`).
 """
 
 from __future__ import annotations
@@ -50,11 +49,15 @@ class BenchPlan:
 
     @classmethod
     def for_mode(cls, quick: bool) -> "BenchPlan":
+        """The two plans the CLI offers: `quick` halves the GEMM, quarters the copy and gives each figure a sixth of
+        the time, for a profile in seconds when precision matters less than turnaround."""
         if quick:
             return cls(gemm_size=512, copy_bytes=64 << 20, seconds_per_figure=1.0)
         return cls(gemm_size=1024, copy_bytes=256 << 20, seconds_per_figure=6.0)
 
     def settings(self) -> MeasureSettings:
+        """Harness settings for one figure: few warmups and runs, because a throughput call is long and the time
+        budget, not a run count, should bound how long a profile takes; a tight CI to stop early when stable."""
         return MeasureSettings(warmup=2, min_runs=5, max_runs=500, max_seconds=self.seconds_per_figure, rel_ci=0.01)
 
 
@@ -65,15 +68,14 @@ CHAIN_WIDTH = 384
 CHAIN_DEPTH = 12
 CHAIN_BITS = (32, 8, 4)
 #: Sessions per chain figure, their geometric mean kept. A session's figure sits in one of two modes more than it
-#: varies within them: on the 2-core development box, the int8 chain at 1 thread read ~112 or ~150 GOP/s from
-#: one fresh session to the next (at random), and the fp32 chain at 2 threads ~86 or ~138 GFLOP/s (for ten
-#: seconds and more at a time, then no faster than one thread). A median of a few such values jumps between
-#: modes; the mean of their logs moves by the share of sessions in each, and log latency is what the predictor
-#: fits.
+#: varies within them: a fresh session's chain speed is bimodal, at random from one session to the next, and a
+#: multi-threaded chain can spend stretches of seconds no faster than one thread. A median of a few such
+#: values jumps between modes; the mean of their logs moves by the share of sessions in each, and log latency is
+#: what the predictor fits.
 CHAIN_SESSIONS = 5
-#: The per-operator figure's chain: 64 x 48 x 48 GEMMs (0.3 MFLOP each) are a few microseconds of arithmetic,
-#: so the time per node is mostly the operator's fixed cost at this thread count (on a 2-core EPYC, 9-14 us
-#: at 2 threads against 4.5-8 at 1: a second thread costs small operators more than it saves them).
+#: The per-operator figure's chain: 64 x 48 x 48 GEMMs (0.3 MFLOP each) are little arithmetic, so the time per
+#: node is mostly the operator's fixed cost at this thread count (which a second thread can raise: handing a
+#: small operator to the pool costs more than the pool saves it).
 SMALL_OP_WIDTH = 48
 
 
@@ -184,7 +186,7 @@ def quantized_chain(fp32: onnx.ModelProto, bits: int) -> bytes:
         source, typed, target = (os.path.join(tmp, f"{name}.onnx") for name in ("fp32", "typed", "int8"))
         onnx.save(fp32, source)
         # What the quantizer expects (and warns without); the chain's shapes are static, so ONNX's own shape
-        # inference is enough and the symbolic pass (2 s of every profile) is skipped.
+        # inference is enough and the symbolic pass (seconds of every profile) is skipped.
         quant_pre_process(source, typed, skip_optimization=True, skip_symbolic_shape=True)
         quantize_dynamic(typed, target, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
         with open(target, "rb") as handle:
@@ -207,6 +209,8 @@ def chain_sessions(model: bytes, width: int, threads: int, settings: MeasureSett
 
 
 def gemm_chain_shape(width: int) -> str:
+    """The chain's shape as its BenchMethod records it ("depth x rows x width x width"), built in one place so the
+    GEMM and per-operator figures describe their chains alike."""
     return f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{width}x{width}"
 
 
@@ -262,6 +266,9 @@ def cpu_copy_bandwidth(nbytes: int, threads: int, settings: MeasureSettings) -> 
 
 
 def run_cpu_microbench(threads: int, plan: BenchPlan) -> Microbench:
+    """One round of every CPU figure at `threads`: the peak GEMMs and copy bandwidth, plus the encoder-regime chains,
+    per-operator cost and elementwise rate that the predictor prefers, because peak figures alone mispredict
+    batch-1 encoders (see the module docstring)."""
     settings = plan.settings()
     fp32, fp32_method = cpu_gemm(plan.gemm_size, False, threads, settings)
     int8, int8_method = cpu_gemm(plan.gemm_size, True, threads, settings)
@@ -295,9 +302,9 @@ def merge_rounds(rounds: Sequence[Microbench]) -> Microbench:
     optional one) is None. One round is returned as it is.
 
     Not the median: on a shared host a round lands in a fast or a slow minute (see CHAIN_SESSIONS), and the
-    latencies a profile must predict were measured through both. Rescoring twelve bench/predictor.py timing sets
-    against their own saved rounds, the geometric mean of rounds put more 1-thread predictions within 15% of
-    measured than their median in eight, as many in two, fewer in two (per set 0.55-0.93 against 0.40-0.85)."""
+    latencies a profile must predict were measured through both. The geometric mean weighs both kinds of minute by
+    how often they came, where a median of a few rounds picks one; bench/predictor.py's rescoring of saved rounds
+    compares the two."""
     if not rounds or len({r.threads for r in rounds}) != 1:
         raise ValueError("merge_rounds needs one or more rounds, all at the same thread count")
     if len(rounds) == 1:

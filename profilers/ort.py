@@ -1,8 +1,8 @@
 """ONNX Runtime sessions configured for honest timing.
 
 Every place that times an ONNX model (microbenchmarks, the latency harness, the deployment runtime) builds its
-session here, so thread count and spinning are set the same way everywhere. Measured on a 2-core box: several
-default sessions alive in one process made every latency 3-5x too high, because each idle session's intra-op
+session here, so thread count and spinning are set the same way everywhere. Several default sessions alive in
+one process inflate every latency several-fold on a machine with few cores, because each idle session's intra-op
 threads spin while another runs. Spinning is therefore off unless a caller asks for it.
 """
 

@@ -12,20 +12,20 @@ Two layers, so that a profile of a machine nobody measured a model on still yiel
    the encoder-regime chain throughput at their precision (64 token rows, ORT nodes in a row: a second thread
    buys far less there than on a peak GEMM); weight bytes against memory bandwidth; activation and quantization
    bytes against the elementwise chain (the fused graph's skip-layernorm and gelu on 64 x 384 tensors, which
-   live in cache: on a 2-core EPYC ~1/7 of copy bandwidth, and 1.15-1.4x faster at two threads than at one
-   where copy bandwidth is 1.6x). Profiles from before those figures fall back to the peak GEMM figures and
+   live in cache: they move at a small share of copy bandwidth and gain less from a second thread than a copy
+   does). Profiles from before those figures fall back to the peak GEMM figures and
    REFERENCE_ELEMENTWISE_SHARE of copy bandwidth. Nodes, per-head attention blocks and the call itself are
    counted in units of the profile's operator overhead (`operator_overhead_ms`): what one small ORT operator
    costs beyond its arithmetic, from the profile's `small_op_us` (a 48-wide MatMul chain's time per node). That
    overhead is dispatch plus handing work to the thread pool and waiting for it, so it changes with the thread
-   count and the machine (on a 2-core EPYC 7-12 us at 2 threads against 0.5-4.5 at 1), and it dominates narrow
-   models. Profiles from before that figure count them at REFERENCE_OVERHEAD_MS.
+   count and the machine (more threads usually make it larger), and it dominates narrow models. Profiles from
+   before that figure count them at REFERENCE_OVERHEAD_MS.
 2. **Fitted correction** (`Correction`): predicted ms = sum_k c_k * component_k, one positive coefficient per
    component (an inverse efficiency; for nodes, heads and the call, how many operator overheads each costs).
-   Per-head attention blocks cost far more than their FLOPs (3 layers of 12 heads x 24 dims ran a third
-   slower than 4 heads x 72 on a 2-core EPYC). The coefficients are fitted by least squares on log latency,
-   calibrated on latencies measured on one machine, and shrunk toward priors so a handful of points cannot
-   produce a wild model. Because every coefficient is relative to the profile's own microbenchmarks, a
+   Per-head attention blocks cost far more than their FLOPs (each is a few small GEMM calls, so at equal width
+   many narrow heads run markedly slower than few wide ones). The coefficients are fitted by least squares on
+   log latency, calibrated on latencies measured on one machine, and shrunk toward priors so a handful of points
+   cannot produce a wild model. Because every coefficient is relative to the profile's own microbenchmarks, a
    calibration transfers to another profile.
 
 The interval comes from leave-one-out residuals of the calibration (split-conformal style), widened by an
@@ -62,17 +62,18 @@ COMPONENTS = ("gemm_fp32", "gemm_int8", "gemm_int4", "attention", "activations",
               "call")
 #: Prior coefficients (inverse efficiencies; small operators per node, per attention head and per call): the
 #: calibration's starting point and what it shrinks toward, and the whole model where nothing was measured.
-#: Set by hand, not fitted, from a quiet 2-core AVX2 EPYC at 2 threads: GEMMs run at about the chain's
+#: Set by hand, not fitted, from latencies on one quiet multi-threaded AVX2 machine: GEMMs run at about the chain's
 #: throughput, the attention matmuls at a third of it, activations at the elementwise chain's rate, int8's
 #: quantization traffic (min/max, quantize, cast, rescale: simpler per byte than layernorm and gelu) at four times
-#: it, a node costs about one operator overhead (~10 us), each head of each layer two, the call five.
+#: it, a node costs about one operator overhead, each head of each layer two, the call five.
 PRIOR_COEFFICIENTS = {"gemm_fp32": 1.0, "gemm_int8": 1.0, "gemm_int4": 1.0, "attention": 3.0, "activations": 1.0,
                       "quantize": 0.25, "weights": 1.0, "nodes": 1.0, "heads": 2.0, "call": 5.0}
-#: The operator overhead (ms) assumed for profiles measured before `small_op_us` existed: about what that 2-core
-#: EPYC measures at 2 threads.
+#: The operator overhead (ms) assumed for profiles measured before `small_op_us` existed: the order of magnitude
+#: a small ORT operator costs on a small multi-threaded CPU, the kind of machine the priors were set on.
 REFERENCE_OVERHEAD_MS = 0.01
 #: The elementwise chain's rate as a share of copy bandwidth, assumed for profiles measured before
-#: `elementwise_gbps` existed: about what that 2-core EPYC measured (2.6-4.7 GB/s against 16-32 of copy).
+#: `elementwise_gbps` existed: roughly the share measured where the priors were set (cache-resident activations
+#: move through small operators far slower than a large copy streams).
 REFERENCE_ELEMENTWISE_SHARE = 0.15
 #: The overhead never counts below this share of the measured small operator: it is a difference of two measured
 #: figures, and noise in them must not zero it.
@@ -106,6 +107,9 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Workload:
+    """How the model is called (batch size, sequence length): latency depends on it as much as on the model, and it
+    is kept apart from ModelShape so one shape can be predicted at several workloads."""
+
     batch_size: int
     seq_len: int
 
@@ -271,6 +275,8 @@ class Correction:
 
     @classmethod
     def prior(cls) -> "Correction":
+        """The hand-set PRIOR_COEFFICIENTS with the uncalibrated interval: what a prediction rests on before any
+        latency has been measured, so there is always a (wide) answer."""
         return cls(tuple(PRIOR_COEFFICIENTS[c] for c in COMPONENTS), UNCALIBRATED_LOG_HALFWIDTH, 0)
 
     @classmethod
@@ -288,6 +294,8 @@ class Correction:
         return cls(tuple(float(c) for c in np.exp(theta)), conformal_halfwidth(loo), n)
 
     def predict_ms(self, x: np.ndarray) -> float:
+        """The coefficient-weighted sum of one components_ms row: linear in the components, so each coefficient reads
+        as an inverse efficiency of its component."""
         return float(x @ np.asarray(self.coefficients))
 
 
@@ -319,6 +327,7 @@ class Prediction:
     predicted: bool = field(default=True, init=False)
 
     def to_dict(self) -> dict[str, float | int | bool | str]:
+        """Every field, `predicted` included, so a stored prediction can never be mistaken for a measurement."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
@@ -333,6 +342,7 @@ class Predictor:
 
     @classmethod
     def uncalibrated(cls, percentile: float) -> "Predictor":
+        """Priors only, tied to no machine: usable before the first latency is measured, with the widest interval."""
         return cls(percentile, Correction.prior(), Correction.prior())
 
     @classmethod
@@ -348,9 +358,14 @@ class Predictor:
 
     @property
     def calibration_points(self) -> int:
+        """How many measured latencies the corrections were fitted on (0: priors), shown beside every prediction so
+        a reader can judge how far to trust it."""
         return self.p50.n
 
     def predict(self, shape: ModelShape, workload: Workload, machine: Throughput) -> Prediction:
+        """p50 and tail latency of `shape` at `workload` on `machine`, each with an interval; widened by the transfer
+        error when `machine` is not the calibration's, and with the tail kept at or above the p50 (two separate
+        fits could otherwise cross)."""
         x = components_ms(analytic_cost(shape, workload), machine)
         same = machine.fingerprint == self.fingerprint
         extra = 0.0 if same or self.p50.n == 0 else TRANSFER_LOG_HALFWIDTH

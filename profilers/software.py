@@ -9,6 +9,11 @@ from importlib import metadata
 
 @dataclass(frozen=True)
 class SoftwareInfo:
+    """Versions of the runtimes that execute the model: a new ONNX Runtime or torch changes kernels, hence latency.
+
+    Each library is None when absent, because a profile must still be writable on a machine without it.
+    """
+
     python: str
     torch: str | None
     onnxruntime: str | None
@@ -18,6 +23,8 @@ class SoftwareInfo:
 
 
 def package_version(name: str) -> str | None:
+    """An installed distribution's version from its metadata, None if absent: reading metadata avoids importing
+    heavy packages such as torch just to learn their version."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -25,6 +32,7 @@ def package_version(name: str) -> str | None:
 
 
 def probe_software() -> SoftwareInfo:
+    """This environment's SoftwareInfo; ONNX Runtime is imported because only it can list its execution providers."""
     try:
         import onnxruntime
 

@@ -23,6 +23,12 @@ def _digest(payload: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Candidate:
+    """One compressed model to try: architecture, sparsity, bit width and optionally thread count.
+
+    Validated on construction, so an impossible model (hidden not divisible by heads, 2:4 at other than 50%) fails
+    here with a sentence instead of deep inside training or export.
+    """
+
     layers: int
     hidden: int
     heads: int
@@ -67,6 +73,8 @@ class Candidate:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Candidate":
+        """Rebuild from stored JSON (results, caches), refusing unknown fields so a file from another version fails
+        loudly rather than silently dropping a knob."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -74,10 +82,13 @@ class Candidate:
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain data, for result.json and for hashing into `key`."""
         return asdict(self)
 
     @property
     def key(self) -> str:
+        """A short hash of every field that names this candidate's artifacts and de-duplicates repeated proposals;
+        unlike hash(), it is the same in every process, so it can name files."""
         return _digest(self.to_dict())
 
     @property

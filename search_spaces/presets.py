@@ -65,6 +65,8 @@ PRESETS: dict[str, Callable[[TeacherShape], Space]] = {"bert-default": bert_defa
 
 
 def preset(name: str, teacher: TeacherShape) -> Space:
+    """The named preset built for `teacher`; an unknown name is a SpaceError with the closest preset suggested,
+    since preset names come from user configs."""
     if name not in PRESETS:
         raise SpaceError(f"unknown search space preset {name!r}{did_you_mean(name, list(PRESETS))}; presets: {sorted(PRESETS)}")
     return PRESETS[name](teacher)

@@ -26,6 +26,8 @@ class SpaceError(ValueError):
 
 
 def did_you_mean(name: str, options: tuple[str, ...] | list[str]) -> str:
+    """A " (did you mean ...?)" suffix naming the closest option, or an empty string: names come from hand-written
+    configs, and an error that names the likely fix can be acted on without looking anything up."""
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -40,6 +42,8 @@ class TeacherShape:
     ffn: int
 
     def as_candidate(self, bits: int = 32) -> Candidate:
+        """The teacher itself as a dense candidate at `bits`, so the baseline and its plain quantizations go through
+        the same pipeline and caches as any compressed candidate."""
         return Candidate(layers=self.layers, hidden=self.hidden, heads=self.heads, ffn=self.ffn, bits=bits)
 
     def cut_to(self, layers: int, bits: int = 32) -> Candidate:
@@ -58,6 +62,12 @@ class Removal:
 
 @dataclass(frozen=True)
 class Space:
+    """The knobs of one search and the teacher that bounds them, validated as a whole when built.
+
+    Samplers draw knobs independently, so every combination must be a valid model; checking that once here means
+    no trial is wasted on an impossible candidate.
+    """
+
     knobs: tuple[Knob, ...]
     teacher: TeacherShape
 
@@ -74,6 +84,8 @@ class Space:
         self._check_values()
 
     def knob(self, name: str) -> Knob:
+        """The knob called `name`. Knobs are an ordered tuple rather than a dict, so a Space stays frozen and
+        hashable like its parts; this is the lookup that costs."""
         return next(k for k in self.knobs if k.name == name)
 
     def _check_values(self) -> None:
@@ -106,6 +118,8 @@ class Space:
         return Candidate.canonical(**dict(params))
 
     def contains(self, candidate: Candidate) -> bool:
+        """Whether every knob admits the candidate's value (a knob the candidate leaves None, like threads, is not
+        checked): lets hand-picked candidates such as the teacher's cuts be tried only when the space allows them."""
         values = candidate.to_dict()
         return all(k.contains(values[k.name]) for k in self.knobs if values.get(k.name) is not None)
 
