@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 CACHE_ENV = "AUTOTUNE_CACHE_DIR"
 
@@ -32,6 +32,7 @@ def key_of(*parts: Any) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary name beside `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -43,12 +44,40 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def read_json(path: Path) -> Any | None:
-    """The cached value, or None when absent or unreadable (a bad entry is recomputed, never trusted)."""
+def read_json(path: Path, valid: Callable[[Any], bool] = lambda entry: True) -> Any | None:
+    """The cached value, or None when absent, unreadable or not `valid` (a bad entry is recomputed, never trusted)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        entry = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return entry if valid(entry) else None
+
+
+def cached_json(path: Path, compute: Callable[[], Any], valid: Callable[[Any], bool] = lambda entry: True) -> tuple[Any, bool]:
+    """(value, cache hit): a step's JSON result cached at `path`, else `compute()` written there atomically."""
+    entry = read_json(path, valid)
+    if entry is not None:
+        return entry, True
+    entry = compute()
+    write_json_atomic(path, entry)
+    return entry, False
+
+
+def cached_dir(final: Path, marker: str, build: Callable[[Path], None]) -> bool:
+    """Whether the directory `final` was already there (its `marker` file written last); else `build(staging)`
+    fills a fresh staging directory beside it, which is then published in one rename. A step that fails leaves
+    no half-written entry."""
+    if (final / marker).exists():
+        return True
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_dir(staging, final)
+    return False
 
 
 def publish_dir(staging: Path, final: Path) -> Path:

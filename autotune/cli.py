@@ -129,6 +129,9 @@ STORAGE_HELP = ("Optuna storage: an RDB URL (sqlite:///study.db, postgresql+psyc
 
 
 def build_parser() -> Parser:
+    """The whole command line; subcommands import their heavy modules only when they run."""
+    from autotune.config import SAMPLERS
+
     parser = Parser(
         prog="autotune",
         description=(
@@ -182,7 +185,7 @@ def build_parser() -> Parser:
     tune.add_argument("--study-name", default=None, metavar="N", help="the study's name in the storage (default: the spec's name)")
     tune.add_argument("--allow-mixed-hardware", action="store_true",
                       help="use a study whose first worker ran on other hardware; only this machine's trials are compared")
-    tune.add_argument("--sampler", choices=("nsga2", "tpe", "gp", "random"), default=None, help="Optuna sampler (default: the spec's, nsga2)")
+    tune.add_argument("--sampler", choices=SAMPLERS, default=None, help="Optuna sampler (default: the spec's, nsga2)")
     tune.add_argument("--seed", type=int, default=None, metavar="K", help="sampler and training seed")
     tune.add_argument("--resume", action="store_true", help="continue the study stored for this spec")
     tune.add_argument("--set", dest="assignments", action="append", type=assignment, default=[], metavar="KEY=VALUE",
@@ -280,7 +283,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from autotune.report import write_report
-    from autotune.report.plan import one_line_answer
+    from autotune.report.summary import one_line_answer
     from autotune.result import load_result
 
     result = load_result(args.run_dir)
@@ -291,8 +294,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from autotune.planning import plan_for
-    from autotune.report.plan import describe
+    from autotune.plan import plan_for
+    from autotune.report.summary import describe
     from autotune.report.predicted import threads_text
     from autotune.report import write_report
     from autotune.result import TuneResult, load_result
@@ -352,7 +355,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     from autotune.api import tune
     from autotune.progress import TuneProgress
-    from autotune.report.plan import one_line_answer
+    from autotune.report.summary import one_line_answer
 
     console = Console(stderr=True, log_path=False)
     command = shown_command(["autotune", "tune", *sys.argv[2:]]) if len(sys.argv) > 2 else None

@@ -9,10 +9,15 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Mapping, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+#: Optuna samplers by the name a spec, the CLI and study.make_sampler use; defined here once.
+SamplerName = Literal["nsga2", "tpe", "gp", "random"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 
 
 class ConfigError(ValueError):
@@ -98,7 +103,7 @@ class SpaceSpec(Strict):
 
 
 class SearchSpec(Strict):
-    sampler: Literal["nsga2", "tpe", "gp", "random"] = "nsga2"
+    sampler: SamplerName = "nsga2"
     trials: int = Field(20, ge=1)
     timeout_min: float | None = Field(None, gt=0)
     storage: str | None = None

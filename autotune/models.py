@@ -34,6 +34,9 @@ class Family:
     """
 
     model_type: str
+    # The inputs the family's forward actually uses: RoBERTa's token_type_ids is one all-zero segment and
+    # DistilBERT has none, so only BERT exports them.
+    inputs: tuple[str, ...]
     base: str
     layers: str
     n_layers_attr: str
@@ -72,15 +75,15 @@ _BERT_CONFIG = dict(
 
 FAMILIES: dict[str, Family] = {
     "bert": Family(
-        model_type="bert", base="bert", layers="encoder.layer", **_BERT_CONFIG, **_BERT_LAYER,
+        model_type="bert", inputs=("input_ids", "attention_mask", "token_type_ids"), base="bert", layers="encoder.layer", **_BERT_CONFIG, **_BERT_LAYER,
         head_hidden=("bert.pooler.dense",), head_out="classifier",
     ),
     "roberta": Family(
-        model_type="roberta", base="roberta", layers="encoder.layer", **_BERT_CONFIG, **_BERT_LAYER,
+        model_type="roberta", inputs=("input_ids", "attention_mask"), base="roberta", layers="encoder.layer", **_BERT_CONFIG, **_BERT_LAYER,
         head_hidden=("classifier.dense",), head_out="classifier.out_proj",
     ),
     "distilbert": Family(
-        model_type="distilbert", base="distilbert", layers="transformer.layer",
+        model_type="distilbert", inputs=("input_ids", "attention_mask"), base="distilbert", layers="transformer.layer",
         n_layers_attr="n_layers", hidden_attr="dim", heads_attr="n_heads", ffn_attr="hidden_dim",
         query="attention.q_lin", key="attention.k_lin", value="attention.v_lin", attn_out="attention.out_lin",
         attn_norm="sa_layer_norm", ffn_in="ffn.lin1", ffn_out="ffn.lin2", ffn_norm="output_layer_norm",
@@ -112,15 +115,12 @@ def encoder_layers(model: nn.Module, family: Family | None = None) -> nn.ModuleL
     return model.get_submodule(f"{family.base}.{family.layers}")
 
 
-# The four numbers that decide an encoder's cost (depth, width, heads, FFN width): one type shared with the
-# search space, whose presets are derived from the teacher's shape.
-Shape = TeacherShape
-
-
-def shape_of(model: nn.Module) -> Shape:
+def shape_of(model: nn.Module) -> TeacherShape:
+    """The four numbers that decide an encoder's cost (depth, width, heads, FFN width), in the search space's
+    own type, since its presets are derived from the teacher's shape."""
     family = family_of(model)
     config = model.config
-    return Shape(
+    return TeacherShape(
         layers=getattr(config, family.n_layers_attr),
         hidden=getattr(config, family.hidden_attr),
         heads=getattr(config, family.heads_attr),

@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from autotune.records import Stage
 from autotune.study import SURPLUS_ATTR, finished_count
 from search_spaces import Candidate
 
@@ -77,7 +78,7 @@ class TuneProgress(SilentProgress):
             return
         if trial.state == TrialState.FAIL:
             self.failures += 1
-        elif attrs.get("stage") == "gate":
+        elif attrs.get("stage") == Stage.GATE:
             self.rejections += 1
         elif attrs.get("feasible") and attrs.get("accuracy") is not None and attrs["accuracy"] > self.best_accuracy:
             self.best_accuracy = attrs["accuracy"]

@@ -14,7 +14,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from autotune.records import Stage, TrialRecord
+from autotune.study import redact
+from autotune.trial import MB
+from profilers.latency import LatencyStats
+from search_spaces import Candidate
+
+if TYPE_CHECKING:
+    from autotune.session import Session
 
 RESULT_SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
@@ -26,6 +35,8 @@ class ResultError(ValueError):
 
 @dataclass(frozen=True)
 class TuneResult:
+    """A run's result.json as a mapping, with the parts callers read most often named."""
+
     data: dict[str, Any]
 
     @property
@@ -76,3 +87,62 @@ def load_result(path: str | os.PathLike[str]) -> TuneResult:
         version = data.get("schema_version") if isinstance(data, dict) else None
         raise ResultError(f"{path} has schema_version {version!r}; this autotune reads {RESULT_SCHEMA_VERSION}.")
     return TuneResult(data)
+
+
+def latency_summary(stats: LatencyStats) -> dict[str, float]:
+    """A latency as result.json keeps the baseline's: its percentiles, spread and how it was measured."""
+    return {"p50": stats.p50_ms, "p90": stats.p90_ms, "p95": stats.p95_ms, "p99": stats.p99_ms, "mean": stats.mean_ms,
+            "stdev": stats.stdev_ms, "runs": stats.runs, "converged": stats.converged}
+
+
+def recommended_entry(session: Session, record: TrialRecord, model_dir: Path, test: float | None) -> dict[str, Any]:
+    """The recommendation as result.json keeps it: its artifact copied to `model_dir`, its speedup over the
+    baseline measured in this run."""
+    baseline_ms = session.baseline.latency.percentile_ms(session.target.percentile)
+    return {
+        "number": record.number,
+        "candidate": record.candidate,
+        "description": Candidate.from_dict(record.candidate).describe(),
+        "accuracy": {"validation": record.accuracy, "test": test},
+        "latency_ms": record.latency_ms,
+        "size_mb": record.size_mb,
+        "speedup": baseline_ms / record.latency_ms,
+        "epochs": record.epochs or session.spec.training.epochs,
+        "refined": record.stage == Stage.REFINED,
+        "artifact": str(model_dir),
+    }
+
+
+def result_document(session: Session, records: list[TrialRecord], **found: Any) -> dict[str, Any]:
+    """result.json's content: the run's facts from `session`, its trials, and what the selection `found`
+    (other_hardware_trials, refined, pareto, recommended, reason, importances, baseline_test, command, seconds)."""
+    spec, baseline, storage = session.spec, session.baseline, redact(session.storage)
+    return {
+        "schema_version": RESULT_SCHEMA_VERSION,
+        "name": spec.name,
+        "run_dir": str(session.run_dir),
+        "command": found["command"],
+        "spec": spec.model_dump(mode="json") | {"search": spec.search.model_dump(mode="json") | {"storage": storage}},
+        "target": session.target.to_dict() | {"speedup": spec.target.speedup},
+        "hardware": session.profile.to_dict(),
+        "space": {"preset": spec.space.preset, "knobs": session.space.describe(),
+                  "removed": [{"knob": r.knob, "value": r.value, "reason": r.reason} for r in session.removals]},
+        "baseline": {
+            "accuracy": {"validation": baseline.validation, "test": found["baseline_test"]},
+            "latency_ms": latency_summary(baseline.latency),
+            "size_mb": baseline.artifact.size_bytes / MB,
+            "artifact": str(baseline.artifact.dir),
+            "teacher_fine_tuned": session.task.teacher_fine_tuned,
+        },
+        "study": {"name": session.study.study_name, "storage": storage, "sampler": spec.search.sampler},
+        "trials": [r.to_dict() for r in records],
+        "other_hardware_trials": [r.to_dict() for r in found["other_hardware_trials"]],
+        "refined": [r.to_dict() for r in found["refined"]],
+        "pareto": found["pareto"],
+        "recommended": found["recommended"],
+        "reason": found["reason"],
+        "metric": session.task.objective_name,
+        "importances": found["importances"],
+        "counters": session.pipeline.counters,
+        "seconds": found["seconds"],
+    }

@@ -35,12 +35,13 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces import Candidate, Space
+from autotune.config import SAMPLERS
+from autotune.records import Stage, TrialRecord
+from search_spaces import Candidate, Space, TeacherShape
 from search_spaces.knobs import Categorical, FloatRange, IntRange
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("nsga2", "tpe", "gp", "random")
 PLACEHOLDER_ACCURACY = 0.0
 LATENCY_CONSTRAINT = "latency_ms_over_target"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -195,12 +196,36 @@ def suggest(trial: optuna.Trial, space: Space) -> Candidate:
     return space.candidate(params)
 
 
-def enqueue_anchors(study: optuna.Study, space: Space, anchors: Sequence[Candidate]) -> None:
-    """Enqueue the given candidates of the space (`api.anchors` chooses them) as the first trials, once per study."""
+#: Anchors take at most this share of the trial budget: the rest is the sampler's, and a trial retried after
+#: a crash or Ctrl-C waits behind every anchor still queued, so anchors must leave it room within the budget.
+ANCHOR_BUDGET_SHARE = 1 / 2
+
+
+def anchors(teacher: TeacherShape, space: Space, budget: int) -> list[Candidate]:
+    """The first trials of a new study, those the space holds, at most ANCHOR_BUDGET_SHARE of `budget` (at least
+    one): the teacher and its int8 twin, then the teacher cut to each shallower depth, full width, int8, deepest
+    first.
+
+    Dropping layers while keeping every width is the strongest simple student: it keeps the teacher's attention
+    heads and FFN whole, and a sampler drawing the other knobs at random rarely proposes it. A slice too slow
+    for the target costs one gate (seconds); a fitting one is the baseline the search has to beat.
+    """
+    depths = sorted((d for d in space.knob("layers").values() if d < teacher.layers), reverse=True)
+    inside = []
+    for candidate in (teacher.as_candidate(32), teacher.as_candidate(8), *(teacher.cut_to(d, bits=8) for d in depths)):
+        if space.contains(candidate):
+            inside.append(candidate)
+        else:
+            log.info("anchor not enqueued (outside the space): %s", candidate.describe())
+    return inside[:max(1, int(budget * ANCHOR_BUDGET_SHARE))]
+
+
+def enqueue_anchors(study: optuna.Study, space: Space, chosen: Sequence[Candidate]) -> None:
+    """Enqueue the given candidates of the space (`anchors` chooses them) as the first trials, once per study."""
     if study.trials:
         return
     names = [k.name for k in space.knobs]
-    for anchor in anchors:
+    for anchor in chosen:
         study.enqueue_trial({n: v for n, v in asdict(anchor).items() if n in names}, skip_if_exists=True)
 
 
@@ -252,6 +277,22 @@ def kept_trials(study: optuna.Study) -> list[FrozenTrial]:
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     return [t for t in trials if uses_budget(t, retried) and t.state != TrialState.WAITING]
+
+
+def record_of(trial: FrozenTrial) -> TrialRecord:
+    """A finished trial as the result keeps it; a gate rejection's placeholder accuracy is not a measurement."""
+    attrs = trial.user_attrs
+    stage = attrs.get("stage", Stage.FAILED if trial.state == TrialState.FAIL else None)
+    figures = {name: attrs.get(name) for name in (
+        "feasible", "macro_f1", "latency_ms", "latency", "size_mb", "achieved_sparsity", "seconds", "gate_cache_hit",
+        "student_cache_hit", "artifact", "error")}
+    return TrialRecord(
+        number=trial.number, state=trial.state.name, candidate=attrs.get("candidate"),
+        stage=None if stage is None else Stage(stage),
+        accuracy=None if attrs.get("accuracy_is_placeholder", True) else attrs.get("accuracy"),
+        hardware_fingerprint=attrs.get(HARDWARE_ATTR), worker=attrs.get(WORKER_ATTR),
+        **figures | {"feasible": bool(figures["feasible"])},
+    )
 
 
 def objective_values(outcome: Any, minimize_size: bool) -> list[float]:

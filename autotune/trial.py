@@ -1,66 +1,68 @@
 """The life of one trial: candidate -> latency gate -> student -> deployable artifact -> measured outcome.
 
-`TrialPipeline.run(candidate)` is called once per Optuna trial (by study.py, which never sees a tensor):
+`TrialPipeline.run(candidate)` is called once per Optuna trial (by study.py, which never sees a tensor). Each
+step is one call on the run's task family (autotune/tasks), in the style of `mtq.quantize(model, config,
+forward_loop)`: a model or an artifact goes in, a model or an artifact comes out.
 
-1. **Gate** (`gate`). The candidate's *shape* is built with random weights, exported, quantized to its bit
-   width and timed in the target runtime, in a child process where nothing else spins. Latency depends on
-   shape and bits, not on trained weights, so this costs seconds. Beyond the target by more than the
-   measurement noise, the trial ends here: no training is spent. Gate results are cached by (shape, bits,
-   runtime, device, batch, seq_len, threads, hardware fingerprint).
-2. **Student** (`student`). Initialised from the teacher (layer selection + importance slicing) and
-   distilled on the cached teacher logits; sparsity is applied gradually during distillation and held.
-   Trained students are cached by (teacher, data, architecture, sparsity, training settings): bits are
-   applied after training, so one student serves every bit width. The teacher's own shape, dense, is the
-   teacher itself: nothing to train.
-3. **Deploy** (`deploy`). fp32 export once per student, then the fused bits-wide variant per candidate.
-4. **Evaluate**. Validation accuracy of the artifact in the target runtime, and its latency re-measured
-   (the deployable file, not the gate's stand-in), its size on disk. The test split is never touched here.
+1. **Screen** (optional). With enough latencies measured on this machine, a candidate whose predicted interval
+   lies far above the target ends as `Stage.PREDICTED_SKIP` without being built (autotune/screening.py).
+2. **Gate.** `task.stand_in` builds the candidate's shape with random weights; it is exported, quantized to its
+   bit width and timed in a child process where nothing else spins. Latency depends on shape and bits, not on
+   trained weights, so this costs seconds. Clearly over the target (beyond the measurement noise), the trial
+   ends as `Stage.GATE`: no training is spent.
+3. **Student.** `task.make_student` initialises it from the teacher; `task.distil` trains it on the teacher's
+   cached targets, along the candidate's pruning schedule. The teacher's own dense shape is the teacher.
+4. **Deploy.** `task.export` (fp32, once per student) then `task.quantize` to the candidate's bits.
+5. **Evaluate.** `task.score` on the validation split, in the target runtime, and the artifact's latency (the
+   deployable file, not the gate's stand-in), its size on disk. The test split is never touched here.
+
+Caching wraps a step rather than living inside it (autotune/caches.py): the gate by (shape, bits, runtime,
+target shape, threads, hardware fingerprint), valid while the machine runs the baseline at the speed it had;
+students by (teacher, data, architecture, sparsity, training settings): bits are applied after training, so one
+student serves every bit width ("train once, quantize many"); artifacts by candidate, under the run directory.
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import onnx
-import onnx.numpy_helper
 from torch import nn
 
-from autotune.caches import key_of, publish_dir, read_json, write_json_atomic
-from autotune.compress import PruningSchedule, distill, make_student, measured_sparsity, shaped_like
+from autotune.caches import cached_dir, cached_json, key_of, read_json
+from autotune.compress import PruningSchedule, measured_sparsity
 from autotune.config import TrainingSpec
-from autotune.runtime import Artifact, OrtRuntime, derive_artifact, export_artifact, load_artifact
-from autotune.tasks import LabeledTexts, evaluate, predict_logits
-from autotune.compress.distillation import TokenizedData
-from autotune.planning import PREDICTED_SKIP, LatencyScreen, predicted_size_mb
-from profilers.predictor import Prediction
-from profilers.isolated import OnnxRequest, measure_onnx_isolated
+from autotune.records import Stage, TrialOutcome
+from autotune.runtime import Artifact, load_artifact
+from autotune.screening import LatencyScreen, predicted_size_mb
+from autotune.tasks import TaskFamily, Timing
+from profilers.isolated import measure_onnx_isolated
 from profilers.latency import LatencyStats, MeasureSettings
 from profilers.ort import CPU_PROVIDER, CUDA_PROVIDER
-from search_spaces import Candidate, TeacherShape
+from search_spaces import Candidate
 
-log = logging.getLogger(__name__)
-
-Metric = Callable[[np.ndarray, np.ndarray], float]
 #: The gate only has to tell "clearly over the target" from "maybe not": a shorter measurement than the
 #: evaluation's, whose wider interval the noise margin absorbs.
 GATE_SETTINGS = MeasureSettings(warmup=3, min_runs=10, max_runs=200, max_seconds=1.0, rel_ci=0.03)
+EVALUATE_SETTINGS = MeasureSettings(warmup=5, min_runs=20, max_runs=400, max_seconds=3.0)
+#: Measurements taken of a latency that decides something (the baseline, a recommendation near its target).
+REMEASURE_ROUNDS = 3
 #: A cached gate latency is trusted only while the machine runs the baseline within this fraction of the speed
 #: it had when the entry was measured: shared machines drift by tens of percent between runs.
 GATE_CACHE_DRIFT = 0.10
-#: The gate's stand-in keeps at most this many token embeddings (see `shaped_like`): same latency, and on
-#: all-MiniLM-L6-v2 a 2.7-5.7x cheaper export + fusion + quantization than with the full 30,522-row table.
-#: A prime, so that no other weight of the stand-in has it as a dimension (see `full_table_size_bytes`).
-GATE_VOCAB = 1021
 MIN_NOISE_MARGIN = 0.05
 #: Refinement continues a trained student at this fraction of the search's learning rate.
 REFINE_LR_SCALE = 0.5
 MB = 1024 * 1024
+#: The counters a cached model moves: (cache hits, models trained), by kind.
+MODEL_COUNTERS = {"student": ("student_cache_hits", "students_trained"), "refined": ("refined_cache_hits", "students_refined")}
+
+#: Callbacks: the step a trial is in ("gate", "training", "evaluating"); training (step, total, loss).
+StepName = Callable[[str], None]
+Steps = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -76,23 +78,13 @@ class Target:
     device: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form result.json keeps."""
         return asdict(self)
 
-
-def full_table_size_bytes(onnx_path: Path, size_bytes: int, rows: int, full_rows: int) -> int:
-    """The size on disk the model at `onnx_path` would have with `full_rows` token embeddings instead of `rows`.
-
-    The rows' bytes are read off the file itself (every initializer with `rows` as its first dimension: the
-    table, and its quantized twin after int8), so whatever precision the variant stores them in is counted.
-    """
-    if full_rows == rows:
-        return size_bytes
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    table_bytes = sum(onnx.numpy_helper.to_array(init).nbytes for init in model.graph.initializer
-                      if init.dims and init.dims[0] == rows)
-    if table_bytes == 0:
-        raise ValueError(f"{onnx_path} has no initializer with {rows} rows; cannot scale its token table")
-    return size_bytes + table_bytes * (full_rows - rows) // rows
+    @property
+    def timing(self) -> Timing:
+        """How a task family times an artifact for this target."""
+        return Timing(self.batch_size, self.seq_len, self.threads, self.device)
 
 
 def pruning_schedule(candidate: Candidate, held: bool = False) -> PruningSchedule | None:
@@ -118,160 +110,116 @@ def clearly_over(stats: LatencyStats, target: Target) -> bool:
     return stats.percentile_ms(target.percentile) > target.latency_ms * (1.0 + noise_margin(stats))
 
 
+def time_artifact(task: TaskFamily, timing: Timing, artifact: Artifact,
+                  settings: MeasureSettings = EVALUATE_SETTINGS) -> LatencyStats:
+    """Latency of an artifact at the target's shape and threads, timed in a fresh child process."""
+    providers = (CUDA_PROVIDER, CPU_PROVIDER) if timing.device == "cuda" else (CPU_PROVIDER,)
+    return measure_onnx_isolated(task.timing(artifact, timing, providers), settings)
+
+
 @dataclass(frozen=True)
-class TrialOutcome:
-    """Everything one trial measured. `accuracy` is None when the trial never reached evaluation."""
-
-    candidate: Candidate
-    stage: str
-    feasible: bool
-    latency: dict[str, Any]
-    latency_ms: float
-    size_mb: float
-    accuracy: float | None = None
-    macro_f1: float | None = None
-    achieved_sparsity: float | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    gate_cache_hit: bool = False
-    student_cache_hit: bool | None = None
-    artifact: str | None = None
-
-    def figures(self) -> dict[str, Any]:
-        """What the result records of an outcome (the candidate goes in as its dict)."""
-        return {name: getattr(self, name) for name in (
-            "stage", "feasible", "latency", "latency_ms", "size_mb", "accuracy", "macro_f1", "achieved_sparsity",
-            "seconds", "gate_cache_hit", "student_cache_hit", "artifact")}
-
-
-@dataclass
 class TrialContext:
-    """What every trial of a run shares: the teacher, the data, the target and where caches live."""
+    """What every trial of a run shares: the task family, the target, and where caches and artifacts live."""
 
-    teacher: nn.Module
-    tokenizer: Any
-    teacher_shape: TeacherShape
-    teacher_key: str
-    train: TokenizedData
-    teacher_logits: np.ndarray
-    validation: LabeledTexts
-    max_length: int
+    task: TaskFamily
     target: Target
     fingerprint: str
     training: TrainingSpec
     seed: int
     cache_dir: Path
     artifacts_dir: Path
-    measure_settings: MeasureSettings = MeasureSettings(warmup=5, min_runs=20, max_runs=400, max_seconds=3.0)
-    metric: Metric | None = None
-    reference_ms: float | None = None  # the baseline's latency at the target percentile, measured in this run
+    #: The baseline's latency at the target percentile, measured in this run (gate cache entries carry theirs).
+    reference_ms: float
+    measure_settings: MeasureSettings = EVALUATE_SETTINGS
 
 
-Stage = Callable[[str], None]
-Steps = Callable[[int, int, float], None]
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's measurement of a candidate's shape: latency, and the size its artifact will have."""
+
+    latency: LatencyStats
+    size_mb: float
 
 
-def _no_stage(name: str) -> None:
-    return None
-
-
+@dataclass
 class TrialPipeline:
-    """Runs candidates through the stages above; holds the in-process caches of one run."""
+    """Runs candidates through the steps above; counts cache hits and work done for the result."""
 
-    def __init__(self, ctx: TrialContext) -> None:
-        self.ctx = ctx
-        self.counters = {"gate_cache_hits": 0, "student_cache_hits": 0, "students_trained": 0, "gates_measured": 0,
-                         "students_refined": 0, "refined_cache_hits": 0, "gates_skipped_by_prediction": 0}
-        #: Optional latency predictor hook (autotune.planning): skips gates of candidates predicted far over the
-        #: target and learns from every gate measured. None: every candidate is measured.
-        self.screen: LatencyScreen | None = None
+    ctx: TrialContext
+    #: Optional latency predictor: skips gates of candidates predicted far over the target, learns from each gate.
+    screen: LatencyScreen | None = None
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys((
+        "gate_cache_hits", "student_cache_hits", "students_trained", "gates_measured", "students_refined",
+        "refined_cache_hits", "gates_skipped_by_prediction"), 0))
 
-    # -- measurement -------------------------------------------------------------------------------------
+    def run(self, candidate: Candidate, on_step_name: StepName = lambda name: None,
+            on_step: Steps | None = None) -> TrialOutcome:
+        """One trial, start to end (the module docstring tells each step)."""
+        target = self.ctx.target
+        skip = self.screened_out(candidate)
+        if skip is not None:
+            return skip
+        on_step_name("gate")
+        start = time.perf_counter()
+        gate, gate_hit = self.gate(candidate)
+        seconds = {"gate": time.perf_counter() - start}
+        if self.screen is not None:
+            self.screen.observe(candidate, gate.latency)
+        if clearly_over(gate.latency, target):
+            return TrialOutcome(candidate=candidate, stage=Stage.GATE, feasible=False, latency=gate.latency.to_dict(),
+                                latency_ms=gate.latency.percentile_ms(target.percentile), size_mb=gate.size_mb,
+                                seconds=seconds, gate_cache_hit=gate_hit)
+        on_step_name("training")
+        start = time.perf_counter()
+        model, student_hit = self.student(candidate, on_step)
+        seconds["train"] = time.perf_counter() - start
+        on_step_name("evaluating")
+        return self.evaluate(candidate, model, Stage.EVALUATED, seconds, gate_cache_hit=gate_hit,
+                             student_cache_hit=student_hit)
 
-    def providers(self) -> tuple[str, ...]:
-        return (CUDA_PROVIDER, CPU_PROVIDER) if self.ctx.target.device == "cuda" else (CPU_PROVIDER,)
+    # -- the steps ------------------------------------------------------------------------------------------
 
-    def measure(self, artifact: Artifact, settings: MeasureSettings | None = None) -> LatencyStats:
-        """Latency of an artifact at the target shape and threads, timed in a fresh child process."""
-        t = self.ctx.target
-        request = OnnxRequest(
-            onnx_path=str(artifact.onnx_path), input_names=artifact.input_names, batch_size=t.batch_size,
-            seq_len=t.seq_len, vocab_size=artifact.vocab_size, threads=t.threads, providers=self.providers(),
-        )
-        return measure_onnx_isolated(request, settings or self.ctx.measure_settings)
-
-    # -- 1. gate -----------------------------------------------------------------------------------------
-
-    def gate_key(self, candidate: Candidate) -> str:
-        t = self.ctx.target
-        return key_of("gate", candidate.shape_key, type(self.ctx.teacher).__name__, self.gate_vocab(),
-                      t.runtime, t.device, t.batch_size, t.seq_len, t.threads, self.ctx.fingerprint)
-
-    def gate_vocab(self) -> int:
-        return min(int(self.ctx.teacher.config.vocab_size), GATE_VOCAB)
-
-    def gate_path(self, candidate: Candidate) -> Path:
-        return self.ctx.cache_dir / "gate" / f"{self.gate_key(candidate)}.json"
-
-    def cached_gate(self, candidate: Candidate) -> tuple[LatencyStats, float] | None:
-        """(latency, size in MB) of a gate measured before at this machine's current speed, else None."""
-        cached = read_json(self.gate_path(candidate))
-        if cached is None or not self.same_machine_speed(cached.get("reference_ms")):
+    def screened_out(self, candidate: Candidate) -> TrialOutcome | None:
+        """The trial's end before its gate when the predictor says it is far over the target; a measured
+        latency (even a cached one) always beats a prediction, so only unmeasured shapes are screened."""
+        if self.screen is None or read_json(self.gate_path(candidate), self.same_machine_speed) is not None:
             return None
-        return LatencyStats(**cached["latency"]), cached["size_mb"]
+        prediction = self.screen.skip(candidate, self.ctx.target.latency_ms)
+        if prediction is None:
+            return None
+        self.counters["gates_skipped_by_prediction"] += 1
+        return TrialOutcome(candidate=candidate, stage=Stage.PREDICTED_SKIP, feasible=False,
+                            latency=prediction.to_dict(), latency_ms=prediction.latency_ms,
+                            size_mb=predicted_size_mb(candidate, self.ctx.task.teacher.config.vocab_size))
 
-    def gate(self, candidate: Candidate) -> tuple[LatencyStats, float, bool]:
-        """(latency, size in MB, cache hit) of the candidate's shape with random weights and a small token table;
-        the size is scaled back to the full table."""
-        cached = self.cached_gate(candidate)
-        if cached is not None:
-            self.counters["gate_cache_hits"] += 1
-            return *cached, True
-        path = self.gate_path(candidate)
-        model = shaped_like(self.ctx.teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn,
-                            vocab_size=self.gate_vocab())
-        with tempfile.TemporaryDirectory(prefix="autotune-gate-") as tmp:
-            plain = export_artifact(model, self.ctx.tokenizer, Path(tmp) / "fp32")
-            variant = derive_artifact(plain, Path(tmp) / "variant", bits=candidate.bits)
-            stats = self.measure(variant, GATE_SETTINGS)
-            size_mb = full_table_size_bytes(variant.onnx_path, variant.size_bytes, self.gate_vocab(),
-                                            int(self.ctx.teacher.config.vocab_size)) / MB
-        self.counters["gates_measured"] += 1
-        write_json_atomic(path, {"latency": stats.to_dict(), "size_mb": size_mb, "candidate": candidate.to_dict(),
-                                 "reference_ms": self.ctx.reference_ms})
-        return stats, size_mb, False
+    def gate(self, candidate: Candidate) -> tuple[GateResult, bool]:
+        """(latency and size of the candidate's stand-in, cache hit)."""
+        def measure_stand_in() -> dict[str, Any]:
+            task = self.ctx.task
+            with tempfile.TemporaryDirectory(prefix="autotune-gate-") as tmp:
+                plain = task.export(task.stand_in(candidate), Path(tmp) / "fp32")
+                variant = task.quantize(plain, Path(tmp) / "variant", candidate.bits)
+                stats = self.measure(variant, GATE_SETTINGS)
+                size_mb = task.deployed_size_bytes(variant) / MB
+            self.counters["gates_measured"] += 1
+            return {"latency": stats.to_dict(), "size_mb": size_mb, "candidate": candidate.to_dict(),
+                    "reference_ms": self.ctx.reference_ms}
 
-    def same_machine_speed(self, cached_reference_ms: float | None) -> bool:
-        """Whether a cached gate entry was measured while the baseline ran as fast as it does now."""
-        now = self.ctx.reference_ms
-        if now is None or cached_reference_ms is None:
-            return now is None and cached_reference_ms is None
-        return abs(cached_reference_ms / now - 1.0) <= GATE_CACHE_DRIFT
+        entry, hit = cached_json(self.gate_path(candidate), measure_stand_in, self.same_machine_speed)
+        self.counters["gate_cache_hits"] += hit
+        return GateResult(LatencyStats(**entry["latency"]), entry["size_mb"]), hit
 
-    # -- 2. student --------------------------------------------------------------------------------------
+    def student(self, candidate: Candidate, on_step: Steps | None = None) -> tuple[nn.Module, bool]:
+        """(the candidate's student, made from the teacher and distilled along its pruning schedule, cache hit);
+        the teacher's own dense shape is the teacher itself."""
+        task, training = self.ctx.task, self.ctx.training
+        if task.is_teacher(candidate):
+            return task.teacher, True
+        return self.cached_model(self.student_key(candidate), "student", lambda: task.distil(
+            task.make_student(candidate), epochs=training.epochs, lr=training.lr, seed=self.ctx.seed,
+            pruning=pruning_schedule(candidate), on_step=on_step))
 
-    def is_teacher(self, candidate: Candidate) -> bool:
-        s = self.ctx.teacher_shape
-        return (candidate.layers, candidate.hidden, candidate.heads, candidate.ffn) == (s.layers, s.hidden, s.heads, s.ffn) \
-            and candidate.sparsity == 0.0
-
-    def student_key(self, candidate: Candidate) -> str:
-        # How finalists are refined afterwards does not change the searched student: left out of its key.
-        return key_of("student", self.ctx.teacher_key, self.ctx.train.fingerprint(), candidate.student_key,
-                      self.ctx.training.model_dump(exclude={"finalists", "refine_epochs"}), self.ctx.seed)
-
-    def student(self, candidate: Candidate, on_progress: Steps | None = None) -> tuple[nn.Module, bool]:
-        """(trained student, cache hit)."""
-        if self.is_teacher(candidate):
-            return self.ctx.teacher, True
-
-        def train() -> nn.Module:
-            student = make_student(self.ctx.teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
-            return self.distill(student, self.ctx.training.epochs, self.ctx.training.lr, self.ctx.seed,
-                                pruning_schedule(candidate), on_progress)
-
-        return self.cached_model(self.student_key(candidate), train, "student_cache_hits", "students_trained")
-
-    def refine(self, candidate: Candidate, epochs: int, on_progress: Steps | None = None) -> tuple[nn.Module, bool]:
+    def refine(self, candidate: Candidate, epochs: int, on_step: Steps | None = None) -> tuple[nn.Module, bool]:
         """(the candidate's student distilled `epochs` more epochs, cache hit): multi-fidelity.
 
         The search ranks students after `training.epochs`, which is enough to tell shapes apart but leaves
@@ -279,116 +227,75 @@ class TrialPipeline:
         `REFINE_LR_SCALE` of the learning rate (a second, gentler decay), and a sparse student keeps its
         zeros: its masks are taken again at step 0 at its sparsity and held.
         """
-        if self.is_teacher(candidate):
+        task, training = self.ctx.task, self.ctx.training
+        if task.is_teacher(candidate):
             raise ValueError("the teacher's own dense shape has no student to refine")
-
-        def train() -> nn.Module:
-            base, _ = self.student(candidate)
-            return self.distill(base, epochs, self.ctx.training.lr * REFINE_LR_SCALE, self.ctx.seed + 1,
-                                pruning_schedule(candidate, held=True), on_progress)
-
-        return self.cached_model(key_of("refined", self.student_key(candidate), epochs, REFINE_LR_SCALE), train,
-                                 "refined_cache_hits", "students_refined")
-
-    def distill(self, student: nn.Module, epochs: int, lr: float, seed: int, schedule: PruningSchedule | None,
-                on_progress: Steps | None) -> nn.Module:
-        """`student` distilled on the cached teacher logits with the run's training settings."""
-        training = self.ctx.training
-        return distill(
-            student, None, self.ctx.train, epochs=epochs, lr=lr, temperature=training.temperature, alpha=training.alpha,
-            batch_size=training.batch_size, seed=seed, teacher_logits=self.ctx.teacher_logits,
-            pruning_schedule=schedule, progress=on_progress,
-        ).model.eval()
-
-    def cached_model(self, key: str, train: Callable[[], nn.Module], hit_counter: str, miss_counter: str) -> tuple[nn.Module, bool]:
-        """(model, cache hit): the safetensors directory cached under `key`, else `train()` saved there."""
-        final = self.ctx.cache_dir / "students" / key
-        if (final / "config.json").exists():
-            self.counters[hit_counter] += 1
-            return type(self.ctx.teacher).from_pretrained(final, use_safetensors=True).eval(), True
-        model = train()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".student-", dir=final.parent))
-        model.save_pretrained(staging, safe_serialization=True)
-        publish_dir(staging, final)
-        self.counters[miss_counter] += 1
-        return model, False
-
-    # -- 3. deploy ---------------------------------------------------------------------------------------
+        key = key_of("refined", self.student_key(candidate), epochs, REFINE_LR_SCALE)
+        return self.cached_model(key, "refined", lambda: task.distil(
+            self.student(candidate)[0], epochs=epochs, lr=training.lr * REFINE_LR_SCALE, seed=self.ctx.seed + 1,
+            pruning=pruning_schedule(candidate, held=True), on_step=on_step))
 
     def deploy(self, candidate: Candidate, model: nn.Module, name: str | None = None) -> Artifact:
-        """The fused bits-wide artifact of a trained model, under artifacts/<name or candidate key>/ (reused if there)."""
+        """The bits-wide artifact of a trained model, under artifacts/<name or candidate key>/ (reused if there)."""
+        task = self.ctx.task
+
+        def build(staging: Path) -> None:
+            with tempfile.TemporaryDirectory(prefix=".export-", dir=staging.parent) as tmp:
+                task.quantize(task.export(model, Path(tmp) / "fp32"), staging, candidate.bits)
+
         final = self.ctx.artifacts_dir / (name or candidate.key)
-        if (final / "artifact.json").exists():
-            return load_artifact(final)
-        self.ctx.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".deploy-", dir=self.ctx.artifacts_dir) as tmp:
-            plain = export_artifact(model, self.ctx.tokenizer, Path(tmp) / "fp32")
-            derive_artifact(plain, Path(tmp) / "variant", bits=candidate.bits)
-            publish_dir(Path(tmp) / "variant", final)
+        cached_dir(final, "artifact.json", build)
         return load_artifact(final)
 
-    def score(self, artifact: Artifact, data: LabeledTexts) -> tuple[float, float | None]:
-        """(objective, macro-F1) of the artifact in the target runtime: accuracy, or the user's metric
-        (labels, logits) -> float when one was given (macro-F1 is then not computed)."""
-        runtime = OrtRuntime(artifact.onnx_path, threads=self.ctx.target.threads, vocab_size=artifact.vocab_size,
-                             device=self.ctx.target.device)
-        if self.ctx.metric is None:
-            result = evaluate(runtime.run, self.ctx.tokenizer, data, max_length=self.ctx.max_length)
-            return result.accuracy, result.macro_f1
-        logits = predict_logits(runtime.run, self.ctx.tokenizer, data.texts, max_length=self.ctx.max_length)
-        return float(self.ctx.metric(np.asarray(data.labels), logits)), None
-
-    def predicted_skip(self, candidate: Candidate, prediction: Prediction) -> TrialOutcome:
-        """A trial ended before its gate: predicted (not measured) far over the target. Latency and size are
-        predictions, flagged in `latency` (predicted: True) and by the stage."""
-        self.counters["gates_skipped_by_prediction"] += 1
-        return TrialOutcome(
-            candidate=candidate, stage=PREDICTED_SKIP, feasible=False, latency=prediction.to_dict(),
-            latency_ms=prediction.latency_ms, size_mb=predicted_size_mb(candidate, self.ctx.teacher.config.vocab_size),
-        )
-
-    # -- the whole trial ---------------------------------------------------------------------------------
-
-    def run(self, candidate: Candidate, on_stage: Stage = _no_stage, on_step: Steps | None = None) -> TrialOutcome:
-        target = self.ctx.target
-        seconds: dict[str, float] = {}
-        # A measured latency (even a cached one) always beats a prediction: only unmeasured shapes can be skipped.
-        predictable = self.screen is not None and self.cached_gate(candidate) is None
-        skip = self.screen.skip(candidate, target.latency_ms) if predictable else None
-        if skip is not None:
-            return self.predicted_skip(candidate, skip)
-        on_stage("gate")
-        start = time.perf_counter()
-        gate_stats, gate_size, gate_hit = self.gate(candidate)
-        seconds["gate"] = time.perf_counter() - start
-        if self.screen is not None:
-            self.screen.observe(candidate, gate_stats)
-        if clearly_over(gate_stats, target):
-            return TrialOutcome(
-                candidate=candidate, stage="gate", feasible=False, latency=gate_stats.to_dict(),
-                latency_ms=gate_stats.percentile_ms(target.percentile), size_mb=gate_size, seconds=seconds,
-                gate_cache_hit=gate_hit,
-            )
-        on_stage("training")
-        start = time.perf_counter()
-        model, student_hit = self.student(candidate, on_step)
-        seconds["train"] = time.perf_counter() - start
-        on_stage("evaluating")
-        return self.evaluate(candidate, model, "evaluated", seconds, gate_cache_hit=gate_hit, student_cache_hit=student_hit)
-
-    def evaluate(self, candidate: Candidate, model: nn.Module, stage: str, seconds: dict[str, float],
+    def evaluate(self, candidate: Candidate, model: nn.Module, stage: Stage, seconds: dict[str, float],
                  artifact_name: str | None = None, **cache_hits: bool) -> TrialOutcome:
         """Deploy `model`, then score the artifact on the validation split and time it at the target."""
         target = self.ctx.target
         start = time.perf_counter()
         artifact = self.deploy(candidate, model, artifact_name)
-        accuracy, f1 = self.score(artifact, self.ctx.validation)
+        score = self.ctx.task.score(artifact, "validation", target.timing)
         stats = self.measure(artifact)
         latency_ms = stats.percentile_ms(target.percentile)
         return TrialOutcome(
             candidate=candidate, stage=stage, feasible=latency_ms <= target.latency_ms, latency=stats.to_dict(),
-            latency_ms=latency_ms, size_mb=artifact.size_bytes / MB, accuracy=accuracy, macro_f1=f1,
-            achieved_sparsity=measured_sparsity(model), seconds=seconds | {"evaluate": time.perf_counter() - start},
-            artifact=str(artifact.dir), **cache_hits,
+            latency_ms=latency_ms, size_mb=artifact.size_bytes / MB, accuracy=score.objective,
+            macro_f1=score.extras.get("macro_f1"), achieved_sparsity=measured_sparsity(model),
+            seconds=seconds | {"evaluate": time.perf_counter() - start}, artifact=str(artifact.dir), **cache_hits,
         )
+
+    # -- measurement and caches -----------------------------------------------------------------------------
+
+    def measure(self, artifact: Artifact, settings: MeasureSettings | None = None) -> LatencyStats:
+        """Latency of an artifact at the target, timed in a fresh child process."""
+        return time_artifact(self.ctx.task, self.ctx.target.timing, artifact, settings or self.ctx.measure_settings)
+
+    def gate_path(self, candidate: Candidate) -> Path:
+        t, task = self.ctx.target, self.ctx.task
+        key = key_of("gate", candidate.shape_key, type(task.teacher).__name__, *task.stand_in_identity,
+                     t.runtime, t.device, t.batch_size, t.seq_len, t.threads, self.ctx.fingerprint)
+        return self.ctx.cache_dir / "gate" / f"{key}.json"
+
+    def same_machine_speed(self, entry: dict[str, Any]) -> bool:
+        """Whether a cached gate entry was measured while the baseline ran as fast as it does now."""
+        cached = entry.get("reference_ms")
+        return cached is not None and abs(cached / self.ctx.reference_ms - 1.0) <= GATE_CACHE_DRIFT
+
+    def student_key(self, candidate: Candidate) -> str:
+        # How finalists are refined afterwards does not change the searched student: left out of its key.
+        return key_of("student", *self.ctx.task.cache_identity, candidate.student_key,
+                      self.ctx.training.model_dump(exclude={"finalists", "refine_epochs"}), self.ctx.seed)
+
+    def cached_model(self, key: str, kind: str, train: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
+        """(model, cache hit): the safetensors directory cached under `key`, else `train()` saved there."""
+        final = self.ctx.cache_dir / "students" / key
+        trained: list[nn.Module] = []
+
+        def build(staging: Path) -> None:
+            trained.append(train())
+            trained[0].save_pretrained(staging, safe_serialization=True)
+
+        hit = cached_dir(final, "config.json", build)
+        self.counters[MODEL_COUNTERS[kind][0 if hit else 1]] += 1
+        if hit:
+            return type(self.ctx.task.teacher).from_pretrained(final, use_safetensors=True).eval(), True
+        return trained[0], False

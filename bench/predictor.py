@@ -64,11 +64,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from scipy.stats import kendalltau  # noqa: E402
 
-from autotune.api import load_teacher  # noqa: E402
+from autotune.tasks.text_classification import load_teacher  # noqa: E402
 from autotune.compress import shaped_like  # noqa: E402
 from autotune.config import load_spec  # noqa: E402
-from autotune.planning import DEFAULT_SKIP_FACTOR, model_shape  # noqa: E402
-from autotune.runtime import derive_artifact, export_artifact  # noqa: E402
+from autotune.screening import DEFAULT_SKIP_FACTOR, model_shape  # noqa: E402
+from autotune.compress.quantization import quantize_artifact  # noqa: E402
+from autotune.runtime import export_artifact  # noqa: E402
 from autotune.trial import GATE_SETTINGS  # noqa: E402
 from profilers.hardware import HardwareProfile, collect_profile  # noqa: E402
 from profilers.isolated import OnnxRequest, measure_onnx_isolated  # noqa: E402
@@ -134,7 +135,7 @@ def build_candidate(teacher: Any, tokenizer: Any, candidate: Candidate, director
     start = time.perf_counter()
     model = shaped_like(teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
     plain = export_artifact(model, tokenizer, directory / "fp32")
-    variant = derive_artifact(plain, directory / "variant", bits=candidate.bits)
+    variant = quantize_artifact(plain, directory / "variant", bits=candidate.bits)
     request = OnnxRequest(onnx_path=str(variant.onnx_path), input_names=variant.input_names,
                           batch_size=WORKLOAD.batch_size, seq_len=WORKLOAD.seq_len, vocab_size=variant.vocab_size, threads=2)
     measure_onnx_isolated(request, GATE_SETTINGS)

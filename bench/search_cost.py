@@ -41,13 +41,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autotune.api import build_context, export_baseline, load_splits, load_teacher, resolved_threads  # noqa: E402
 from autotune.builtin import MINILM, VADER, vader_csv_path  # noqa: E402
 from autotune.caches import cache_root  # noqa: E402
-from autotune.compress import shaped_like, tokenize  # noqa: E402
+from autotune.compress import shaped_like  # noqa: E402
 from autotune.config import load_spec  # noqa: E402
-from autotune.runtime import derive_artifact, export_artifact  # noqa: E402
-from autotune.trial import TrialOutcome, TrialPipeline  # noqa: E402
+from autotune.progress import SilentProgress  # noqa: E402
+from autotune.records import TrialOutcome  # noqa: E402
+from autotune.session import measure_baseline, resolved_threads  # noqa: E402
+from autotune.tasks import TextClassification, Timing  # noqa: E402
+from autotune.trial import Target, TrialContext, TrialPipeline  # noqa: E402
 from profilers.hardware import collect_profile  # noqa: E402
 from search_spaces import Candidate  # noqa: E402
 
@@ -103,14 +105,13 @@ def render(rows: list[dict[str, Any]], target_ms: float, baseline_p95: float) ->
 
 def stand_in_p50_ratio(pipeline: TrialPipeline, candidates: tuple[Candidate, ...], tmp: Path, rounds: int = 3) -> float:
     """Median over candidates and rounds of p50(gate stand-in) / p50(same shape, full token table)."""
-    ctx = pipeline.ctx
+    task = pipeline.ctx.task
     ratios = []
     for c in candidates:
         builds = {}
-        for name, vocab in (("stand-in", pipeline.gate_vocab()), ("full", None)):
-            model = shaped_like(ctx.teacher, c.layers, c.hidden, c.heads, c.ffn, vocab_size=vocab)
-            plain = export_artifact(model, ctx.tokenizer, tmp / f"{c.key}-{name}")
-            builds[name] = derive_artifact(plain, tmp / f"{c.key}-{name}-{c.bits}", bits=c.bits)
+        for name, vocab in (("stand-in", task.gate_vocab()), ("full", None)):
+            model = shaped_like(task.teacher, c.layers, c.hidden, c.heads, c.ffn, vocab_size=vocab)
+            builds[name] = task.quantize(task.export(model, tmp / f"{c.key}-{name}"), tmp / f"{c.key}-{name}-{c.bits}", c.bits)
         for _ in range(rounds):
             ratios.append(pipeline.measure(builds["stand-in"]).p50_ms / pipeline.measure(builds["full"]).p50_ms)
     return median(ratios)
@@ -140,23 +141,24 @@ def run(spec_data: dict[str, Any], tmp: Path, target_fraction: float) -> int:
     """Baseline, target, the six cold trials, the gate re-runs; prints the table and the JSON summary."""
     spec = load_spec(spec_data)
     threads = resolved_threads(spec)
-    teacher, tokenizer, _ = load_teacher(spec)
-    splits = load_splits(spec)
-    train = tokenize(tokenizer, splits.train.texts, splits.train.labels, max_length=spec.data.max_length)
-    print(f"{len(splits.train)} training rows, max_length {spec.data.max_length}, {threads} threads; "
+    loaded = TextClassification.load(spec)
+    print(f"{len(loaded.splits.train)} training rows, max_length {spec.data.max_length}, {threads} threads; "
           "teacher NOT fine-tuned (its new head stays random: only time is measured, not accuracy)")
     profile = collect_profile(threads, quick=True)
     start = time.perf_counter()
-    ctx = build_context(spec, teacher, tokenizer, train, splits.validation, threads, profile.fingerprint, tmp / "run", cache_root())
+    task = TextClassification.prepare(replace(loaded, new_head=False), spec, cache_root(), SilentProgress())
     print(f"teacher logits on the training split: {time.perf_counter() - start:.1f} s (once per run, cached)")
-    pipeline = TrialPipeline(ctx)
-    baseline_p95 = pipeline.measure(export_baseline(teacher, tokenizer, tmp / "run")).p95_ms
-    ctx.target = replace(ctx.target, latency_ms=target_fraction * baseline_p95)
-    ctx.reference_ms = baseline_p95
+    t = spec.target
+    baseline = measure_baseline(task, Timing(t.batch_size, t.seq_len, threads, t.device), t.percentile, tmp / "run")
+    baseline_p95 = baseline.latency.p95_ms
+    target = Target(target_fraction * baseline_p95, t.percentile, t.batch_size, t.seq_len, threads, t.runtime, t.device)
+    pipeline = TrialPipeline(TrialContext(task=task, target=target, fingerprint=profile.fingerprint, training=spec.training,
+                                          seed=spec.search.seed, cache_dir=cache_root(), artifacts_dir=tmp / "run" / "artifacts",
+                                          reference_ms=baseline.latency.percentile_ms(t.percentile)))
 
     rows = [trial_row("cold", pipeline.run(c)) for c in REJECTED + TRAINED]
     rows += [trial_row("gate re-run", pipeline.run(c)) for c in REJECTED]
-    print(render(rows, ctx.target.latency_ms, baseline_p95))
+    print(render(rows, target.latency_ms, baseline_p95))
     print(f"counters: {pipeline.counters}")
     fidelity = stand_in_p50_ratio(pipeline, REJECTED, tmp / "fidelity")
     print(f"gate stand-in p50 / full-table p50 (rejected shapes, 3 alternating rounds): median {fidelity:.3f}")

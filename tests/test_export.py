@@ -13,7 +13,8 @@ import torch
 from onnx import numpy_helper
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from autotune.runtime import OrtRuntime, derive_artifact, export_artifact, feeds_for, fuse_onnx, load_artifact
+from autotune.compress.quantization import quantize_artifact
+from autotune.runtime import OrtRuntime, export_artifact, feeds_for, fuse_onnx, load_artifact
 from autotune.runtime.export import ARTIFACT_JSON, model_family
 
 FAMILIES = ("bert", "roberta", "distilbert")
@@ -118,9 +119,9 @@ def test_unsupported_family_is_rejected() -> None:
         model_family(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")))
 
 
-def test_derive_artifact_writes_a_self_contained_variant_dir(artifacts, tmp_path: Path) -> None:
+def test_quantize_artifact_writes_a_self_contained_variant_dir(artifacts, tmp_path: Path) -> None:
     model, artifact = artifacts["distilbert"]
-    variant = derive_artifact(artifact, tmp_path / "int8", bits=8)
+    variant = quantize_artifact(artifact, tmp_path / "int8", bits=8)
     assert (variant.bits, variant.fused) == (8, True) and load_artifact(variant.dir) == variant
     tokenizer = AutoTokenizer.from_pretrained(variant.dir)
     encoded = tokenizer(["a good movie"], return_tensors="np")
@@ -128,4 +129,4 @@ def test_derive_artifact_writes_a_self_contained_variant_dir(artifacts, tmp_path
     reference = torch_logits(model, {k: encoded[k] for k in variant.input_names})
     assert np.abs(logits - reference).max() <= 0.05 * np.abs(reference).max() + 1e-4
     with pytest.raises(ValueError, match="plain fp32 export"):
-        derive_artifact(variant, tmp_path / "again", bits=4)
+        quantize_artifact(variant, tmp_path / "again", bits=4)

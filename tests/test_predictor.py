@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from autotune.cli import main
-from autotune.planning import PREDICTED_SKIP, LatencyScreen, plan_for
+from autotune.plan import plan_for
+from autotune.records import Stage
+from autotune.screening import LatencyScreen
 from autotune.trial import TrialPipeline
 from profilers.hardware import HardwareProfile
 from profilers.latency import summarize
@@ -167,15 +169,20 @@ def test_screen_skips_only_far_over_target_once_calibrated(profile: HardwareProf
     assert screen.skip(huge, prediction.low_ms) is None  # within 1.5x of a target: measured, not skipped
 
 
-def test_trial_pipeline_records_a_skip_as_predicted_without_measuring(profile: HardwareProfile) -> None:
-    ctx = SimpleNamespace(target=SimpleNamespace(latency_ms=0.01, percentile=95.0),
-                          teacher=SimpleNamespace(config=SimpleNamespace(vocab_size=100)))
-    pipeline = TrialPipeline(ctx)  # type: ignore[arg-type]
-    pipeline.screen = LatencyScreen(profile, WORKLOAD, 95, min_points=0)
-    pipeline.cached_gate = lambda candidate: None  # type: ignore[method-assign]  # never measured before
+def screened_pipeline(profile: HardwareProfile, cache_dir: Path) -> TrialPipeline:
+    """A pipeline whose only real parts are the screen and the gate cache: a 0.01 ms target nothing meets."""
+    target = SimpleNamespace(latency_ms=0.01, percentile=95.0, runtime="onnxruntime", device="cpu", batch_size=1,
+                             seq_len=64, threads=2)
+    task = SimpleNamespace(teacher=SimpleNamespace(config=SimpleNamespace(vocab_size=100)), stand_in_identity=(100,))
+    ctx = SimpleNamespace(target=target, task=task, cache_dir=cache_dir, fingerprint="machine", reference_ms=10.0)
+    return TrialPipeline(ctx, screen=LatencyScreen(profile, WORKLOAD, 95, min_points=0))  # type: ignore[arg-type]
+
+
+def test_trial_pipeline_records_a_skip_as_predicted_without_measuring(profile: HardwareProfile, tmp_path: Path) -> None:
+    pipeline = screened_pipeline(profile, tmp_path)  # an empty gate cache: never measured before
     pipeline.gate = lambda candidate: pytest.fail("a skipped candidate must not be measured")  # type: ignore[method-assign]
     outcome = pipeline.run(Candidate(layers=6, hidden=384, heads=12, ffn=1536))
-    assert outcome.stage == PREDICTED_SKIP and not outcome.feasible and outcome.accuracy is None
+    assert outcome.stage == Stage.PREDICTED_SKIP and not outcome.feasible and outcome.accuracy is None
     assert outcome.latency["predicted"] is True and outcome.latency_ms == outcome.latency["latency_ms"]
     assert pipeline.counters["gates_skipped_by_prediction"] == 1
 
@@ -238,18 +245,17 @@ def test_plan_refuses_a_corrupt_profile_in_one_sentence(tmp_path: Path, content:
     assert fragment in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_cached_gate_measurement_is_used_before_any_prediction(profile: HardwareProfile) -> None:
+def test_a_cached_gate_measurement_is_used_before_any_prediction(profile: HardwareProfile, tmp_path: Path) -> None:
+    from autotune.caches import write_json_atomic
     from profilers.latency import LatencyStats
 
     measured = LatencyStats(p50_ms=20.0, p90_ms=21.0, p95_ms=22.0, p99_ms=23.0, mean_ms=20.0, stdev_ms=1.0, min_ms=19.0,
                             max_ms=24.0, runs=30, converged=True, median_ci_rel_halfwidth=0.01, seconds=1.0, batch_size=1,
                             threads=2, throughput_items_per_s=50.0, peak_rss_delta_bytes=0)
-    ctx = SimpleNamespace(target=SimpleNamespace(latency_ms=0.01, percentile=95.0),
-                          teacher=SimpleNamespace(config=SimpleNamespace(vocab_size=100)))
-    pipeline = TrialPipeline(ctx)  # type: ignore[arg-type]
-    pipeline.screen = LatencyScreen(profile, WORKLOAD, 95, min_points=0)
-    pipeline.cached_gate = lambda candidate: (measured, 10.0)  # type: ignore[method-assign]
-    pipeline.gate = lambda candidate: (measured, 10.0, True)  # type: ignore[method-assign]
-    outcome = pipeline.run(Candidate(layers=6, hidden=384, heads=12, ffn=1536))
-    assert outcome.stage == "gate" and outcome.gate_cache_hit and outcome.latency_ms == 22.0
-    assert pipeline.counters["gates_skipped_by_prediction"] == 0
+    pipeline = screened_pipeline(profile, tmp_path)
+    candidate = Candidate(layers=6, hidden=384, heads=12, ffn=1536)
+    write_json_atomic(pipeline.gate_path(candidate), {"latency": measured.to_dict(), "size_mb": 10.0,
+                                                      "candidate": candidate.to_dict(), "reference_ms": 10.0})
+    outcome = pipeline.run(candidate)
+    assert outcome.stage == Stage.GATE and outcome.gate_cache_hit and outcome.latency_ms == 22.0
+    assert pipeline.counters["gates_skipped_by_prediction"] == 0 and pipeline.counters["gate_cache_hits"] == 1

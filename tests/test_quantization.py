@@ -129,3 +129,33 @@ def test_static_needs_calibration_and_eight_bits(bert, tmp_path: Path) -> None:
         build_variant(artifact.onnx_path, tmp_path / "x.onnx", 4, num_heads=4, hidden_size=32, static=True, calibration=[])
     with pytest.raises(ValueError, match="bits must be one of"):
         build_variant(artifact.onnx_path, tmp_path / "x.onnx", 7, num_heads=4, hidden_size=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [32, 8, 4])
+def test_the_predictors_node_counts_are_those_of_a_real_fused_export(tmp_path: Path, bits: int) -> None:
+    """profilers/predictor.py counts graph nodes per layer and outside the layers: the fused exports written here
+    (1 and 2 layers, the BERT family) must have exactly those counts, or the predictor models another graph."""
+    import onnx
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from autotune.compress.quantization import quantize_artifact
+    from autotune.runtime import export_artifact
+    from conftest import tiny_config, write_tokenizer
+    from profilers.predictor import NODES_FIXED, NODES_PER_LAYER
+
+    write_tokenizer(tmp_path / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    counts = {}
+    for layers in (1, 2):
+        config = tiny_config("bert")
+        config.num_hidden_layers = layers
+        config.vocab_size = 256  # more rows than positions, as in real models: ORT fuses the embeddings then
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config).eval()
+        plain = export_artifact(model, tokenizer, tmp_path / f"plain-{layers}")
+        variant = quantize_artifact(plain, tmp_path / f"variant-{layers}", bits=bits)
+        counts[layers] = len(onnx.load(str(variant.onnx_path)).graph.node)
+    assert counts[2] - counts[1] == NODES_PER_LAYER[bits]
+    assert counts[1] - NODES_PER_LAYER[bits] == NODES_FIXED[bits]

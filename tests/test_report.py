@@ -14,7 +14,7 @@ import pytest
 
 from autotune.cli import main
 from autotune.report import build_report, write_report
-from autotune.report.plan import best_under, capacity, changed_targets, one_line_answer, pareto_trials
+from autotune.report.summary import best_under, capacity, changed_targets, one_line_answer, pareto_trials
 
 FIXTURE = Path(__file__).parent / "fixtures" / "result_tiny.json"
 

@@ -24,11 +24,14 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from autotune import api
+from autotune import api, selection, session
 from autotune.cli import main
 from autotune.config import load_spec
 from autotune.runtime import OrtRuntime, load_artifact
 from autotune.tasks import evaluate, predict_logits
+from autotune.records import Stage, TrialRecord
+from autotune.study import anchors
+from autotune.tasks.text_classification import load_splits
 from autotune.trial import TrialPipeline
 from search_spaces import Candidate, TeacherShape, preset, with_overrides
 from conftest import synthetic_rows, tiny_config, write_csv, write_tokenizer
@@ -56,8 +59,8 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AUTOTUNE_CACHE_DIR", str(cache))
-        mp.setattr(api, "collect_profile", functools.cache(api.collect_profile))
-        mp.setattr(api, "with_throughput", functools.cache(api.with_throughput))
+        mp.setattr(session, "collect_profile", functools.cache(session.collect_profile))
+        mp.setattr(session, "with_throughput", functools.cache(session.with_throughput))
         yield cache
 
 
@@ -166,7 +169,7 @@ def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     artifact = load_artifact(moved)
     assert artifact.onnx_path == moved / "model.onnx" and artifact.onnx_path.exists()
     runtime = OrtRuntime(artifact.onnx_path, threads=1, vocab_size=artifact.vocab_size)
-    validation = api.load_splits(load_spec(feasible_spec)).validation
+    validation = load_splits(load_spec(feasible_spec)).validation
     accuracy = evaluate(runtime.run, AutoTokenizer.from_pretrained(moved), validation, max_length=SEQ_LEN).accuracy
     assert accuracy == pytest.approx(recommended["accuracy"]["validation"])
 
@@ -185,7 +188,7 @@ def test_api_and_cli_agree_for_the_same_spec_and_seed(
     assert summary(result.trials) == summary(cli["trials"])
     assert result.data["baseline"]["accuracy"] == cli["baseline"]["accuracy"]
     # Accuracies on 20 easy rows saturate; the deployed models' logits show the weights themselves agree.
-    texts = api.load_splits(load_spec(feasible_spec)).validation.texts
+    texts = load_splits(load_spec(feasible_spec)).validation.texts
     pairs = [(cli["baseline"]["artifact"], result.data["baseline"]["artifact"])]
     pairs += [(a["artifact"], b["artifact"]) for a, b in zip(cli["trials"], result.trials) if a["stage"] == "evaluated"]
     for cli_artifact, api_artifact in pairs:
@@ -242,15 +245,15 @@ def test_same_shape_candidates_share_one_student_and_later_runs_hit_the_gate_cac
 def test_anchors_are_the_teacher_then_its_layer_dropped_slices_deepest_first() -> None:
     teacher = TeacherShape(layers=6, hidden=384, heads=12, ffn=1536)
     space = with_overrides(preset("bert-default", teacher), {"layers": [1, 2, 4, 6], "hidden": [384, 192]})
-    found = api.anchors(teacher, space, budget=16)
+    found = anchors(teacher, space, budget=16)
     assert found[:2] == [teacher.as_candidate(32), teacher.as_candidate(8)]
     assert [(c.layers, c.hidden, c.heads, c.ffn, c.bits) for c in found[2:]] == [
         (4, 384, 12, 1536, 8), (2, 384, 12, 1536, 8), (1, 384, 12, 1536, 8)]
-    assert api.anchors(teacher, space, budget=6) == found[:3]  # half the budget: room for sampler and retries
-    assert api.anchors(teacher, space, budget=3) == found[:1]
+    assert anchors(teacher, space, budget=6) == found[:3]  # half the budget: room for sampler and retries
+    assert anchors(teacher, space, budget=3) == found[:1]
     shallow = with_overrides(space, {"layers": [1, 2, 4]})  # the teacher itself is outside: slices only
-    assert [c.layers for c in api.anchors(teacher, shallow, budget=16)] == [4, 2, 1]
-    assert api.anchors(teacher, with_overrides(space, {"hidden": [192]}), budget=16) == []  # full width is outside
+    assert [c.layers for c in anchors(teacher, shallow, budget=16)] == [4, 2, 1]
+    assert anchors(teacher, with_overrides(space, {"hidden": [192]}), budget=16) == []  # full width is outside
 
 
 def test_a_cached_gate_is_trusted_only_at_the_same_machine_speed() -> None:
@@ -258,9 +261,9 @@ def test_a_cached_gate_is_trusted_only_at_the_same_machine_speed() -> None:
 
     pipeline = TrialPipeline.__new__(TrialPipeline)
     pipeline.ctx = SimpleNamespace(reference_ms=10.0)
-    assert pipeline.same_machine_speed(10.5) and pipeline.same_machine_speed(9.2)
-    assert not pipeline.same_machine_speed(12.0) and not pipeline.same_machine_speed(8.0)
-    assert not pipeline.same_machine_speed(None)  # an entry without a reference cannot be checked
+    assert pipeline.same_machine_speed({"reference_ms": 10.5}) and pipeline.same_machine_speed({"reference_ms": 9.2})
+    assert not pipeline.same_machine_speed({"reference_ms": 12.0}) and not pipeline.same_machine_speed({"reference_ms": 8.0})
+    assert not pipeline.same_machine_speed({})  # an entry without a reference cannot be checked
 
 
 @pytest.mark.parametrize("bits", [32, 8])
@@ -269,8 +272,9 @@ def test_the_gate_stand_in_size_scaled_to_the_full_token_table_matches_the_real_
     from transformers import AutoModelForSequenceClassification
 
     from autotune.compress import shaped_like
-    from autotune.runtime import derive_artifact, export_artifact
-    from autotune.trial import full_table_size_bytes
+    from autotune.compress.quantization import quantize_artifact
+    from autotune.runtime import export_artifact
+    from autotune.tasks.text_classification import full_table_size_bytes
 
     torch.manual_seed(0)
     teacher = AutoModelForSequenceClassification.from_config(tiny_config("bert")).eval()
@@ -279,7 +283,7 @@ def test_the_gate_stand_in_size_scaled_to_the_full_token_table_matches_the_real_
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     def variant(model: Any, name: str) -> Any:
-        return derive_artifact(export_artifact(model, tokenizer, tmp_path / name), tmp_path / f"{name}-{bits}", bits=bits)
+        return quantize_artifact(export_artifact(model, tokenizer, tmp_path / name), tmp_path / f"{name}-{bits}", bits=bits)
 
     full = variant(shaped_like(teacher, 1, 32, 4, 64), "full")
     stand_in = variant(shaped_like(teacher, 1, 32, 4, 64, vocab_size=7), "stand-in")
@@ -495,13 +499,15 @@ def test_passwords_never_shown_in_commands_and_urls() -> None:
 def test_a_more_accurate_candidate_passed_over_at_re_measurement_is_explained(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A refined student the user watched train must not vanish from the answer without a word."""
-    pipeline = SimpleNamespace(ctx=SimpleNamespace(target=SimpleNamespace(latency_ms=5.0), metric=None))
-    records = [{"number": 2, "stage": stage, "accuracy": accuracy, "latency_ms": 4.6, "artifact": str(tmp_path / stage),
-                "remeasured": remeasured} for stage, accuracy, remeasured in (("refined", 0.856, 5.2), ("evaluated", 0.832, 4.9))]
+    pipeline = SimpleNamespace(ctx=SimpleNamespace(target=SimpleNamespace(latency_ms=5.0),
+                                                   task=SimpleNamespace(objective_name="accuracy")))
+    remeasured = {Stage.REFINED: 5.2, Stage.EVALUATED: 4.9}
+    records = [TrialRecord(number=2, state="COMPLETE", candidate=None, stage=stage, accuracy=accuracy, latency_ms=4.6,
+                           artifact=str(tmp_path / stage.value)) for stage, accuracy in ((Stage.REFINED, 0.856), (Stage.EVALUATED, 0.832))]
     for record in records:
-        Path(record["artifact"]).mkdir()
-    monkeypatch.setattr(api, "confirmed_latency", lambda pipeline, record: record["remeasured"])
+        Path(record.artifact).mkdir()
+    monkeypatch.setattr(selection, "confirmed_latency", lambda pipeline, record: remeasured[record.stage])
     notes: list[str] = []
-    chosen, reason = api.choose_recommendation(pipeline, records, notes.append)  # type: ignore[arg-type]
-    assert chosen is not None and chosen["stage"] == "evaluated" and chosen["latency_ms"] == 4.9 and reason is None
+    chosen, reason = selection.choose_recommendation(pipeline, records, notes.append)  # type: ignore[arg-type]
+    assert chosen is not None and chosen.stage == Stage.EVALUATED and chosen.latency_ms == 4.9 and reason is None
     assert notes == ["trial 2 (refined, accuracy 0.8560) re-measured at 5.20 ms, over the 5.00 ms target: not recommended"]

@@ -19,13 +19,14 @@ from autotune.compress.pruning import (
     prune,
     sparsity_schedule,
 )
-from autotune.compress.quantization import ACCEPTED_BITS, build_variant, check_bits
+from autotune.compress.quantization import ACCEPTED_BITS, build_variant, check_bits, quantize_artifact
 from autotune.compress.student import even_layer_indices, make_student, shaped_like
 
 __all__ = [
     "ACCEPTED_BITS",
     "build_variant",
     "check_bits",
+    "quantize_artifact",
     "DistillResult",
     "PruneResult",
     "PruningSchedule",

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -43,11 +45,14 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.onnx_model import OnnxModel
 
+from autotune.runtime.export import ARTIFACT_JSON, ONNX_FILENAME, Artifact, write_artifact_json
 from autotune.runtime.fusion import fuse_onnx
+from search_spaces import BIT_WIDTHS
 
 logger = logging.getLogger(__name__)
 
-ACCEPTED_BITS = (32, 16, 8, 4)
+#: The bit widths a variant can have: the search space's, defined once there.
+ACCEPTED_BITS = BIT_WIDTHS
 DEFAULT_INT4_BLOCK_SIZE = 32
 _QUANTIZER_OPTIONS = {"DefaultTensorType": onnx.TensorProto.FLOAT}
 
@@ -177,3 +182,24 @@ def build_variant(
             quantize_int4(source, out)
     logger.info("built %d-bit%s variant %s (%d bytes)", bits, " fused" if fuse else "", out, out.stat().st_size)
     return out
+
+
+def quantize_artifact(source: Artifact, out_dir: str | Path, *, bits: int, fuse: bool = True, **variant_options: Any) -> Artifact:
+    """A new artifact directory holding `source`'s tokenizer and a `bits`-wide (optionally fused) ONNX model.
+
+    The artifact-level twin of `build_variant`: how a trial turns the one fp32 export into each bit width it
+    evaluates ("train once, quantize many"); `variant_options` (calibration, static) pass through to it.
+    """
+    if source.bits != 32 or source.fused:
+        raise ValueError(f"quantize_artifact needs the plain fp32 export as source, got bits={source.bits}, fused={source.fused}")
+    directory = Path(out_dir)
+    if directory.resolve() == source.dir.resolve():
+        raise ValueError(f"out_dir must differ from the source artifact's directory {source.dir}")
+    shutil.copytree(source.dir, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ONNX_FILENAME, ARTIFACT_JSON))
+    onnx_path = directory / ONNX_FILENAME
+    build_variant(
+        source.onnx_path, onnx_path, bits, fuse=fuse, num_heads=source.num_heads, hidden_size=source.hidden_size, **variant_options
+    )
+    artifact = replace(source, dir=directory, onnx_path=onnx_path, bits=bits, fused=fuse, size_bytes=onnx_path.stat().st_size)
+    write_artifact_json(artifact)
+    return artifact

@@ -34,7 +34,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from autotune.models import Family, Shape, encoder_layers, family_of, shape_of
+from autotune.models import Family, encoder_layers, family_of, shape_of
+from search_spaces import TeacherShape
 
 
 def even_layer_indices(teacher_layers: int, layers: int) -> tuple[int, ...]:
@@ -44,7 +45,7 @@ def even_layer_indices(teacher_layers: int, layers: int) -> tuple[int, ...]:
     return tuple(i * (teacher_layers - 1) // (layers - 1) for i in range(layers))
 
 
-def _validate(teacher: Shape, student: Shape, layer_indices: Sequence[int] | None) -> tuple[int, ...]:
+def _validate(teacher: TeacherShape, student: TeacherShape, layer_indices: Sequence[int] | None) -> tuple[int, ...]:
     for name in ("layers", "hidden", "heads", "ffn"):
         value, limit = getattr(student, name), getattr(teacher, name)
         if not isinstance(value, int) or value < 1:
@@ -129,7 +130,7 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
 
-def _attention_units(layer: nn.Module, family: Family, teacher_heads: int, student: Shape) -> torch.Tensor:
+def _attention_units(layer: nn.Module, family: Family, teacher_heads: int, student: TeacherShape) -> torch.Tensor:
     """Indices into the teacher's attention width (heads * d_t) that make the student's, head by head."""
     q, k, v = (layer.get_submodule(p).weight for p in (family.query, family.key, family.value))
     o = layer.get_submodule(family.attn_out).weight
@@ -167,7 +168,7 @@ def _copy_vector_module(dst: nn.Module, src: nn.Module, dims: torch.Tensor) -> N
         dst.bias.copy_(src.bias[dims])
 
 
-def _student_config(teacher: nn.Module, family: Family, shape: Shape, kept_layers: tuple[int, ...]):
+def _student_config(teacher: nn.Module, family: Family, shape: TeacherShape, kept_layers: tuple[int, ...]):
     config = copy.deepcopy(teacher.config)
     setattr(config, family.n_layers_attr, shape.layers)
     setattr(config, family.hidden_attr, shape.hidden)
@@ -196,7 +197,7 @@ def make_student(
     """
     family = family_of(teacher)
     teacher_shape = shape_of(teacher)
-    shape = Shape(layers=layers, hidden=hidden, heads=heads, ffn=ffn)
+    shape = TeacherShape(layers=layers, hidden=hidden, heads=heads, ffn=ffn)
     kept_layers = _validate(teacher_shape, shape, layer_indices)
 
     hidden_scores = (
@@ -260,7 +261,7 @@ def shaped_like(
     cheaper to build.
     """
     family = family_of(teacher)
-    shape = Shape(layers=layers, hidden=hidden, heads=heads, ffn=ffn)
+    shape = TeacherShape(layers=layers, hidden=hidden, heads=heads, ffn=ffn)
     kept_layers = _validate(shape_of(teacher), shape, None)
     config = _student_config(teacher, family, shape, kept_layers)
     if vocab_size is not None:

@@ -11,7 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from autotune.report.plan import evaluated, metric_name, pareto_trials, percentile_name  # noqa: E402
+from autotune.records import Stage  # noqa: E402
+from autotune.report.summary import evaluated, metric_name, pareto_trials, percentile_name  # noqa: E402
 
 
 def accuracy_latency_png(result: dict[str, Any]) -> bytes:
@@ -21,7 +22,7 @@ def accuracy_latency_png(result: dict[str, Any]) -> bytes:
     points = evaluated(result)
     feasible = [t for t in points if t["latency_ms"] <= target_ms]
     over = [t for t in points if t["latency_ms"] > target_ms]
-    gated = [t for t in result["trials"] if t["stage"] == "gate"]
+    gated = [t for t in result["trials"] if t["stage"] == Stage.GATE]
     accuracies = [t["accuracy"] for t in points] + [result["baseline"]["accuracy"]["validation"]]
     floor = min(accuracies) - 0.02 if accuracies else 0.0
     ax.scatter([t["latency_ms"] for t in feasible], [t["accuracy"] for t in feasible], c="#1f77b4", label="evaluated, meets target")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from autotune.report import plan
-from autotune.report.render import Section, Table
+from autotune.report import summary
+from autotune.report.sections import Section, Table
 
 VERDICTS = {
     "meets": "meets (whole interval under target)",
@@ -33,8 +33,8 @@ def _row(config: dict[str, Any]) -> tuple[str, ...]:
     p = config["prediction"]
     accuracy = "-" if config["accuracy"] is None else f"{config['accuracy']:.4f}"
     if p is None:
-        return (str(config["trial"]), plan.describe(config["candidate"]), accuracy, "-", "-", "-", "-", VERDICTS["unknown"])
-    return (str(config["trial"]), plan.describe(config["candidate"]), accuracy, f"{p['p50_ms']:.2f}", f"{p['latency_ms']:.2f}",
+        return (str(config["trial"]), summary.describe(config["candidate"]), accuracy, "-", "-", "-", "-", VERDICTS["unknown"])
+    return (str(config["trial"]), summary.describe(config["candidate"]), accuracy, f"{p['p50_ms']:.2f}", f"{p['latency_ms']:.2f}",
             _interval(p), f"{config['headroom']:+.0%}", VERDICTS[config["verdict"]])
 
 
@@ -45,7 +45,7 @@ def machine_section(entry: dict[str, Any], metric: str) -> Section:
         answer = f"Predicted: no configuration of this run meets {pct} <= {entry['target_ms']:.2f} ms there."
     else:
         p = recommended["prediction"]
-        answer = (f"Predicted recommendation: trial {recommended['trial']}, {plan.describe(recommended['candidate'])}, "
+        answer = (f"Predicted recommendation: trial {recommended['trial']}, {summary.describe(recommended['candidate'])}, "
                   f"predicted {pct} {p['latency_ms']:.2f} ms ({p['level']:.0%} interval {_interval(p)} ms) vs target "
                   f"{entry['target_ms']:.2f} ms ({recommended['headroom']:.0%} predicted headroom)"
                   + ("; measure it there before relying on it." if recommended["verdict"] == "likely" else "."))
@@ -61,4 +61,4 @@ def machine_section(entry: dict[str, Any], metric: str) -> Section:
 
 
 def predicted_sections(result: dict[str, Any]) -> list[Section]:
-    return [machine_section(entry, plan.metric_name(result)) for entry in result.get("plans") or []]
+    return [machine_section(entry, summary.metric_name(result)) for entry in result.get("plans") or []]

@@ -10,36 +10,15 @@ from __future__ import annotations
 
 import base64
 import html
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from autotune.report import plan
+from autotune.report import summary
+from autotune.report.predicted import predicted_sections
+from autotune.report.sections import Report, Section, Table
 from autotune.report.plot import accuracy_latency_png
 
 PLOT_FILE = "accuracy_latency.png"
-
-
-@dataclass(frozen=True)
-class Table:
-    headers: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-
-
-@dataclass(frozen=True)
-class Section:
-    title: str
-    paragraphs: tuple[str, ...] = ()
-    table: Table | None = None
-    plot: bool = False
-    code: str | None = None
-
-
-@dataclass(frozen=True)
-class Report:
-    title: str
-    answer: str
-    sections: tuple[Section, ...] = field(default_factory=tuple)
 
 
 def _ms(value: float | None) -> str:
@@ -65,7 +44,7 @@ def _hardware_section(result: dict[str, Any]) -> Section:
                                 f"int4 {bench.get('int4_chain_gflops') or '-'} GFLOP/s; one small operator "
                                 f"{bench.get('small_op_us') or '-'} us; activations {bench.get('elementwise_gbps') or '-'} GB/s"),
         ("software", f"onnxruntime {hw['software']['onnxruntime']}, torch {hw['software']['torch']}, optuna {hw['software']['optuna']}"),
-        ("measurement", f"{plan.percentile_name(result)} latency at batch {target['batch_size']}, sequence length {target['seq_len']}, "
+        ("measurement", f"{summary.percentile_name(result)} latency at batch {target['batch_size']}, sequence length {target['seq_len']}, "
                         f"{target['threads']} threads, {target['runtime']} on {target['device']}; each figure timed in a fresh "
                         "process until the median's 95% interval is within 2% (or a 3 s cap)"),
     )
@@ -90,14 +69,14 @@ def _other_hardware_section(result: dict[str, Any]) -> Section | None:
 
 
 def _pareto_section(result: dict[str, Any]) -> Section:
-    pct = plan.percentile_name(result)
+    pct = summary.percentile_name(result)
     rows = tuple(
-        (str(t["number"]), plan.architecture(t["candidate"]), plan.sparsity_text(t["candidate"]),
+        (str(t["number"]), summary.architecture(t["candidate"]), summary.sparsity_text(t["candidate"]),
          str(t["candidate"]["bits"]), _acc(t["accuracy"]), _ms(t["latency"]["p50_ms"]), _ms(t["latency"][f"{pct}_ms"]),
-         f"{t['size_mb']:.1f}", f"{plan.speedup(result, t):.2f}x")
-        for t in plan.pareto_trials(result)
+         f"{t['size_mb']:.1f}", f"{summary.speedup(result, t):.2f}x")
+        for t in summary.pareto_trials(result)
     )
-    table = Table(("trial", "architecture", "sparsity", "bits", f"val. {plan.metric_name(result)}", "p50 ms", f"{pct} ms", "size MB", "speedup"), rows)
+    table = Table(("trial", "architecture", "sparsity", "bits", f"val. {summary.metric_name(result)}", "p50 ms", f"{pct} ms", "size MB", "speedup"), rows)
     note = () if rows else ("No evaluated trial met the target, so the feasible Pareto front is empty.",)
     return Section("Pareto front (feasible, accuracy up, latency down)", note, table)
 
@@ -107,35 +86,35 @@ def _refined_section(result: dict[str, Any]) -> Section | None:
     if not refined:
         return None
     by_number = {t["number"]: t for t in result["trials"]}
-    pct = plan.percentile_name(result)
-    rows = tuple((str(r["number"]), plan.describe(r["candidate"]), str(r["epochs"]), _acc(by_number[r["number"]]["accuracy"]),
+    pct = summary.percentile_name(result)
+    rows = tuple((str(r["number"]), summary.describe(r["candidate"]), str(r["epochs"]), _acc(by_number[r["number"]]["accuracy"]),
                   _acc(r["accuracy"]), _ms(r["latency_ms"])) for r in refined)
     return Section(
         "Finalists trained further",
         ("The search ranks students after a short distillation; the most accurate feasible ones were then distilled "
          "further and evaluated again (validation split), and the recommendation is chosen among all of them.",),
-        Table(("trial", "configuration", "epochs in all", f"val. {plan.metric_name(result)} in the search",
-               f"val. {plan.metric_name(result)} refined", f"{pct} ms"), rows),
+        Table(("trial", "configuration", "epochs in all", f"val. {summary.metric_name(result)} in the search",
+               f"val. {summary.metric_name(result)} refined", f"{pct} ms"), rows),
     )
 
 
 def _targets_section(result: dict[str, Any]) -> Section:
     rows = []
-    for option in plan.changed_targets(result):
+    for option in summary.changed_targets(result):
         trial = option.trial
         rows.append((f"{option.scale:g}x = {option.target_ms:.2f} ms",
-                     plan.describe(trial["candidate"]) if trial else "nothing measured fits",
+                     summary.describe(trial["candidate"]) if trial else "nothing measured fits",
                      _acc(trial["accuracy"]) if trial else "-", _ms(trial["latency_ms"]) if trial else "-"))
-    teacher = f"The teacher alone (fused fp32) meets any target of {plan.teacher_needs_ms(result):.2f} ms or more."
+    teacher = f"The teacher alone (fused fp32) meets any target of {summary.teacher_needs_ms(result):.2f} ms or more."
     return Section("Planning for a changed target (from the trials run)", (teacher,),
-                   Table(("target", "best configuration", f"val. {plan.metric_name(result)}", "latency ms"), tuple(rows)))
+                   Table(("target", "best configuration", f"val. {summary.metric_name(result)}", "latency ms"), tuple(rows)))
 
 
 def _capacity_section(result: dict[str, Any]) -> Section:
     rows = []
-    for trial in plan.pareto_trials(result):
-        cap = plan.capacity(result, trial)
-        rows.append((str(trial["number"]), plan.architecture(trial["candidate"]) + f", {trial['candidate']['bits']} bits",
+    for trial in summary.pareto_trials(result):
+        cap = summary.capacity(result, trial)
+        rows.append((str(trial["number"]), summary.architecture(trial["candidate"]) + f", {trial['candidate']['bits']} bits",
                      f"{cap.throughput_per_instance:.0f}", f"{cap.memory_per_instance_mb:.0f}",
                      f"{cap.instances} ({cap.limited_by})", f"{cap.requests_per_s:.0f}"))
     threads = result["target"]["threads"]
@@ -148,8 +127,8 @@ def _capacity_section(result: dict[str, Any]) -> Section:
 
 
 def _cost_section(result: dict[str, Any]) -> Section:
-    costs = plan.cost_breakdown(result)
-    counts = plan.stage_counts(result)
+    costs = summary.cost_breakdown(result)
+    counts = summary.stage_counts(result)
     importances = result.get("importances") or {}
     rows = tuple((objective, ", ".join(f"{k} {v:.2f}" for k, v in values.items())) for objective, values in importances.items())
     paragraphs = (
@@ -176,20 +155,19 @@ def build_report(result: dict[str, Any]) -> Report:
     ]
     sections = [section for section in sections if section is not None]
     if result["recommended"] is None:
-        closest = plan.closest_measured(result["trials"])
-        rows = tuple((str(t["number"]), plan.describe(t["candidate"]), _ms(t["latency_ms"]),
+        closest = summary.closest_measured(result["trials"])
+        rows = tuple((str(t["number"]), summary.describe(t["candidate"]), _ms(t["latency_ms"]),
                       f"+{t['latency_ms'] / result['target']['latency_ms'] - 1:.0%}") for t in closest)
         fastest = closest[0]["latency_ms"] if closest else None
         advice = (f"A target of {fastest:.2f} ms or more would be met by the fastest candidate measured; or widen the "
                   "space (fewer layers, narrower hidden, lower bits)." if fastest else "No trial finished.")
         sections.insert(0, Section("No configuration met the target", (result["reason"] or "", advice),
                                    Table(("trial", "configuration", "latency ms", "over target"), rows)))
-    from autotune.report.predicted import predicted_sections  # it builds on this module's Section and Table
 
     sections += predicted_sections(result)
     if result.get("command"):
         sections.append(Section("Reproduce this run", code=result["command"]))
-    return Report(f"autotune report: {result['name']}", plan.one_line_answer(result), tuple(sections))
+    return Report(f"autotune report: {result['name']}", summary.one_line_answer(result), tuple(sections))
 
 
 def to_markdown(report: Report) -> str:

@@ -1,6 +1,6 @@
 """The deployment runtime: ONNX export, graph fusion, and one interface over ONNX Runtime and torch sessions."""
 
-from autotune.runtime.export import Artifact, derive_artifact, export_artifact, export_onnx, load_artifact
+from autotune.runtime.export import Artifact, export_artifact, export_onnx, load_artifact
 from autotune.runtime.fusion import fuse_onnx, op_counts
 from autotune.runtime.sessions import InferenceRuntime, OrtRuntime, TorchRuntime, feeds_for, open_runtime
 
@@ -9,7 +9,7 @@ __all__ = [
     "InferenceRuntime",
     "OrtRuntime",
     "TorchRuntime",
-    "derive_artifact",
+    "quantize_artifact",
     "export_artifact",
     "export_onnx",
     "feeds_for",

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+
+from autotune.models import FAMILIES
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +32,6 @@ ONNX_FILENAME = "model.onnx"
 ARTIFACT_JSON = "artifact.json"
 DEFAULT_OPSET = 17
 LOGITS = "logits"
-
-#: Which inputs each supported family's forward actually uses. RoBERTa's token_type_ids is a single
-#: all-zero segment and DistilBERT has none, so only BERT exports them.
-FAMILY_INPUTS: dict[str, tuple[str, ...]] = {
-    "bert": ("input_ids", "attention_mask", "token_type_ids"),
-    "roberta": ("input_ids", "attention_mask"),
-    "distilbert": ("input_ids", "attention_mask"),
-}
-
 
 @dataclass(frozen=True)
 class Artifact:
@@ -74,10 +66,10 @@ class Artifact:
 
 
 def model_family(model: torch.nn.Module) -> str:
-    """The supported family of a transformers model, or ValueError naming the accepted ones."""
+    """The supported family of a transformers model (autotune.models.FAMILIES), or ValueError naming them."""
     family = getattr(getattr(model, "config", None), "model_type", None)
-    if family not in FAMILY_INPUTS:
-        raise ValueError(f"model family must be one of {sorted(FAMILY_INPUTS)}, got {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"model family must be one of {sorted(FAMILIES)}, got {family!r}")
     return family
 
 
@@ -106,7 +98,7 @@ def export_onnx(model: torch.nn.Module, onnx_path: Path, *, opset: int = DEFAULT
     Weights go in as initializers unchanged (constant folding only transposes), so pruned zeros stay exact.
     """
     family = model_family(model)
-    input_names = FAMILY_INPUTS[family]
+    input_names = FAMILIES[family].inputs
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in input_names} | {LOGITS: {0: "batch"}}
     args = _example_inputs(input_names, int(model.config.vocab_size))
     was_training = model.training
@@ -189,26 +181,3 @@ def load_artifact(directory: str | Path) -> Artifact:
             "labels": tuple(labels) if labels is not None else None,
         }
     )
-
-
-def derive_artifact(source: Artifact, out_dir: str | Path, *, bits: int, fuse: bool = True, **variant_options: Any) -> Artifact:
-    """A new artifact directory holding `source`'s tokenizer and a `bits`-wide (optionally fused) ONNX model.
-
-    This is how a trial turns the one fp32 export into each bit width it evaluates ("train once, quantize
-    many"); `variant_options` (calibration, static) pass through to `build_variant`.
-    """
-    from autotune.compress.quantization import build_variant
-
-    if source.bits != 32 or source.fused:
-        raise ValueError(f"derive_artifact needs the plain fp32 export as source, got bits={source.bits}, fused={source.fused}")
-    directory = Path(out_dir)
-    if directory.resolve() == source.dir.resolve():
-        raise ValueError(f"out_dir must differ from the source artifact's directory {source.dir}")
-    shutil.copytree(source.dir, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ONNX_FILENAME, ARTIFACT_JSON))
-    onnx_path = directory / ONNX_FILENAME
-    build_variant(
-        source.onnx_path, onnx_path, bits, fuse=fuse, num_heads=source.num_heads, hidden_size=source.hidden_size, **variant_options
-    )
-    artifact = replace(source, dir=directory, onnx_path=onnx_path, bits=bits, fused=fuse, size_bytes=onnx_path.stat().st_size)
-    write_artifact_json(artifact)
-    return artifact

@@ -23,7 +23,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from autotune.runtime.export import FAMILY_INPUTS, Artifact, load_artifact, model_family
+from autotune.models import FAMILIES
+from autotune.runtime.export import Artifact, load_artifact, model_family
 from profilers.isolated import feeds_for
 from search_spaces.hardware import DEVICES, RUNTIMES
 from profilers.latency import LatencyStats, MeasureSettings, measure_ort_session, measure_torch_module, torch_threads
@@ -137,7 +138,7 @@ class TorchRuntime(InferenceRuntime):
             raise RuntimeError("device='cuda' needs a CUDA build of torch and a visible GPU; torch.cuda.is_available() is False")
         if device == "cuda" and precision == "int8":
             raise ValueError("precision='int8' (torch dynamic quantization) runs on CPU only; use fp32 or bf16 on cuda")
-        self.input_names = FAMILY_INPUTS[model_family(model)]
+        self.input_names = FAMILIES[model_family(model)].inputs
         self.vocab_size = int(model.config.vocab_size)
         self.threads = threads
         self.precision = precision

@@ -1,14 +1,18 @@
-"""Tasks: what "accuracy" means for a task and how its data is read. Text classification is the first.
+"""Task families behind one interface (`base.TaskFamily`), chosen by `model.task`. Text classification is
+the first.
 
+- `base`: the interface, and the values it returns (`Score`, `Timing`).
+- `text_classification`: the encoder-classifier family.
 - `data`: labelled text files -> `LabeledTexts`; seeded stratified `split` and `subsample`.
 - `metrics`: `accuracy`, `macro_f1` in numpy.
-- `text_classification`: per-batch padded `encode_batches`; `predict` / `evaluate` through any runtime's
+- `encoding`: per-batch padded `encode_batches`; `predict` / `evaluate` through any runtime's
   `run(feeds) -> logits`.
 """
 
+from autotune.tasks.base import Score, TaskFamily, Timing
 from autotune.tasks.data import DataError, LabeledTexts, Splits, load_labeled_texts, split, subsample
 from autotune.tasks.metrics import accuracy, macro_f1
-from autotune.tasks.text_classification import (
+from autotune.tasks.encoding import (
     EncodedBatch,
     EvalResult,
     RunLogits,
@@ -17,6 +21,18 @@ from autotune.tasks.text_classification import (
     predict,
     predict_logits,
 )
+from autotune.tasks.text_classification import TextClassification
+
+#: Task families by `model.task`.
+TASKS: dict[str, type[TaskFamily]] = {TextClassification.name: TextClassification}
+
+
+def family_for(task: str) -> type[TaskFamily]:
+    """The family class registered for `model.task`, or ValueError naming those there are."""
+    if task not in TASKS:
+        raise ValueError(f"model.task must be one of {sorted(TASKS)}, got {task!r}")
+    return TASKS[task]
+
 
 __all__ = [
     "DataError",
@@ -24,6 +40,12 @@ __all__ = [
     "EvalResult",
     "LabeledTexts",
     "RunLogits",
+    "Score",
+    "TASKS",
+    "TaskFamily",
+    "TextClassification",
+    "Timing",
+    "family_for",
     "Splits",
     "accuracy",
     "encode_batches",

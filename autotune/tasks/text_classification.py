@@ -1,193 +1,213 @@
-"""Text classification: tokenised batches padded per batch, and accuracy measured in the deployment runtime.
+"""Text classification, the first task family: a BERT-family encoder classifier, labelled text, accuracy.
 
-Why per-batch padding: on 2 CPU cores training and evaluation are compute-bound, and encoder cost grows with
-the padded width (linearly in the FFN, quadratically in attention). Texts are short next to `max_length`, so
-padding every row to `max_length` mostly computes on padding. Grouping texts of similar token length into a
-batch and padding only to that batch's longest member removes most of it; since padded positions are masked
-out, predictions do not change. Each batch carries the original row indices so results map back to input
-order.
-
-`evaluate` scores any `run_logits` callable (feeds -> logits), which is the interface the ONNX Runtime and
-torch runtimes expose as `run(feeds)`, so the number reported is the one of the artifact that ships.
+Its students are the teacher with fewer layers and narrower widths (hidden, heads, FFN), distilled on the
+teacher's logits (cached once per teacher and training split) plus the labels. Its artifact is one ONNX
+classifier with ORT's transformer fusions, timed on one forward pass of synthetic token ids.
 """
 
 from __future__ import annotations
 
-import logging
-import time
+import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
+import torch
+from torch import nn
 
-from autotune.tasks.data import LabeledTexts
-from autotune.tasks.metrics import accuracy, macro_f1
+from autotune.builtin import resolve_data, resolve_model
+from autotune.compress import PruningSchedule, distill, finetune_teacher, make_student, shaped_like, teacher_logits, tokenize
+from autotune.compress.distillation import TokenizedData
+from autotune.compress.quantization import quantize_artifact
+from autotune.config import TuneSpec
+from autotune.models import load_classifier, shape_of, state_fingerprint
+from autotune.runtime import Artifact, OrtRuntime, export_artifact
+from autotune.tasks.base import Score, Steps, TaskFamily, Timing
+from autotune.tasks.data import LabeledTexts, Splits, load_labeled_texts, split, subsample
+from autotune.tasks.encoding import evaluate, predict_logits
+from profilers.isolated import OnnxRequest
+from search_spaces import Candidate, Space, TeacherShape, preset, with_overrides
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from autotune.progress import SilentProgress
 
-logger = logging.getLogger(__name__)
-
-RunLogits = Callable[[Mapping[str, np.ndarray]], np.ndarray]
-
-
-@dataclass(frozen=True, eq=False)
-class EncodedBatch:
-    """One padded batch: int64 arrays of shape (rows, width) and `indices`, each row's position in the input."""
-
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    token_type_ids: np.ndarray | None
-    indices: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def feeds(self, input_names: Collection[str] | None = None) -> dict[str, np.ndarray]:
-        """The arrays by input name, limited to `input_names` when a runtime takes fewer (DistilBERT has no
-        token_type_ids); a name this batch cannot supply is an error, not a silent omission."""
-        available = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if self.token_type_ids is not None:
-            available["token_type_ids"] = self.token_type_ids
-        if input_names is None:
-            return available
-        missing = [name for name in input_names if name not in available]
-        if missing:
-            raise ValueError(
-                f"the runtime needs inputs {', '.join(map(repr, missing))} but the tokenizer gives only "
-                f"{', '.join(map(repr, available))}"
-            )
-        return {name: available[name] for name in input_names}
+#: A user metric: (labels, logits) -> a float, higher is better; it replaces accuracy as the objective.
+Metric = Callable[[np.ndarray, np.ndarray], float]
+#: The gate's stand-in keeps at most this many token embeddings: the table is only gathered from, so its
+#: size does not change latency, but it is most of the bytes export, fusion and quantization copy. A prime, so
+#: that no other weight of the stand-in has it as a dimension (see `full_table_size_bytes`).
+GATE_VOCAB = 1021
 
 
 @dataclass(frozen=True)
-class EvalResult:
-    """Scores of one model on one labelled set; `seconds` is wall time for tokenising plus inference."""
+class LoadedClassifierRun:
+    """What `TextClassification.load` read: the teacher as loaded, the data split, and the space."""
 
-    accuracy: float
-    macro_f1: float
-    n: int
-    seconds: float
-
-
-def _pad(rows: Sequence[Sequence[int]], width: int, value: int, left: bool) -> np.ndarray:
-    out = np.full((len(rows), width), value, dtype=np.int64)
-    for i, row in enumerate(rows):
-        if left:
-            out[i, width - len(row):] = row
-        else:
-            out[i, : len(row)] = row
-    return out
+    teacher: nn.Module
+    tokenizer: Any
+    new_head: bool
+    splits: Splits
+    space: Space
 
 
-def encode_batches(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    *,
-    batch_size: int,
-    max_length: int,
-    sort_by_length: bool = True,
-) -> list[EncodedBatch]:
-    """Tokenise (truncating to `max_length`), group by token length, and pad each batch to its longest row.
+def full_table_size_bytes(onnx_path: Path, size_bytes: int, rows: int, full_rows: int) -> int:
+    """The size on disk the model at `onnx_path` would have with `full_rows` token embeddings instead of `rows`.
 
-    With `sort_by_length=False` batches follow input order (still padded per batch), e.g. for training
-    where the batch composition should be the caller's shuffle.
+    The rows' bytes are read off the file itself (every initializer with `rows` as its first dimension: the
+    table, and its quantized twin after int8), so whatever precision the variant stores them in is counted.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token, so batches cannot be padded")
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    ids: list[list[int]] = encoded["input_ids"]
-    types: list[list[int]] | None = encoded.get("token_type_ids")
-    lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
-    order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(ids))
-    left = tokenizer.padding_side == "left"
-    batches = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = int(lengths[chunk].max())
-        mask_rows = [[1] * int(lengths[i]) for i in chunk]
-        batches.append(
-            EncodedBatch(
-                input_ids=_pad([ids[i] for i in chunk], width, tokenizer.pad_token_id, left),
-                attention_mask=_pad(mask_rows, width, 0, left),
-                token_type_ids=None
-                if types is None
-                else _pad([types[i] for i in chunk], width, tokenizer.pad_token_type_id, left),
-                indices=chunk.astype(np.int64),
-            )
-        )
-    return batches
+    if full_rows == rows:
+        return size_bytes
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    table_bytes = sum(onnx.numpy_helper.to_array(init).nbytes for init in model.graph.initializer
+                      if init.dims and init.dims[0] == rows)
+    if table_bytes == 0:
+        raise ValueError(f"{onnx_path} has no initializer with {rows} rows; cannot scale its token table")
+    return size_bytes + table_bytes * (full_rows - rows) // rows
 
 
-def predict_logits(
-    run_logits: RunLogits,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    *,
-    batch_size: int = 32,
-    max_length: int = 128,
-    input_names: Collection[str] | None = None,
-) -> np.ndarray:
-    """Logits of shape (len(texts), num_labels) in input order; e.g. a teacher's, computed once and cached."""
-    logits: np.ndarray | None = None
-    for batch in encode_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length):
-        out = np.asarray(run_logits(batch.feeds(input_names)))
-        if out.ndim != 2 or out.shape[0] != len(batch):
-            raise ValueError(
-                f"run_logits returned shape {out.shape} for a batch of {len(batch)}; expected (rows, labels)"
-            )
-        if logits is None:
-            logits = np.empty((len(texts), out.shape[1]), dtype=out.dtype)
-        logits[batch.indices] = out
-    if logits is None:
-        raise ValueError("no texts to predict")
-    return logits
+def load_splits(spec: TuneSpec) -> Splits:
+    """The spec's labelled data (builtin names resolved), optionally subsampled, split train/validation/test."""
+    data_spec = spec.data
+    data = load_labeled_texts(resolve_data(data_spec.path), text_column=data_spec.text_column,
+                              label_column=data_spec.label_column, num_labels=spec.model.num_labels)
+    if data_spec.limit is not None:
+        data = subsample(data, data_spec.limit, seed=data_spec.split.seed)
+    return split(data, validation=data_spec.split.validation, test=data_spec.split.test, seed=data_spec.split.seed)
 
 
-def predict(
-    run_logits: RunLogits,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    *,
-    batch_size: int = 32,
-    max_length: int = 128,
-    input_names: Collection[str] | None = None,
-) -> np.ndarray:
-    """Predicted class ids (int64) in input order."""
-    logits = predict_logits(
-        run_logits, tokenizer, texts, batch_size=batch_size, max_length=max_length, input_names=input_names
-    )
-    return logits.argmax(axis=1).astype(np.int64)
+def load_teacher(spec: TuneSpec) -> tuple[nn.Module, Any, bool]:
+    """(model, tokenizer, new_head) for the spec's model, builtin names resolved.
+
+    A new classification head is initialised from the search seed, not from whatever state torch's global
+    generator is in: the same spec and seed then start from the same weights, so runs are reproducible and
+    the fine-tuned teacher's cache (keyed by the starting weights) hits on the next run instead of never.
+    """
+    model_spec = spec.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.search.seed)
+        loaded = load_classifier(resolve_model(model_spec.path), model_spec.num_labels,
+                                 trust_remote_code=model_spec.trust_remote_code, allow_pickle=model_spec.allow_pickle)
+    return loaded.model, loaded.tokenizer, loaded.new_head
 
 
-def evaluate(
-    run_logits: RunLogits,
-    tokenizer: PreTrainedTokenizerBase,
-    data: LabeledTexts,
-    *,
-    batch_size: int = 32,
-    max_length: int = 128,
-    input_names: Collection[str] | None = None,
-) -> EvalResult:
-    """Accuracy and macro-F1 of `run_logits` on `data`; the number of classes is the width of the logits."""
-    start = time.perf_counter()
-    logits = predict_logits(
-        run_logits, tokenizer, data.texts, batch_size=batch_size, max_length=max_length, input_names=input_names
-    )
-    num_labels = logits.shape[1]
-    if max(data.labels) >= num_labels:
-        raise ValueError(f"the data has label {max(data.labels)} but the model gives only {num_labels} logits")
-    preds = logits.argmax(axis=1)
-    result = EvalResult(
-        accuracy=accuracy(data.labels, preds),
-        macro_f1=macro_f1(data.labels, preds, num_labels),
-        n=len(data),
-        seconds=time.perf_counter() - start,
-    )
-    logger.info(
-        "evaluated %d rows: accuracy %.4f, macro-F1 %.4f in %.2fs",
-        result.n, result.accuracy, result.macro_f1, result.seconds,
-    )
-    return result
+@dataclass(frozen=True, eq=False)
+class TextClassification(TaskFamily):
+    """An encoder classifier ready for trials: the teacher, its cached logits on the tokenized training split."""
+
+    name: ClassVar[str] = "text-classification"
+    metric_name: ClassVar[str] = "accuracy"
+
+    model: nn.Module
+    tokenizer: Any
+    train: TokenizedData
+    logits: np.ndarray
+    splits: Splits
+    search_space: Space
+    spec: TuneSpec
+    fine_tuned: bool
+    metric: Metric | None = None
+
+    @classmethod
+    def load(cls, spec: TuneSpec) -> LoadedClassifierRun:
+        splits = load_splits(spec)
+        teacher, tokenizer, new_head = load_teacher(spec)
+        space = with_overrides(preset(spec.space.preset, shape_of(teacher)), spec.space.knobs)
+        return LoadedClassifierRun(teacher, tokenizer, new_head, splits, space)
+
+    @classmethod
+    def prepare(cls, loaded: LoadedClassifierRun, spec: TuneSpec, cache_dir: Path, progress: SilentProgress,
+                metric: Metric | None = None) -> "TextClassification":
+        """Fine-tune a new head (cached), then the teacher's logits on the training split (cached)."""
+        splits, training = loaded.splits, spec.training
+        train = tokenize(loaded.tokenizer, splits.train.texts, splits.train.labels, max_length=spec.data.max_length)
+        teacher = loaded.teacher
+        if loaded.new_head:
+            progress.note(f"fine-tuning the teacher's new classification head ({training.teacher_epochs} epochs; cached)")
+            teacher = finetune_teacher(teacher, train, epochs=training.teacher_epochs, lr=training.teacher_lr,
+                                       seed=spec.search.seed, batch_size=training.batch_size, cache_dir=cache_dir / "teachers",
+                                       progress=functools.partial(progress.training, "fine-tuning the teacher"))
+        logits = teacher_logits(teacher, train, cache_dir=cache_dir / "logits", teacher_fingerprint=state_fingerprint(teacher))
+        return cls(teacher, loaded.tokenizer, train, logits, splits, loaded.space, spec, loaded.new_head, metric)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.model
+
+    @property
+    def teacher_fine_tuned(self) -> bool:
+        return self.fine_tuned
+
+    @functools.cached_property
+    def teacher_shape(self) -> TeacherShape:
+        return shape_of(self.model)
+
+    @functools.cached_property
+    def cache_identity(self) -> tuple[str, ...]:
+        return (state_fingerprint(self.model), self.train.fingerprint())
+
+    @property
+    def space(self) -> Space:
+        return self.search_space
+
+    @property
+    def objective_name(self) -> str:
+        return self.metric_name if self.metric is None else getattr(self.metric, "__name__", "custom metric")
+
+    # -- the steps of a trial -------------------------------------------------------------------------------
+
+    def gate_vocab(self) -> int:
+        """Token embeddings the stand-in keeps (see GATE_VOCAB)."""
+        return min(int(self.model.config.vocab_size), GATE_VOCAB)
+
+    @property
+    def stand_in_identity(self) -> tuple[Any, ...]:
+        return (self.gate_vocab(),)
+
+    def stand_in(self, candidate: Candidate) -> nn.Module:
+        return shaped_like(self.model, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn,
+                           vocab_size=self.gate_vocab())
+
+    def deployed_size_bytes(self, stand_in: Artifact) -> int:
+        return full_table_size_bytes(stand_in.onnx_path, stand_in.size_bytes, self.gate_vocab(),
+                                     int(self.model.config.vocab_size))
+
+    def make_student(self, candidate: Candidate) -> nn.Module:
+        return make_student(self.model, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
+
+    def distil(self, student: nn.Module, *, epochs: int, lr: float, seed: int, pruning: PruningSchedule | None,
+               on_step: Steps | None = None) -> nn.Module:
+        training = self.spec.training
+        return distill(
+            student, None, self.train, epochs=epochs, lr=lr, temperature=training.temperature, alpha=training.alpha,
+            batch_size=training.batch_size, seed=seed, teacher_logits=self.logits, pruning_schedule=pruning,
+            progress=on_step,
+        ).model.eval()
+
+    def export(self, model: nn.Module, out_dir: Path) -> Artifact:
+        return export_artifact(model, self.tokenizer, out_dir)
+
+    def quantize(self, plain: Artifact, out_dir: Path, bits: int) -> Artifact:
+        return quantize_artifact(plain, out_dir, bits=bits)
+
+    def timing(self, artifact: Artifact, timing: Timing, providers: tuple[str, ...]) -> OnnxRequest:
+        return OnnxRequest(onnx_path=str(artifact.onnx_path), input_names=artifact.input_names,
+                           batch_size=timing.batch_size, seq_len=timing.seq_len, vocab_size=artifact.vocab_size,
+                           threads=timing.threads, providers=providers)
+
+    def split_size(self, split: str) -> int:
+        return len(getattr(self.splits, split))
+
+    def score(self, artifact: Artifact, split: str, timing: Timing) -> Score:
+        """Accuracy (and macro-F1) of the artifact, or the user's metric over its logits when one was given."""
+        data: LabeledTexts = getattr(self.splits, split)
+        runtime = OrtRuntime(artifact.onnx_path, threads=timing.threads, vocab_size=artifact.vocab_size, device=timing.device)
+        max_length = self.spec.data.max_length
+        if self.metric is None:
+            result = evaluate(runtime.run, self.tokenizer, data, max_length=max_length)
+            return Score(result.accuracy, {"macro_f1": result.macro_f1})
+        logits = predict_logits(runtime.run, self.tokenizer, data.texts, max_length=max_length)
+        return Score(float(self.metric(np.asarray(data.labels), logits)), {"macro_f1": None})

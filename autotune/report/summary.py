@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.planning import PREDICTED_SKIP
+from autotune.records import Stage
 from search_spaces import Candidate
 
 TARGET_SCALES = (0.5, 0.75, 1.5, 2.0)
@@ -16,7 +16,7 @@ TARGET_SCALES = (0.5, 0.75, 1.5, 2.0)
 
 def evaluated(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Trials with a measured accuracy (gate-rejected and failed trials have none)."""
-    return [t for t in result["trials"] if t["stage"] == "evaluated" and t["accuracy"] is not None]
+    return [t for t in result["trials"] if t["stage"] == Stage.EVALUATED and t["accuracy"] is not None]
 
 
 def architecture(candidate: dict[str, Any]) -> str:
@@ -72,7 +72,7 @@ class TargetOption:
 def closest_measured(trials: list[dict[str, Any]], count: int = 3) -> list[dict[str, Any]]:
     """The `count` trials with the lowest measured latency (predicted skips excluded): the nearest misses when
     nothing met the target."""
-    measured = [t for t in trials if t["latency_ms"] is not None and t["stage"] != PREDICTED_SKIP]
+    measured = [t for t in trials if t["latency_ms"] is not None and t["stage"] != Stage.PREDICTED_SKIP]
     return sorted(measured, key=lambda t: t["latency_ms"])[:count]
 
 

@@ -1,0 +1,106 @@
+"""What one trial measured, as values that travel: from the trial pipeline to the study's storage, the
+selection after the search, result.json and the report. A leaf module: it knows no tensor and no Optuna.
+
+`TrialOutcome` is what `TrialPipeline.run` returns; `TrialRecord` is one finished trial as the result keeps
+it (the outcome's figures plus the trial's number, state, worker and hardware). Both name the step a trial
+ended at with one `Stage`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+from typing import Any, Mapping
+
+from search_spaces import Candidate
+
+
+class Stage(str, Enum):
+    """Where a trial ended. A str, so that JSON (result.json, Optuna's user attributes) stores the value."""
+
+    PREDICTED_SKIP = "predicted-skip"  # predicted far over the target: not even gated
+    GATE = "gate"  # its shape, timed with random weights, was clearly over the target: no training spent
+    EVALUATED = "evaluated"  # trained, deployed, scored and timed
+    REFINED = "refined"  # a finalist trained longer after the search, then evaluated again
+    FAILED = "failed"  # raised; the error is recorded and the study went on
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """Everything one trial measured. `accuracy` is None when the trial never reached evaluation."""
+
+    candidate: Candidate
+    stage: Stage
+    feasible: bool
+    latency: dict[str, Any]
+    latency_ms: float
+    size_mb: float
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    achieved_sparsity: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    gate_cache_hit: bool = False
+    student_cache_hit: bool | None = None
+    artifact: str | None = None
+
+    def figures(self) -> dict[str, Any]:
+        """The measured figures by name (the candidate apart): what a trial stores and a record holds."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidate"}
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One finished trial (or one refinement of a finalist) as result.json and the report read it.
+
+    Figures a trial never reached are None; `accuracy` is None for a gate rejection, whose objective value in
+    the study is only a placeholder.
+    """
+
+    number: int
+    state: str
+    candidate: dict[str, Any] | None
+    stage: Stage | None
+    feasible: bool = False
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    latency_ms: float | None = None
+    latency: dict[str, Any] | None = None
+    size_mb: float | None = None
+    achieved_sparsity: float | None = None
+    seconds: dict[str, float] | None = None
+    gate_cache_hit: bool | None = None
+    student_cache_hit: bool | None = None
+    artifact: str | None = None
+    hardware_fingerprint: str | None = None
+    worker: str | None = None
+    error: str | None = None
+    epochs: int | None = None
+
+    @classmethod
+    def of(cls, number: int, outcome: TrialOutcome, **context: Any) -> "TrialRecord":
+        """A record of an outcome measured outside the study (a refinement), with its trial's number."""
+        return cls(number=number, state="COMPLETE", candidate=outcome.candidate.to_dict(), **outcome.figures(), **context)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrialRecord":
+        """A record read back from result.json (keys it does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("stage") is not None:
+            values["stage"] = Stage(values["stage"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; `epochs` only where a refinement set it."""
+        data = asdict(self)
+        data["stage"] = None if self.stage is None else self.stage.value
+        if self.epochs is None:
+            del data["epochs"]
+        return data
+
+    def with_latency(self, latency_ms: float) -> "TrialRecord":
+        """The record with a re-measured latency at the target percentile."""
+        return replace(self, latency_ms=latency_ms)

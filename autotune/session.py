@@ -1,0 +1,203 @@
+"""Bootstrap of a run: spec + machine + data + teacher -> one frozen `Session`, ready for the study's trials.
+
+In order, so that every user mistake surfaces before a slow step: open the study on its storage (refusing to
+reuse one without `--resume`, or to mix hardware), read the data and the teacher and build the search space
+(the task family's `load`); then profile the machine at the target's threads; make the teacher ready and its
+targets cached (the family's `prepare`); export and measure the baseline (the teacher, fused fp32, in the
+target runtime); resolve a relative target against it; restrict the space to this machine; enqueue the
+anchors. `tune` and `work` (a worker) share all of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+
+from autotune.caches import cache_root
+from autotune.config import TuneSpec
+from autotune.progress import SilentProgress
+from autotune.records import TrialOutcome
+from autotune.runtime import Artifact
+from autotune.screening import LatencyScreen
+from autotune.study import (
+    Heartbeat, anchors, claim_hardware, enqueue_anchors, has_heartbeat, make_objective, open_storage, open_study,
+)
+from autotune.tasks import TaskFamily, Timing, family_for
+from autotune.trial import REMEASURE_ROUNDS, Target, TrialContext, TrialPipeline, time_artifact
+from profilers.cpu import probe_cpu
+from profilers.hardware import HardwareProfile, collect_profile, default_threads, with_throughput
+from profilers.latency import LatencyStats
+from profilers.predictor import Workload
+from search_spaces import Candidate, Removal, Space, restrict_to_hardware
+
+#: The study attribute that keeps a relative target once resolved (see `resolved_target_ms`).
+TARGET_ATTR = "target_latency_ms"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The uncompressed teacher exported the standard way (fused fp32), measured in this run."""
+
+    artifact: Artifact
+    latency: LatencyStats
+    validation: float
+
+
+@dataclass(frozen=True)
+class Session:
+    """A study opened on its storage and a trial pipeline ready to run it: what tune() and work() share."""
+
+    spec: TuneSpec
+    run_dir: Path
+    storage: str
+    study: optuna.Study
+    profile: HardwareProfile
+    pipeline: TrialPipeline
+    baseline: Baseline
+    space: Space
+    removals: tuple[Removal, ...]
+    objective: Callable[[optuna.Trial], list[float]]
+    poll_s: float | None
+
+    @property
+    def task(self) -> TaskFamily:
+        return self.pipeline.ctx.task
+
+    @property
+    def target(self) -> Target:
+        return self.pipeline.ctx.target
+
+
+def default_storage(run_dir: Path) -> str:
+    """A run's own SQLite study, beside its result."""
+    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def resolved_threads(spec: TuneSpec) -> int:
+    """The target's threads: the spec's number, or all physical cores for "auto"."""
+    return default_threads(probe_cpu()) if spec.target.threads == "auto" else int(spec.target.threads)
+
+
+def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, out_dir: Path) -> Baseline:
+    """Export the teacher the standard way under `out_dir`/baseline and measure it: of `REMEASURE_ROUNDS`
+    measurements, the one with the median target percentile.
+
+    A relative target is this figure divided by the speedup, so one unlucky measurement on a shared machine
+    would move every feasibility decision of the run; the median round keeps a consistent set of percentiles.
+    """
+    plain = task.export(task.teacher, out_dir / ".baseline-fp32")
+    shutil.rmtree(out_dir / "baseline", ignore_errors=True)
+    artifact = task.quantize(plain, out_dir / "baseline", 32)
+    shutil.rmtree(plain.dir, ignore_errors=True)
+    rounds = sorted((time_artifact(task, timing, artifact) for _ in range(REMEASURE_ROUNDS)),
+                    key=lambda stats: stats.percentile_ms(percentile))
+    return Baseline(artifact, rounds[len(rounds) // 2], task.score(artifact, "validation", timing).objective)
+
+
+def resolved_target_ms(study: optuna.Study, spec: TuneSpec, baseline_ms: float, progress: SilentProgress) -> float:
+    """The target in ms: absolute from the spec, or the baseline / speedup, resolved once per study.
+
+    A resumed study keeps the target its first run resolved: its finished trials' constraints were computed
+    against it, and a baseline re-measured on a shared machine can differ by tens of percent.
+    """
+    t = spec.target
+    if t.latency_ms is not None:
+        return t.latency_ms
+    stored = study.user_attrs.get(TARGET_ATTR)
+    if stored is not None:
+        progress.note(f"resumed study: keeping its target of {stored:.2f} ms (this run's baseline / {t.speedup:g} "
+                      f"would be {baseline_ms / t.speedup:.2f} ms)")
+        return float(stored)
+    target_ms = baseline_ms / t.speedup
+    study.set_user_attr(TARGET_ATTR, target_ms)
+    return target_ms
+
+
+def latency_screen(spec: TuneSpec, profile: HardwareProfile, task: TaskFamily, baseline: Baseline) -> LatencyScreen | None:
+    """The predictor that skips hopeless gates (CPU targets, unless the spec turns it off), seeded with the
+    baseline's latency."""
+    t = spec.target
+    if spec.search.skip_predicted_over is None or t.device != "cpu":
+        return None
+    screen = LatencyScreen(profile, Workload(t.batch_size, t.seq_len), t.percentile, spec.search.skip_predicted_over)
+    screen.observe(task.teacher_shape.as_candidate(32), baseline.latency)
+    return screen
+
+
+@dataclass(frozen=True)
+class OpenedStudy:
+    """The study on its storage, and the machine's fingerprint it was claimed for."""
+
+    storage: str
+    study: optuna.Study
+    created: bool
+    poll_s: float | None  # how often a worker looks for stale trials (storages with a heartbeat)
+    probed: HardwareProfile  # this machine's facts, throughput not yet measured
+
+
+def open_search(spec: TuneSpec, run_dir: Path, threads: int, *, resume: bool, join: bool, study_name: str | None,
+                allow_mixed_hardware: bool) -> OpenedStudy:
+    """Open (or join) the study, refusing a reused study without `resume` and other hardware unless allowed."""
+    storage = spec.search.storage or default_storage(run_dir)
+    heartbeat = Heartbeat(interval_s=spec.search.heartbeat_s, grace_s=3 * spec.search.heartbeat_s)
+    backend = open_storage(storage, heartbeat)
+    study, created = open_study(study_name or spec.name, backend, spec.search.sampler, spec.search.seed,
+                                spec.search.minimize_size, resume or join)
+    probed = collect_profile(threads, microbench=False)  # the fingerprint now; throughput after the cheap checks
+    claim_hardware(study, probed.fingerprint, allow_mixed_hardware)
+    return OpenedStudy(storage, study, created, heartbeat.interval_s if has_heartbeat(backend) else None, probed)
+
+
+def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, study_name: str | None,
+                  allow_mixed_hardware: bool, progress: SilentProgress, metric: object, baseline_dir: Path) -> Session:
+    """Open the study and get everything a trial needs ready (the module docstring gives the order).
+
+    `join` (a worker): load the study whatever it holds, and leave the anchors to the worker that created it,
+    so workers starting together enqueue them once. The baseline is exported under `baseline_dir`.
+    """
+    threads = resolved_threads(spec)
+    opened = open_search(spec, run_dir, threads, resume=resume, join=join, study_name=study_name,
+                         allow_mixed_hardware=allow_mixed_hardware)
+    family = family_for(spec.model.task)
+    loaded = family.load(spec)
+    progress.note(f"profiling this machine at {threads} threads")
+    profile = with_throughput(opened.probed, quick=True)
+    cache = cache_root()
+    task = family.prepare(loaded, spec, cache, progress, metric)
+    t = spec.target
+    progress.note("measuring the baseline (teacher, fused fp32)")
+    baseline = measure_baseline(task, Timing(t.batch_size, t.seq_len, threads, t.device), t.percentile, baseline_dir)
+    baseline_ms = baseline.latency.percentile_ms(t.percentile)
+    target = Target(resolved_target_ms(opened.study, spec, baseline_ms, progress), t.percentile, t.batch_size,
+                    t.seq_len, threads, t.runtime, t.device)
+    ctx = TrialContext(task=task, target=target, fingerprint=profile.fingerprint, training=spec.training,
+                       seed=spec.search.seed, cache_dir=cache, artifacts_dir=run_dir / "artifacts", reference_ms=baseline_ms)
+    pipeline = TrialPipeline(ctx, screen=latency_screen(spec, profile, task, baseline))
+    space, removals = restrict_to_hardware(task.space, profile, t.runtime, t.device)
+    for removal in removals:
+        progress.note(f"search space: {removal.knob}={removal.value} removed: {removal.reason}")
+    if opened.created or not join:
+        enqueue_anchors(opened.study, space, anchors(task.teacher_shape, space, spec.search.trials))
+    objective = make_objective(space, run_once_per_candidate(pipeline, progress), target.latency_ms, profile.fingerprint,
+                               spec.search.minimize_size, spec.search.trials, on_start=progress.trial_started)
+    progress.note(f"target: p{t.percentile:g} <= {target.latency_ms:.2f} ms at batch {t.batch_size}, seq {t.seq_len}, "
+                  f"{threads} threads ({t.runtime}, {t.device}); baseline p{t.percentile:g} {baseline_ms:.2f} ms")
+    return Session(spec=spec, run_dir=run_dir, storage=opened.storage, study=opened.study, profile=profile,
+                   pipeline=pipeline, baseline=baseline, space=space, removals=removals, objective=objective,
+                   poll_s=opened.poll_s)
+
+
+def run_once_per_candidate(pipeline: TrialPipeline, progress: SilentProgress) -> Callable[[Candidate], TrialOutcome]:
+    """The pipeline's run with its progress callbacks; a sampler may propose a candidate twice, and it is
+    measured once per run."""
+    @functools.cache
+    def evaluate(candidate: Candidate) -> TrialOutcome:
+        return pipeline.run(candidate, on_step_name=progress.stage,
+                            on_step=functools.partial(progress.training, "distilling"))
+
+    return evaluate

@@ -1,0 +1,160 @@
+"""A task family: everything that differs between, say, an encoder classifier and a causal LM, behind one
+interface, so that the study, the selection, result.json and the report never see which one runs.
+
+The life of a task family in a run, in the order the calls come:
+
+1. `load(spec)` (a classmethod) reads the user's data and the teacher, and builds the search space from the
+   teacher's shape. It is cheap and strict: every user mistake surfaces here, before any slow step.
+2. `prepare(loaded, spec, cache_dir, progress, metric)` makes the teacher ready (fine-tunes a new head, for a
+   classifier) and computes its targets on the training split once (logits; top-k next-token distributions),
+   cached on disk. The family instance it returns is the run's: frozen facts plus what trials read.
+3. Per trial, `TrialPipeline` calls `stand_in` (the candidate's shape with random weights, for the gate),
+   `make_student` and `distil` (the student, initialised from the teacher and trained on its targets),
+   `export` and `quantize` (the deployable artifact), `timing` (how the artifact is timed in a child process)
+   and `score` (what "accuracy" means, measured on the artifact in the target runtime).
+
+`autotune.tasks.family_for(model.task)` chooses the family class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from torch import nn
+
+from autotune.runtime import Artifact
+from profilers.isolated import OnnxRequest
+from search_spaces import Candidate, Space, TeacherShape
+
+if TYPE_CHECKING:
+    from autotune.compress import PruningSchedule
+    from autotune.config import TuneSpec
+    from autotune.progress import SilentProgress
+
+#: Training progress: (step, total steps, loss).
+Steps = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class Score:
+    """A model's quality on one split: `objective` is what the study maximises (accuracy, or the user's metric);
+    `extras` are figures reported beside it (macro-F1)."""
+
+    objective: float
+    extras: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How an artifact is timed: the batch, sequence length, threads and device of the target."""
+
+    batch_size: int
+    seq_len: int
+    threads: int
+    device: str
+
+
+class TaskFamily(ABC):
+    """One task family bound to one run's teacher and data (see the module docstring for the order of calls)."""
+
+    #: The `model.task` value that selects this family.
+    name: ClassVar[str]
+    #: What `score(...).objective` is called in reports when no user metric replaces it.
+    metric_name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: TuneSpec) -> Any:
+        """The run's raw inputs (teacher, data, space), read and checked; cheap, and strict about user mistakes."""
+
+    @classmethod
+    @abstractmethod
+    def prepare(cls, loaded: Any, spec: TuneSpec, cache_dir: Path, progress: SilentProgress,
+                metric: Any = None) -> "TaskFamily":
+        """The family ready for trials: the teacher made ready and its targets on the training split computed."""
+
+    # -- facts of the run ---------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def teacher(self) -> nn.Module:
+        """The model being compressed, ready (fine-tuned where its head was new)."""
+
+    @property
+    @abstractmethod
+    def teacher_fine_tuned(self) -> bool:
+        """Whether `prepare` trained the teacher (a new head) before the search, as the result records."""
+
+    @property
+    @abstractmethod
+    def teacher_shape(self) -> TeacherShape:
+        """The teacher's architecture: the upper bound of every architecture knob."""
+
+    @property
+    @abstractmethod
+    def cache_identity(self) -> tuple[str, ...]:
+        """What a trained student depends on besides its own knobs (teacher weights, training data)."""
+
+    @property
+    @abstractmethod
+    def space(self) -> Space:
+        """The search space of the spec, derived from the teacher's shape (before the hardware rules)."""
+
+    @property
+    @abstractmethod
+    def objective_name(self) -> str:
+        """What the objective is called in reports: the task's metric, or the user's metric's name."""
+
+    def is_teacher(self, candidate: Candidate) -> bool:
+        """Whether the candidate is the teacher's own shape, dense: nothing to train."""
+        s = self.teacher_shape
+        return (candidate.layers, candidate.hidden, candidate.heads, candidate.ffn) == (s.layers, s.hidden, s.heads, s.ffn) \
+            and candidate.sparsity == 0.0
+
+    # -- the steps of a trial -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def stand_in(self, candidate: Candidate) -> nn.Module:
+        """The candidate's shape with random weights: what the latency gate times (latency depends on shape)."""
+
+    @property
+    @abstractmethod
+    def stand_in_identity(self) -> tuple[Any, ...]:
+        """What a stand-in depends on besides the candidate's shape: part of the gate's cache key."""
+
+    @abstractmethod
+    def deployed_size_bytes(self, stand_in: Artifact) -> int:
+        """The size on disk the trained candidate will have, read off its stand-in's artifact."""
+
+    @abstractmethod
+    def make_student(self, candidate: Candidate) -> nn.Module:
+        """The candidate's student, initialised from the teacher (layers and widths kept by importance)."""
+
+    @abstractmethod
+    def distil(self, student: nn.Module, *, epochs: int, lr: float, seed: int, pruning: PruningSchedule | None,
+               on_step: Steps | None = None) -> nn.Module:
+        """`student` trained on the teacher's targets, sparsified along `pruning` (None: kept dense)."""
+
+    @abstractmethod
+    def export(self, model: nn.Module, out_dir: Path) -> Artifact:
+        """The model as a plain fp32 ONNX artifact directory (what every bit width is derived from)."""
+
+    @abstractmethod
+    def quantize(self, plain: Artifact, out_dir: Path, bits: int) -> Artifact:
+        """The deployable `bits`-wide artifact of a plain export."""
+
+    @abstractmethod
+    def timing(self, artifact: Artifact, timing: Timing, providers: tuple[str, ...]) -> OnnxRequest:
+        """How the artifact is timed in a child process at the target's shape."""
+
+    @abstractmethod
+    def split_size(self, split: str) -> int:
+        """How many examples `split` ("train", "validation", "test") holds; an empty test split is not scored."""
+
+    @abstractmethod
+    def score(self, artifact: Artifact, split: str, timing: Timing) -> Score:
+        """The artifact's quality on `split` ("validation" or "test"), run in the target runtime."""
+
