@@ -1,4 +1,4 @@
-"""Live progress of a tuning run (rich): trials done/total, the running trial's stage, the best feasible
+"""Live progress of a tuning run (rich): trials done/total, the running trial's step, the best feasible
 configuration so far, gate rejections, elapsed time and ETA. The API gets a silent one by default.
 """
 
@@ -24,7 +24,7 @@ class SilentProgress:
 
     def start(self, total: int, done: int, target_ms: float) -> None: ...
     def trial_started(self, number: int, candidate: Candidate) -> None: ...
-    def stage(self, name: str) -> None: ...
+    def step(self, name: str) -> None: ...
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
     def note(self, message: str) -> None:
         log.info(message)
@@ -68,7 +68,7 @@ class TuneProgress(SilentProgress):
         self.running = f"#{number} {candidate.layers}x{candidate.hidden} {candidate.bits}b s{candidate.sparsity:g}"
         self._refresh()
 
-    def stage(self, name: str) -> None:
+    def step(self, name: str) -> None:
         self.running = f"{self.running.split(':')[0]}: {name}"
         self._refresh()
 

@@ -197,7 +197,7 @@ def run_once_per_candidate(pipeline: TrialPipeline, progress: SilentProgress) ->
     measured once per run."""
     @functools.cache
     def evaluate(candidate: Candidate) -> TrialOutcome:
-        return pipeline.run(candidate, on_step_name=progress.stage,
+        return pipeline.run(candidate, on_step_name=progress.step,
                             on_step=functools.partial(progress.training, "distilling"))
 
     return evaluate
