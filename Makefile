@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.autotune-installed
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast demo clean
 
 install: $(STAMP)
 	@$(BIN)/python -c "import autotune, profilers, search_spaces" && echo "autotune environment ready in $(VENV)"
@@ -23,9 +23,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $(STAMP)
 
 # pytest exits 5 when it collected nothing: a suite that runs no test is a failure, said plainly.
+# `make test` runs every tier; `make test-fast` leaves out the tests marked slow (end-to-end studies, worker
+# processes, whole-model exports, microbenchmarks): under 2 minutes on 2 cores.
 test: install
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+test-fast: install
+	@$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; fi; exit $$rc
 
 # `make demo QUICK=1`: a 2,500-row subset and 8 trials (minutes); the full demo runs the spec as written.
 # --resume: running the demo again continues its study up to the spec's trial budget, reusing the cached

@@ -99,6 +99,7 @@ def train_briefly(seconds: float, threads: int) -> None:
         torch.set_num_threads(previous)
 
 
+@pytest.mark.slow
 def test_latency_after_training_equals_a_fresh_process(bert_onnx: tuple[Path, tuple[str, ...]]) -> None:
     path, names = bert_onnx
     request = request_for(path, names)

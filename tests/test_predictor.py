@@ -224,6 +224,7 @@ def run_dir_with(tmp_path: Path, profile_text: str) -> tuple[Path, Path]:
     return tmp_path / "run", tmp_path / "profile.json"
 
 
+@pytest.mark.slow
 def test_plan_refuses_a_foreign_schema_profile_in_one_sentence(tmp_path: Path) -> None:
     run_dir, bad = run_dir_with(tmp_path, '{"schema_version": 7}')
     done = subprocess.run([sys.executable, "-m", "autotune", "plan", str(run_dir), "--hardware", str(bad)],

@@ -70,6 +70,7 @@ def test_cache_size_parsing() -> None:
         parse_cache_size("lots")
 
 
+@pytest.mark.slow
 def test_quick_microbench_measures_positive_figures_with_methods(quick: HardwareProfile) -> None:
     bench = quick.microbench
     assert bench is not None and bench.threads == quick.threads
@@ -88,6 +89,7 @@ def test_quick_microbench_measures_positive_figures_with_methods(quick: Hardware
         bench.elementwise_gbps)
 
 
+@pytest.mark.slow
 def test_rounds_keep_each_figures_geometric_mean_and_every_rounds_value(quick: HardwareProfile) -> None:
     bench = quick.microbench
     assert bench is not None
@@ -113,6 +115,7 @@ def test_rounds_keep_each_figures_geometric_mean_and_every_rounds_value(quick: H
     assert HardwareProfile.from_json(two.to_json()) == two
 
 
+@pytest.mark.slow
 def test_rounds_wait_the_interval_between_them_only(quick: HardwareProfile, monkeypatch: pytest.MonkeyPatch) -> None:
     import profilers.hardware as hardware
 
@@ -128,6 +131,7 @@ def test_rounds_wait_the_interval_between_them_only(quick: HardwareProfile, monk
     assert profile.microbench.methods["fp32_chain_gflops"].round_values == (90.0, 110.0, 100.0)  # every round kept
 
 
+@pytest.mark.slow
 def test_json_names_that_other_parts_rely_on(quick: HardwareProfile) -> None:
     data = json.loads(quick.to_json())
     assert data["schema_version"] == SCHEMA_VERSION
@@ -139,6 +143,7 @@ def test_json_names_that_other_parts_rely_on(quick: HardwareProfile) -> None:
     assert data["fingerprint"] == quick.fingerprint
 
 
+@pytest.mark.slow
 def test_json_round_trip_is_exact(quick: HardwareProfile, tmp_path: Path) -> None:
     assert HardwareProfile.from_json(quick.to_json()) == quick
     path = tmp_path / "box.json"
@@ -174,6 +179,7 @@ def test_bad_profiles_are_refused_in_one_sentence(text: str, fragment: str) -> N
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_edited_profile_fails_its_fingerprint_check(quick: HardwareProfile) -> None:
     data = quick.to_dict()
     data["cpu"]["logical_cores"] += 1

@@ -124,6 +124,7 @@ def feasible_run(feasible_spec: dict[str, Any], tmp_path_factory: pytest.TempPat
     return out
 
 
+@pytest.mark.slow
 def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     feasible_run: Path, feasible_spec: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -174,6 +175,7 @@ def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     assert accuracy == pytest.approx(recommended["accuracy"]["validation"])
 
 
+@pytest.mark.slow
 def test_api_and_cli_agree_for_the_same_spec_and_seed(
     feasible_run: Path, feasible_spec: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -197,6 +199,7 @@ def test_api_and_cli_agree_for_the_same_spec_and_seed(
 
 # -- an impossible target: the real command, exit 3, and no training at all -----------------------------
 
+@pytest.mark.slow
 def test_impossible_target_exits_3_without_training(teacher_dir: Path, data_csv: Path, tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "spec.yaml", make_spec(teacher_dir, data_csv, latency_ms=IMPOSSIBLE_MS, trials=3))
     out = tmp_path / "run"
@@ -214,6 +217,7 @@ def test_impossible_target_exits_3_without_training(teacher_dir: Path, data_csv:
 
 # -- caches: one student for every bit width; a second run measures and trains nothing -------------------
 
+@pytest.mark.slow
 def test_same_shape_candidates_share_one_student_and_later_runs_hit_the_gate_cache(
     teacher_dir: Path, data_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -297,6 +301,7 @@ def test_the_gate_stand_in_size_scaled_to_the_full_token_table_matches_the_real_
 
 # -- resume ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_adds_trials_and_keeps_finished_ones(
     teacher_dir: Path, data_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -321,6 +326,7 @@ def test_resume_adds_trials_and_keeps_finished_ones(
     assert len(err.splitlines()) == 1 and "--resume" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_relative_target_its_first_run_resolved(teacher_dir: Path, data_csv: Path, tmp_path: Path) -> None:
     spec = make_spec(teacher_dir, data_csv, trials=1, knobs={"layers": [2], "hidden": [32], "heads": [4], "ffn": [64],
                                                               "sparsity": [0.0], "bits": [32, 8]})
@@ -336,6 +342,7 @@ def test_resume_keeps_the_relative_target_its_first_run_resolved(teacher_dir: Pa
 
 # -- a failing trial is recorded and the study goes on -----------------------------------------------------
 
+@pytest.mark.slow
 def test_failing_trial_is_recorded_and_the_study_goes_on(
     teacher_dir: Path, data_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -359,6 +366,7 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(
     assert result.recommended is not None and result.recommended["candidate"]["sparsity"] == 0.0
 
 
+@pytest.mark.slow
 def test_a_custom_metric_replaces_accuracy(teacher_dir: Path, data_csv: Path, tmp_path: Path) -> None:
     """tune(metric=f) optimises f(labels, logits); here a metric that is 1 - accuracy, so it must differ."""
     seen: list[tuple[int, int]] = []
@@ -455,6 +463,7 @@ def test_bad_input_is_one_sentence_and_exit_2(
 
 # -- hardware: a study keeps its first worker's fingerprint ------------------------------------------------
 
+@pytest.mark.slow
 def test_a_study_from_other_hardware_is_refused_unless_mixing_is_allowed_and_then_kept_apart(
     teacher_dir: Path, data_csv: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

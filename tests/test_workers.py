@@ -137,6 +137,7 @@ def assert_study_complete(trials: list[FrozenTrial], budget: int) -> None:
     assert all(t.user_attrs.get(WORKER_ATTR) for t in complete)
 
 
+@pytest.mark.slow
 def test_three_postgres_workers_finish_the_budget_and_a_killed_workers_trial_is_retried(
     postgres_url: str, env: dict[str, str], tiny_bert_dir: Path, synthetic_csv: Path, tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
@@ -183,6 +184,7 @@ def optuna_password(url: str) -> str:
     return str(password)
 
 
+@pytest.mark.slow
 def test_four_processes_share_a_journal_file(env: dict[str, str], tiny_bert_dir: Path, synthetic_csv: Path,
                                              tmp_path: Path) -> None:
     budget = 8
@@ -202,6 +204,7 @@ def test_four_processes_share_a_journal_file(env: dict[str, str], tiny_bert_dir:
     assert all(" of 8 trials finished" in " ".join(w.output().split()) for w in workers)
 
 
+@pytest.mark.slow
 def test_tune_resumes_after_sigint_and_after_sigkill(env: dict[str, str], tiny_bert_dir: Path, synthetic_csv: Path,
                                                      tmp_path: Path) -> None:
     budget = 3
@@ -255,6 +258,7 @@ def _hammer_dir(root: str, seed: int) -> None:
         publish_dir(staging, Path(root) / "entry")
 
 
+@pytest.mark.slow
 def test_concurrent_cache_writers_leave_whole_entries(tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
     entry = tmp_path / "gate.json"
