@@ -51,6 +51,8 @@ def resolve_model(path: str) -> str:
 
 
 def vader_csv_path() -> Path:
+    """Where `autotune fetch` writes the VADER CSV: under the cache root, so it is downloaded once per machine and
+    shared by every run and worker there."""
     return cache_root() / "data" / VADER_CSV
 
 
@@ -97,6 +99,8 @@ def extract_vader(sdist: Path) -> bytes:
 
 
 def write_rows_csv(rows: list[tuple[str, int]], path: Path) -> None:
+    """Write (text, label) rows as the CSV `load_labeled_texts` reads, through a temporary file renamed into place, so
+    an interrupted fetch never leaves a partial file that `resolve_data` would take for a finished one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:

@@ -37,6 +37,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def one_sentence(exc: BaseException) -> str:
+    """An exception's message on one line, ending in a period: the CLI promises one sentence per user error, whatever
+    line breaks the raising library put in it."""
     text = " ".join(str(exc).split())
     return text if text.endswith(".") else text + "."
 
@@ -45,6 +47,7 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one sentence (no usage dump, no traceback) and exits 2."""
 
     def error(self, message: str) -> NoReturn:
+        """Report a bad argument as one sentence pointing at --help and exit 2, instead of argparse's usage dump."""
         sys.stderr.write(f"{self.prog}: error: {message}. See '{self.prog} --help'.\n")
         sys.exit(EXIT_USAGE)
 
@@ -119,6 +122,8 @@ def shown_argument(arg: str) -> str:
 
 
 def shown_command(words: Sequence[str]) -> str:
+    """Words as a shell would read them back (quoted), storage passwords hidden: what result.json records and the resume
+    hint prints."""
     import shlex
 
     return " ".join(shlex.quote(shown_argument(w)) for w in words)
@@ -256,6 +261,8 @@ def build_parser() -> Parser:
 
 
 def run_profile(args: argparse.Namespace) -> int:
+    """`autotune profile`: measure this machine and print the profile as a table or JSON, or write it with -o for
+    `autotune plan --hardware` elsewhere."""
     from autotune.display import profile_table
     from profilers import collect_profile
 
@@ -282,6 +289,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    """`autotune report`: render the report again from result.json alone, so a finished run can be reported without
+    re-running it."""
     from autotune.report import write_report
     from autotune.report.summary import one_line_answer
     from autotune.result import load_result
@@ -294,6 +303,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    """`autotune plan`: predict the run's configurations on other machines' profiles, keep the predictions in
+    result.json and re-render the report; every profile is read before anything is written."""
     from autotune.plan import plan_for
     from autotune.report.summary import describe
     from autotune.report.predicted import threads_text
@@ -320,6 +331,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
+    """`autotune fetch`: download the builtin dataset once and check the builtin model's package, so the demo needs no
+    network after it."""
     from autotune.builtin import MINILM, VADER, fetch_vader, resolve_model
 
     path = fetch_vader(force=args.force)
@@ -333,6 +346,8 @@ EXIT_INTERRUPTED = 130
 
 
 def spec_with_assignments(args: argparse.Namespace) -> Any:
+    """The spec file with every --set override merged in order and validated as one spec, so a bad override is reported
+    like a bad file."""
     from autotune.config import deep_merge, load_spec
 
     overrides: dict = {}
@@ -351,6 +366,8 @@ def resume_hint(args: argparse.Namespace) -> str:
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    """`autotune tune`: run the study with live progress and print the answer; the exit status tells scripts whether
+    something was recommended (0), nothing met the target (3) or the run was interrupted (130)."""
     from rich.console import Console
 
     from autotune.api import tune
@@ -378,6 +395,8 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    """`autotune worker`: run a shared study's trials in this process, then say how to write the result once the budget
+    is reached."""
     from rich.console import Console
 
     from autotune.api import work
@@ -414,6 +433,8 @@ def quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `autotune` and `python -m autotune`: run the subcommand, turning user errors into one sentence and
+    exit status 2 while a bug keeps its traceback."""
     args = build_parser().parse_args(argv)
     if args.command in ("tune", "worker"):
         quiet_libraries()

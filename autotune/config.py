@@ -25,10 +25,16 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
+    """Base of every spec section: an unknown key is an error, since a typo silently ignored would run something other
+    than what was asked, and a parsed spec is frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSpec(Strict):
+    """The teacher: where it comes from, its task family and label count; remote code and pickled weights are opt-in
+    because either can run code on load."""
+
     path: str = Field(description="a local model directory, or builtin:all-MiniLM-L6-v2")
     task: Literal["text-classification"] = "text-classification"
     num_labels: int = Field(2, ge=2)
@@ -37,6 +43,9 @@ class ModelSpec(Strict):
 
 
 class SplitSpec(Strict):
+    """How the data is cut into train/validation/test: seeded, so a resumed or shared study scores every trial on the
+    same rows, and leaving at least 10% for training."""
+
     validation: float = Field(0.1, gt=0, lt=1)
     test: float = Field(0.1, gt=0, lt=1)
     seed: int = 0
@@ -49,6 +58,9 @@ class SplitSpec(Strict):
 
 
 class DataSpec(Strict):
+    """The labelled data file and how to read it; `max_length` is the truncation training and scoring share, `limit` a
+    stratified subset for quick runs."""
+
     path: str
     text_column: str = "text"
     label_column: str = "label"
@@ -58,6 +70,10 @@ class DataSpec(Strict):
 
 
 class TargetSpec(Strict):
+    """The latency constraint and exactly how it is measured: a latency means nothing without its percentile, batch,
+    sequence length, threads, runtime and device, so they travel with it into result.json. Exactly one of an absolute
+    `latency_ms` or a `speedup` over the baseline measured on this machine."""
+
     latency_ms: float | None = Field(None, gt=0)
     speedup: float | None = Field(None, gt=1, description="baseline latency / speedup, resolved on this machine")
     percentile: float = Field(95, gt=0, le=100)
@@ -98,11 +114,17 @@ class TargetSpec(Strict):
 
 
 class SpaceSpec(Strict):
+    """The search space: a preset derived from the teacher's shape plus per-knob overrides, so a spec names only what
+    differs from the preset."""
+
     preset: str = "bert-default"
     knobs: dict[str, Any] = Field(default_factory=dict)
 
 
 class SearchSpec(Strict):
+    """How the study runs: sampler, trial budget, storage (which workers share), seed, objectives, and when the latency
+    predictor may skip a gate."""
+
     sampler: SamplerName = "nsga2"
     trials: int = Field(20, ge=1)
     timeout_min: float | None = Field(None, gt=0)
@@ -116,7 +138,7 @@ class SearchSpec(Strict):
 
 
 class TrainingSpec(Strict):
-    """How students are distilled. Defaults are sized for 2 CPU cores: short, length-bucketed epochs."""
+    """How students are distilled. Defaults are sized for a few CPU cores: short, length-bucketed epochs."""
 
     epochs: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -132,6 +154,9 @@ class TrainingSpec(Strict):
 
 
 class TuneSpec(Strict):
+    """One tuning run as the YAML file, the Python API and the CLI all express it: one validated model, so the three
+    accept and refuse the same specs."""
+
     name: str = Field(min_length=1)
     model: ModelSpec
     data: DataSpec

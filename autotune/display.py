@@ -29,6 +29,8 @@ def _section(title: str, rows: list[tuple[str, str]]) -> Table:
 
 
 def profile_table(profile: HardwareProfile) -> Group:
+    """A hardware profile as rich tables, each measured figure beside how it was measured (engine, shape, threads,
+    rounds), so a reader can judge a figure rather than trust a bare number."""
     cpu, mem, sw = profile.cpu, profile.memory, profile.software
     freq = f"{cpu.max_frequency_mhz:.0f} MHz max" if cpu.max_frequency_mhz else "max unknown"
     if cpu.current_frequency_mhz:

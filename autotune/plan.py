@@ -54,11 +54,16 @@ class PlannedConfig:
 
     @property
     def headroom(self) -> float | None:
+        """How far under the target the predicted latency lies, as a fraction of the target (negative: over); None when
+        the bit width is not modelled."""
         return None if self.prediction is None else 1.0 - self.prediction.latency_ms / self.target_ms
 
 
 @dataclass(frozen=True)
 class MachinePlan:
+    """One machine's plan: the run's configurations predicted on its profile, with what the prediction rests on
+    (calibration points, whether it is the run's own machine), as `autotune plan` stores it."""
+
     source: str
     fingerprint: str
     machine: str
@@ -80,6 +85,8 @@ class MachinePlan:
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON form kept under result.json's `plans`, marked predicted and carrying its verdicts, so
+        `autotune report` re-renders it without the profiles."""
         return {
             "source": self.source, "fingerprint": self.fingerprint, "machine": self.machine, "threads": self.threads,
             "percentile": self.percentile, "target_ms": self.target_ms, "calibration_points": self.calibration_points,

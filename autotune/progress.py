@@ -22,16 +22,33 @@ log = logging.getLogger(__name__)
 class SilentProgress:
     """The interface TuneProgress implements, doing nothing: for library use and tests."""
 
-    def start(self, total: int, done: int, target_ms: float) -> None: ...
-    def trial_started(self, number: int, candidate: Candidate) -> None: ...
-    def step(self, name: str) -> None: ...
-    def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None: ...
+    def start(self, total: int, done: int, target_ms: float) -> None:
+        """The study begins: `total` trials in its budget, `done` already finished (a resumed or shared study)."""
+        ...
+
+    def trial_started(self, number: int, candidate: Candidate) -> None:
+        """A trial of this process starts on `candidate`."""
+        ...
+
+    def step(self, name: str) -> None:
+        """The running trial entered a step ("gate", "training", "evaluating"), so a long trial shows where it is."""
+        ...
+
+    def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's callback after each trial of this process, with the study for counts other workers moved."""
+        ...
+
     def note(self, message: str) -> None:
+        """A one-off message (a removed knob, a refinement); logged, so library users find it in their logs."""
         log.info(message)
 
-    def training(self, label: str, step: int, total: int, loss: float) -> None: ...
+    def training(self, label: str, step: int, total: int, loss: float) -> None:
+        """A training step of the teacher, a student or a finalist: (step, total steps, loss)."""
+        ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """The live part ends (called from a `finally`, so a failed study leaves no display running)."""
+        ...
 
 
 class TuneProgress(SilentProgress):
@@ -53,6 +70,7 @@ class TuneProgress(SilentProgress):
         self.target_ms = 0.0
 
     def start(self, total: int, done: int, target_ms: float) -> None:
+        """Open the live bar at the study's own count, since a resumed or joined study does not start at 0."""
         self.target_ms = target_ms
         self.progress.start()
         self.task = self.progress.add_task("", total=total, completed=done)
@@ -65,14 +83,18 @@ class TuneProgress(SilentProgress):
         self.progress.update(self.task, description=text)
 
     def trial_started(self, number: int, candidate: Candidate) -> None:
+        """Show the candidate in short form (layers x hidden, bits, sparsity) as the running trial."""
         self.running = f"#{number} {candidate.layers}x{candidate.hidden} {candidate.bits}b s{candidate.sparsity:g}"
         self._refresh()
 
     def step(self, name: str) -> None:
+        """Replace the running trial's step, keeping its number and candidate."""
         self.running = f"{self.running.split(':')[0]}: {name}"
         self._refresh()
 
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Count the outcome (failure, gate rejection, new best feasible accuracy) and move the bar to the study's
+        finished count; a surplus trial ran nothing and is ignored."""
         attrs = trial.user_attrs
         if attrs.get(SURPLUS_ATTR):
             return
@@ -89,6 +111,7 @@ class TuneProgress(SilentProgress):
         self._refresh()
 
     def note(self, message: str) -> None:
+        """Log above the bar, so a message does not tear the live display."""
         self.console.log(message)
 
     def training(self, label: str, step: int, total: int, loss: float) -> None:

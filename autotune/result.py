@@ -41,6 +41,7 @@ class TuneResult:
 
     @property
     def trials(self) -> list[dict[str, Any]]:
+        """Every trial measured on this machine as result.json records it, gate rejections and failures included."""
         return self.data["trials"]
 
     @property
@@ -51,20 +52,27 @@ class TuneResult:
 
     @property
     def recommended(self) -> dict[str, Any] | None:
+        """The recommended configuration with its artifact, or None when nothing met the target (`reason` then says
+        why)."""
         return self.data["recommended"]
 
     @property
     def reason(self) -> str | None:
+        """Why nothing was recommended, naming the nearest misses; None when something was."""
         return self.data.get("reason")
 
     @property
     def run_dir(self) -> Path:
+        """Where the run wrote result.json, model/ and the report."""
         return Path(self.data["run_dir"])
 
     def to_json(self) -> str:
+        """result.json's text; NaN is refused because strict JSON readers reject it."""
         return json.dumps(self.data, indent=2, allow_nan=False, default=str)
 
     def save(self, run_dir: str | os.PathLike[str]) -> Path:
+        """Write result.json into `run_dir` through a temporary file renamed into place, so a crash mid-write never
+        leaves a truncated result for `load_result`."""
         path = Path(run_dir) / RESULT_FILE
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(self.to_json() + "\n", encoding="utf-8")

@@ -34,6 +34,8 @@ MB = 1024 * 1024
 
 
 def model_shape(candidate: Candidate) -> ModelShape:
+    """A candidate as the predictor's ModelShape: shape and bits are all its cost model reads, since latency does not
+    depend on the weights' values."""
     return ModelShape(candidate.layers, candidate.hidden, candidate.heads, candidate.ffn, candidate.bits)
 
 
@@ -73,6 +75,8 @@ class LatencyScreen:
         self.predictor = Predictor.calibrate(self.machine, list(self.points.values()), self.percentile)
 
     def predict(self, candidate: Candidate) -> Prediction | None:
+        """The calibrated prediction for `candidate` on this machine, or None when the predictor cannot model it (e.g.
+        its bit width)."""
         try:
             return self.predictor.predict(model_shape(candidate), self.workload, self.machine)
         except PredictionError:

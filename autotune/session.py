@@ -66,10 +66,12 @@ class Session:
 
     @property
     def task(self) -> TaskFamily:
+        """The run's task family, reached through the pipeline that holds it, so there is one copy."""
         return self.pipeline.ctx.task
 
     @property
     def target(self) -> Target:
+        """The resolved target (a relative one already in ms) and how it is measured."""
         return self.pipeline.ctx.target
 
 

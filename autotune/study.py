@@ -94,6 +94,8 @@ def heartbeat_api() -> Iterator[None]:
 
 
 def worker_id() -> str:
+    """This process as host:pid, stored on every trial it runs, so a worker can find its own interrupted trials and the
+    result can say who ran what."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -131,10 +133,14 @@ def open_storage(url: str, heartbeat: Heartbeat) -> BaseStorage:
 
 
 def has_heartbeat(storage: BaseStorage) -> bool:
+    """Whether stale trials of this storage can be detected (RDB storages only); without a heartbeat a dead worker
+    cannot be told from a slow one."""
     return isinstance(storage, RDBStorage)
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The seeded Optuna sampler a spec names, with a small population and few random startup trials, since a study runs
+    tens of trials, not thousands."""
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if name == "tpe":
@@ -147,6 +153,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def directions(minimize_size: bool) -> list[str]:
+    """The objectives' directions: accuracy up, latency down, and size down when `minimize_size`."""
     return ["maximize", "minimize"] + (["minimize"] if minimize_size else [])
 
 
@@ -240,6 +247,7 @@ class BudgetUse:
 
     @property
     def claimed(self) -> int:
+        """Trials that hold or will hold a slot in the budget: no worker starts one beyond it."""
         return self.finished + self.running + self.waiting
 
 
@@ -249,10 +257,13 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 
 def uses_budget(trial: FrozenTrial, retried: set[int]) -> bool:
+    """Whether a trial counts against the budget: not a surplus trial (it ran nothing), nor a failed attempt Optuna
+    retried (its retry counts instead)."""
     return not trial.user_attrs.get(SURPLUS_ATTR) and not (trial.state == TrialState.FAIL and trial.number in retried)
 
 
 def budget_use(trials: Sequence[FrozenTrial]) -> BudgetUse:
+    """How a study's trials stand against its budget, counting only those that use it."""
     retried = retried_numbers(trials)
     counted = [t for t in trials if uses_budget(t, retried)]
     return BudgetUse(finished=sum(t.state in FINISHED for t in counted),
@@ -296,6 +307,8 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
 
 
 def objective_values(outcome: Any, minimize_size: bool) -> list[float]:
+    """The values Optuna optimises for an outcome; a gate rejection gets the placeholder accuracy, which `record` flags
+    so no report shows it as measured."""
     accuracy = outcome.accuracy if outcome.accuracy is not None else PLACEHOLDER_ACCURACY
     values = [accuracy, outcome.latency_ms]
     return values + [outcome.size_mb] if minimize_size else values
@@ -318,6 +331,8 @@ def make_objective(
     space: Space, evaluate: Callable[[Candidate], Any], target_ms: float, fingerprint: str, minimize_size: bool,
     budget: int, on_start: Callable[[int, Candidate], None] = lambda number, candidate: None,
 ) -> Callable[[optuna.Trial], list[float]]:
+    """The Optuna objective of a run: suggest a candidate, evaluate it, record the outcome. A trial started beyond the
+    budget is pruned before it runs anything, since several workers can start the last trial at once."""
     def objective(trial: optuna.Trial) -> list[float]:
         trial.set_user_attr(WORKER_ATTR, worker_id())
         if beyond_budget(trial.study, trial.number, budget):

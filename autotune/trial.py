@@ -270,6 +270,8 @@ class TrialPipeline:
         return time_artifact(self.ctx.task, self.ctx.target.timing, artifact, settings or self.ctx.measure_settings)
 
     def gate_path(self, candidate: Candidate) -> Path:
+        """Where the gate's measurement of a shape is cached: keyed by everything its latency depends on (shape, bits,
+        stand-in, runtime, target shape, threads, hardware) and by nothing trained."""
         t, task = self.ctx.target, self.ctx.task
         key = key_of("gate", candidate.shape_key, type(task.teacher).__name__, *task.stand_in_identity,
                      t.runtime, t.device, t.batch_size, t.seq_len, t.threads, self.ctx.fingerprint)
@@ -281,6 +283,8 @@ class TrialPipeline:
         return cached is not None and abs(cached / self.ctx.reference_ms - 1.0) <= GATE_CACHE_DRIFT
 
     def student_key(self, candidate: Candidate) -> str:
+        """The cache key of a candidate's trained student: everything its weights depend on (teacher, data,
+        architecture, sparsity, training settings, seed) but not bits, so one student serves every bit width."""
         # How finalists are refined afterwards does not change the searched student: left out of its key.
         return key_of("student", *self.ctx.task.cache_identity, candidate.student_key,
                       self.ctx.training.model_dump(exclude={"finalists", "refine_epochs"}), self.ctx.seed)

@@ -59,9 +59,12 @@ class TokenizedData:
 
     @property
     def lengths(self) -> tuple[int, ...]:
+        """Token count per example: what length-grouped batching sorts by."""
         return tuple(len(ids) for ids in self.input_ids)
 
     def fingerprint(self) -> str:
+        """A sha256 over truncation, token ids and labels: the data's part of the teacher-logit and fine-tuned-teacher
+        cache keys, so a changed dataset or max_length never reads a stale entry."""
         digest = hashlib.sha256(repr((self.max_length, self.input_ids, self.labels)).encode())
         return digest.hexdigest()
 

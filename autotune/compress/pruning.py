@@ -37,6 +37,8 @@ class Pattern:
 
     @property
     def structured(self) -> bool:
+        """Whether this is an N:M pattern, whose sparsity is fixed and local to each group, rather than an amount to
+        rank weights by."""
         return self.m is not None
 
     @property
@@ -46,6 +48,8 @@ class Pattern:
 
 
 def parse_pattern(pattern: str) -> Pattern:
+    """The `Pattern` of a pattern string, or a ValueError naming the accepted forms, so a typo fails before any
+    training."""
     if pattern == "unstructured":
         return Pattern()
     match = re.fullmatch(r"(\d+):(\d+)", pattern or "")

@@ -4,23 +4,23 @@ Quantization happens after training and after export ("train once, quantize many
 trained student yields every bit width the search asks for, so these are plain functions on ONNX files and
 `build_variant` is the single entry point a trial calls.
 
-Order: fuse first, then quantize. Measured on the tiny BERT with ORT 1.32: quantizing the unfused export
-first turns its MatMuls into DynamicQuantizeLinear/MatMulInteger chains that the fusion patterns no longer
-match (0 Attention, 0 EmbedLayerNormalization, 0 BiasGelu fused afterwards), so the int8 model would lose
-the fused kernels the fp32 baseline has. Quantizing the fused graph keeps them and lets ORT use its int8
-fused kernels (QAttention, QEmbedLayerNormalization). The catch is that ONNX's own shape inference cannot type
-the outputs of com.microsoft contrib ops, which makes the quantizers fail ("Unable to find data type for
-weight_name", dynamic) or silently skip every activation (static: only weights got Q/DQ). So the fused graph
-first goes through ORT's symbolic shape inference (`quant_pre_process`, which knows the contrib ops), and
+Order: fuse first, then quantize. Quantizing the unfused export first turns its MatMuls into
+DynamicQuantizeLinear/MatMulInteger chains that the fusion patterns no longer match (no Attention,
+EmbedLayerNormalization or BiasGelu is fused afterwards), so the int8 model would lose the fused kernels the
+fp32 baseline has. Quantizing the fused graph keeps them and lets ORT use its int8 fused kernels (QAttention,
+QEmbedLayerNormalization). The catch is that ONNX's own shape inference cannot type the outputs of
+com.microsoft contrib ops, which makes the quantizers fail ("Unable to find data type for weight_name",
+dynamic) or silently skip every activation (static: only weights got Q/DQ). So the fused graph first goes
+through ORT's symbolic shape inference (`quant_pre_process`, which knows the contrib ops), and
 `DefaultTensorType=FLOAT` stays as the quantizer's fallback for any tensor that is still untyped.
 
-int8 uses `reduce_range=True` (7-bit weights): on x86 without VNNI (this AVX2 box) the u8s8 kernel's 16-bit
-intermediate sums saturate with full-range per-channel weights; measured on the tiny BERT, per-channel int8
-logit error was 4.1e-3 at full range and 2.9e-4 with reduce_range.
+int8 uses `reduce_range=True` (7-bit weights): on x86 without VNNI the u8s8 kernel accumulates pairs of
+products in 16-bit intermediate sums, which full-range per-channel weights can saturate; reduce_range keeps
+them in range, at the cost of one bit of weight resolution.
 
 int4 is weight-only block-wise MatMulNBits on the fused graph's remaining MatMuls (attention output and the
-FFN: 9/12 of each layer's Linear weights); Q/K/V weights live inside the fused Attention node and stay fp32,
-the price of keeping the fused attention kernel.
+FFN: 9/12 of each layer's Linear weights when the FFN is 4x hidden); Q/K/V weights live inside the fused
+Attention node and stay fp32, the price of keeping the fused attention kernel.
 """
 
 from __future__ import annotations
@@ -104,10 +104,13 @@ class FeedsReader(CalibrationDataReader):
         self._batches: Iterator[dict[str, np.ndarray]] = ({n: np.asarray(f[n]) for n in names} for f in feeds)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next calibration feed dict, or None when exhausted (ORT's CalibrationDataReader protocol)."""
         return next(self._batches, None)
 
 
 def graph_input_names(onnx_path: PathLike) -> tuple[str, ...]:
+    """The inputs a caller must feed: graph inputs that are not initializers (an exporter may list weights as inputs
+    too), so calibration feeds only what the model takes."""
     model = onnx.load(os.fspath(onnx_path), load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
     return tuple(i.name for i in model.graph.input if i.name not in initializers)

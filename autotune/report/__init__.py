@@ -1,4 +1,5 @@
-"""The deployment planning report: planning logic (plan.py), the plot (plot.py), HTML and Markdown (render.py)."""
+"""The deployment planning report from result.json alone: figures derived from the result (summary.py), the
+plot (plot.py), `autotune plan`'s predicted sections (predicted.py), and HTML and Markdown (render.py)."""
 
 from autotune.report.render import build_report, write_report
 

@@ -16,6 +16,8 @@ from autotune.report.summary import evaluated, metric_name, pareto_trials, perce
 
 
 def accuracy_latency_png(result: dict[str, Any]) -> bytes:
+    """The plot as PNG bytes, so the Markdown report can write it beside itself and the HTML report can inline it; gate
+    rejections sit on the floor because they have a latency but no accuracy."""
     target_ms = result["target"]["latency_ms"]
     pct = percentile_name(result)
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)

@@ -22,6 +22,8 @@ VERDICTS = {
 
 
 def threads_text(threads: int) -> str:
+    """The thread count in words ("1 thread", "4 threads"): it is part of what a predicted latency means, so every
+    title and line states it."""
     return f"{threads} thread" + ("s" if threads != 1 else "")
 
 
@@ -39,6 +41,8 @@ def _row(config: dict[str, Any]) -> tuple[str, ...]:
 
 
 def machine_section(entry: dict[str, Any], metric: str) -> Section:
+    """One machine's section: its predicted answer, what the prediction rests on, and a table whose every header says
+    predicted, so no reader takes it for a measurement."""
     pct = f"p{entry['percentile']:g}"
     recommended = next((c for c in entry["configs"] if c["trial"] == entry["recommended_trial"]), None)
     if recommended is None:
@@ -61,4 +65,5 @@ def machine_section(entry: dict[str, Any], metric: str) -> Section:
 
 
 def predicted_sections(result: dict[str, Any]) -> list[Section]:
+    """A section per `autotune plan` entry in the result (none before a plan), placed after the measured sections."""
     return [machine_section(entry, summary.metric_name(result)) for entry in result.get("plans") or []]

@@ -141,6 +141,8 @@ def _cost_section(result: dict[str, Any]) -> Section:
 
 
 def build_report(result: dict[str, Any]) -> Report:
+    """The report's content from result.json alone, built once so the Markdown and HTML renderings cannot disagree; when
+    nothing met the target, that comes first, with the nearest misses."""
     sections = [
         _hardware_section(result),
         Section("Accuracy vs latency", (
@@ -171,6 +173,7 @@ def build_report(result: dict[str, Any]) -> Report:
 
 
 def to_markdown(report: Report) -> str:
+    """The report as Markdown, to read in a repository or a terminal; the plot is the PNG file beside it."""
     lines = [f"# {report.title}", "", f"**{report.answer}**", ""]
     for section in report.sections:
         lines += [f"## {section.title}", ""]
@@ -198,6 +201,8 @@ CSS = (
 
 
 def to_html(report: Report, plot_png: bytes) -> str:
+    """The report as one self-contained HTML file (plot inlined, CSS inline, no script) with every string escaped, so it
+    opens offline and a hostile run name shows as text."""
     esc = html.escape
     parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(report.title)}</title>"
              f"<style>{CSS}</style></head><body>", f"<h1>{esc(report.title)}</h1>", f"<p class=\"answer\">{esc(report.answer)}</p>"]

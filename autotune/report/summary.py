@@ -20,14 +20,18 @@ def evaluated(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def architecture(candidate: dict[str, Any]) -> str:
+    """A candidate's architecture in the report's short form (layers x hidden, heads, FFN), written one way in every
+    table."""
     return f"{candidate['layers']}x{candidate['hidden']} ({candidate['heads']}h, FFN {candidate['ffn']})"
 
 
 def sparsity_text(candidate: dict[str, Any]) -> str:
+    """A candidate's sparsity as the report shows it: "dense", or its fraction and pattern."""
     return "dense" if not candidate["sparsity"] else f"{candidate['sparsity']:.0%} {candidate['sparsity_pattern']}"
 
 
 def describe(candidate: dict[str, Any]) -> str:
+    """A candidate dict in the same words `Candidate.describe` uses everywhere else."""
     return Candidate.from_dict(candidate).describe()
 
 
@@ -37,6 +41,7 @@ def metric_name(result: dict[str, Any]) -> str:
 
 
 def percentile_name(result: dict[str, Any]) -> str:
+    """The target percentile as a label ("p95"), as result.json keys its latency figures."""
     return f"p{result['target']['percentile']:g}"
 
 
@@ -64,6 +69,9 @@ def one_line_answer(result: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class TargetOption:
+    """The best configuration already measured under `scale` x the target: what a changed target would give, without
+    another run."""
+
     scale: float
     target_ms: float
     trial: dict[str, Any] | None
@@ -83,6 +91,8 @@ def best_under(result: dict[str, Any], limit_ms: float) -> dict[str, Any] | None
 
 
 def changed_targets(result: dict[str, Any]) -> list[TargetOption]:
+    """The best measured configuration at each of TARGET_SCALES x the target, so a reader sees what a tighter or looser
+    target buys."""
     target_ms = result["target"]["latency_ms"]
     return [TargetOption(s, target_ms * s, best_under(result, target_ms * s)) for s in TARGET_SCALES]
 
@@ -95,6 +105,9 @@ def teacher_needs_ms(result: dict[str, Any]) -> float:
 
 @dataclass(frozen=True)
 class Capacity:
+    """How many instances of one configuration this machine holds and the requests/s they serve together, with the limit
+    (cores or memory) that decides it."""
+
     trial: dict[str, Any]
     throughput_per_instance: float
     instances: int
@@ -142,6 +155,7 @@ def cost_breakdown(result: dict[str, Any]) -> dict[str, float]:
 
 
 def stage_counts(result: dict[str, Any]) -> dict[str, int]:
+    """Trials per outcome (a completed trial's stage, else its state such as fail), for the report's cost summary."""
     counts: dict[str, int] = {}
     for trial in result["trials"]:
         stage = trial["stage"] if trial["state"] == "COMPLETE" else trial["state"].lower()
@@ -150,4 +164,5 @@ def stage_counts(result: dict[str, Any]) -> dict[str, int]:
 
 
 def speedup(result: dict[str, Any], trial: dict[str, Any]) -> float:
+    """A trial's speedup over the teacher at the target percentile, both latencies measured in this run."""
     return teacher_needs_ms(result) / trial["latency_ms"]

@@ -4,11 +4,10 @@ An artifact directory holds `model.onnx`, the tokenizer files and `artifact.json
 (evaluation, the latency gate, a user deploying it) needs nothing but the directory:
 `AutoTokenizer.from_pretrained(dir)` and an ONNX Runtime session.
 
-Exporter choice, measured with torch 2.13 / ONNX Runtime 1.32: the TorchScript exporter
-(`torch.onnx.export(..., dynamo=False)`) still exists, needs no extra package (the dynamo exporter needs
-onnxscript), and, with the model switched to eager attention for the export, yields a graph on which ONNX
-Runtime's BERT optimizer fuses every layer (Attention, SkipLayerNormalization, BiasGelu, and
-EmbedLayerNormalization for BERT/DistilBERT). With transformers' SDPA attention the mask subgraph
+Exporter choice: the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`) needs no extra package
+(the dynamo exporter needs onnxscript), and, with the model switched to eager attention for the export,
+yields a graph on which ONNX Runtime's BERT optimizer fuses every layer (Attention, SkipLayerNormalization,
+BiasGelu, and EmbedLayerNormalization for BERT/DistilBERT). With transformers' SDPA attention the mask subgraph
 (IsNaN/Where guards) defeats the Attention fusion, so eager attention is not optional here.
 """
 
@@ -130,6 +129,8 @@ def export_onnx(model: torch.nn.Module, onnx_path: Path, *, opset: int = DEFAULT
 
 
 def write_artifact_json(artifact: Artifact) -> None:
+    """Write the artifact's description beside its ONNX file: what makes the directory self-describing for
+    `load_artifact`."""
     (artifact.dir / ARTIFACT_JSON).write_text(json.dumps(artifact.to_json(), indent=2) + "\n", encoding="utf-8")
 
 

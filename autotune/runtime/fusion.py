@@ -6,7 +6,8 @@ quoted against, so "fusion found nothing" must be visible, not silent: `fuse_onn
 and `op_counts` lets tests and reports assert on them.
 
 ORT's optimizer has no separate RoBERTa/DistilBERT model type: the "bert" fusions recognise all three
-exported graphs (measured: 1 Attention, 2 SkipLayerNormalization and 1 BiasGelu per layer for each).
+exported graphs, each layer fused to one Attention, two SkipLayerNormalization and one Gelu (BiasGelu); the
+fusion tests count them for every family.
 """
 
 from __future__ import annotations

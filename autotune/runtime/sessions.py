@@ -99,13 +99,16 @@ class OrtRuntime(InferenceRuntime):
         self._output_names = [self.session.get_outputs()[0].name]
 
     def run(self, feeds: Feeds) -> np.ndarray:
+        """Logits from the session, fed only the model's own inputs (a tokenizer may give more)."""
         logits = self.session.run(self._output_names, select_feeds(feeds, self.input_names))[0]
         return np.asarray(logits, dtype=np.float32)
 
     def measure_feeds(self, feeds: Feeds, *, batch_size: int, settings: MeasureSettings) -> LatencyStats:
+        """Time this very session on `feeds`, so the latency belongs to the object that produced the accuracy."""
         return measure_ort_session(self.session, select_feeds(feeds, self.input_names), batch_size=batch_size, settings=settings)
 
     def describe(self) -> dict[str, Any]:
+        """The session as it runs, providers and threads read back from ONNX Runtime rather than from the request."""
         return {
             "runtime": "onnxruntime",
             "onnxruntime_version": ort.__version__,
@@ -149,14 +152,17 @@ class TorchRuntime(InferenceRuntime):
         return {name: torch.from_numpy(array).to(self.device) for name, array in select_feeds(feeds, self.input_names).items()}
 
     def run(self, feeds: Feeds) -> np.ndarray:
+        """Float32 logits, computed at this runtime's thread count so evaluation runs in the setting that is timed."""
         with torch_threads(self.threads), torch.inference_mode():
             logits = self.model(**self._tensors(feeds)).logits
         return logits.float().cpu().numpy()
 
     def measure_feeds(self, feeds: Feeds, *, batch_size: int, settings: MeasureSettings) -> LatencyStats:
+        """Time the prepared module (its precision and device) on `feeds` at this runtime's threads."""
         return measure_torch_module(self.model, self._tensors(feeds), batch_size=batch_size, threads=self.threads, settings=settings)
 
     def describe(self) -> dict[str, Any]:
+        """The torch setting (version, precision, device, threads) behind a figure, for reports."""
         return {
             "runtime": "torch",
             "torch_version": torch.__version__,

@@ -1,6 +1,6 @@
 """Text classification: tokenised batches padded per batch, and accuracy measured in the deployment runtime.
 
-Why per-batch padding: on 2 CPU cores training and evaluation are compute-bound, and encoder cost grows with
+Why per-batch padding: on a CPU training and evaluation are compute-bound, and encoder cost grows with
 the padded width (linearly in the FFN, quadratically in attention). Texts are short next to `max_length`, so
 padding every row to `max_length` mostly computes on padding. Grouping texts of similar token length into a
 batch and padding only to that batch's longest member removes most of it; since padded positions are masked

@@ -113,6 +113,7 @@ class TextClassification(TaskFamily):
 
     @classmethod
     def load(cls, spec: TuneSpec) -> LoadedClassifierRun:
+        """Read and split the data, load the teacher (a new head seeded) and derive the space from its shape."""
         splits = load_splits(spec)
         teacher, tokenizer, new_head = load_teacher(spec)
         space = with_overrides(preset(spec.space.preset, shape_of(teacher)), spec.space.knobs)
@@ -135,26 +136,32 @@ class TextClassification(TaskFamily):
 
     @property
     def teacher(self) -> nn.Module:
+        """The classifier, fine-tuned when its head was new."""
         return self.model
 
     @property
     def teacher_fine_tuned(self) -> bool:
+        """Whether the head was new and fine-tuned before the search."""
         return self.fine_tuned
 
     @functools.cached_property
     def teacher_shape(self) -> TeacherShape:
+        """Read off the teacher's config through its family's attribute names."""
         return shape_of(self.model)
 
     @functools.cached_property
     def cache_identity(self) -> tuple[str, ...]:
+        """The teacher's weight hash and the tokenized training split's fingerprint."""
         return (state_fingerprint(self.model), self.train.fingerprint())
 
     @property
     def space(self) -> Space:
+        """The spec's preset for the teacher's shape, with its knob overrides."""
         return self.search_space
 
     @property
     def objective_name(self) -> str:
+        """The family's metric (accuracy), or the user metric's function name."""
         return self.metric_name if self.metric is None else getattr(self.metric, "__name__", "custom metric")
 
     # -- the steps of a trial -------------------------------------------------------------------------------
@@ -165,21 +172,26 @@ class TextClassification(TaskFamily):
 
     @property
     def stand_in_identity(self) -> tuple[Any, ...]:
+        """The stand-in's vocabulary size, capped at GATE_VOCAB."""
         return (self.gate_vocab(),)
 
     def stand_in(self, candidate: Candidate) -> nn.Module:
+        """The candidate's shape with random weights and at most GATE_VOCAB token embeddings."""
         return shaped_like(self.model, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn,
                            vocab_size=self.gate_vocab())
 
     def deployed_size_bytes(self, stand_in: Artifact) -> int:
+        """The stand-in's size with its token table scaled back to the teacher's vocabulary."""
         return full_table_size_bytes(stand_in.onnx_path, stand_in.size_bytes, self.gate_vocab(),
                                      int(self.model.config.vocab_size))
 
     def make_student(self, candidate: Candidate) -> nn.Module:
+        """The student sliced from the teacher's weights (autotune.compress.student)."""
         return make_student(self.model, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
 
     def distil(self, student: nn.Module, *, epochs: int, lr: float, seed: int, pruning: PruningSchedule | None,
                on_step: Steps | None = None) -> nn.Module:
+        """KD on the cached teacher logits plus the labels, sparsified along `pruning`."""
         training = self.spec.training
         return distill(
             student, None, self.train, epochs=epochs, lr=lr, temperature=training.temperature, alpha=training.alpha,
@@ -188,17 +200,21 @@ class TextClassification(TaskFamily):
         ).model.eval()
 
     def export(self, model: nn.Module, out_dir: Path) -> Artifact:
+        """An fp32 ONNX classifier artifact with the tokenizer beside it."""
         return export_artifact(model, self.tokenizer, out_dir)
 
     def quantize(self, plain: Artifact, out_dir: Path, bits: int) -> Artifact:
+        """Fuse, then convert to `bits` (`quantize_artifact`)."""
         return quantize_artifact(plain, out_dir, bits=bits)
 
     def timing(self, artifact: Artifact, timing: Timing, providers: tuple[str, ...]) -> OnnxRequest:
+        """One forward pass of synthetic token ids at the target's batch and sequence length."""
         return OnnxRequest(onnx_path=str(artifact.onnx_path), input_names=artifact.input_names,
                            batch_size=timing.batch_size, seq_len=timing.seq_len, vocab_size=artifact.vocab_size,
                            threads=timing.threads, providers=providers)
 
     def split_size(self, split: str) -> int:
+        """The number of labelled texts in that split."""
         return len(getattr(self.splits, split))
 
     def score(self, artifact: Artifact, split: str, timing: Timing) -> Score:
