@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.table import Table
 
 from profilers.hardware import HardwareProfile
+from profilers.microbench import Microbench
 
 GIB = 1024**3
 
@@ -26,6 +27,29 @@ def _section(title: str, rows: list[tuple[str, str]]) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _microbench_rows(bench: Microbench) -> list[tuple[str, str]]:
+    """Each CPU figure with its unit and how it was measured; figures an older profile lacks are left out."""
+    rows = []
+    for name, value, unit in (
+        ("fp32_gemm_gflops", bench.fp32_gemm_gflops, "GFLOP/s"),
+        ("int8_gemm_gops", bench.int8_gemm_gops, "GOP/s"),
+        ("memory_bandwidth_gbps", bench.memory_bandwidth_gbps, "GB/s"),
+        ("fp32_chain_gflops", bench.fp32_chain_gflops, "GFLOP/s"),
+        ("int8_chain_gops", bench.int8_chain_gops, "GOP/s"),
+        ("int4_chain_gflops", bench.int4_chain_gflops, "GFLOP/s"),
+        ("small_op_us", bench.small_op_us, "us per node"),
+        ("elementwise_gbps", bench.elementwise_gbps, "GB/s of activations"),
+    ):
+        if value is None:  # a profile written before the encoder-regime figures existed
+            continue
+        method = bench.methods.get(name)
+        how = f"  ({method.engine}, {method.shape} {method.dtype}, {method.threads} threads, {method.runs} runs)" if method else ""
+        if method and method.round_values:
+            how += f", {method.statistic}: {', '.join(f'{v:.1f}' for v in method.round_values)}"
+        rows.append((name, f"{value:.1f} {unit}{how}"))
+    return rows
 
 
 def profile_table(profile: HardwareProfile) -> Group:
@@ -51,26 +75,7 @@ def profile_table(profile: HardwareProfile) -> Group:
         )
     ]
     if profile.microbench is not None:
-        bench = profile.microbench
-        rows = []
-        for name, value, unit in (
-            ("fp32_gemm_gflops", bench.fp32_gemm_gflops, "GFLOP/s"),
-            ("int8_gemm_gops", bench.int8_gemm_gops, "GOP/s"),
-            ("memory_bandwidth_gbps", bench.memory_bandwidth_gbps, "GB/s"),
-            ("fp32_chain_gflops", bench.fp32_chain_gflops, "GFLOP/s"),
-            ("int8_chain_gops", bench.int8_chain_gops, "GOP/s"),
-            ("int4_chain_gflops", bench.int4_chain_gflops, "GFLOP/s"),
-            ("small_op_us", bench.small_op_us, "us per node"),
-            ("elementwise_gbps", bench.elementwise_gbps, "GB/s of activations"),
-        ):
-            if value is None:  # a profile written before the encoder-regime figures existed
-                continue
-            method = bench.methods.get(name)
-            how = f"  ({method.engine}, {method.shape} {method.dtype}, {method.threads} threads, {method.runs} runs)" if method else ""
-            if method and method.round_values:
-                how += f", {method.statistic}: {', '.join(f'{v:.1f}' for v in method.round_values)}"
-            rows.append((name, f"{value:.1f} {unit}{how}"))
-        parts.append(_section("Measured throughput (CPU)", rows))
+        parts.append(_section("Measured throughput (CPU)", _microbench_rows(profile.microbench)))
     if not profile.gpus:
         parts.append(_section("GPUs", [("none", profile.gpu_unavailable_reason or "no GPU found")]))
     for gpu in profile.gpus:

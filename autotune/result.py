@@ -133,6 +133,7 @@ def result_document(session: Session, records: list[TrialRecord], **found: Any) 
         "spec": spec.model_dump(mode="json") | {"search": spec.search.model_dump(mode="json") | {"storage": storage}},
         "target": session.target.to_dict() | {"speedup": spec.target.speedup},
         "hardware": session.profile.to_dict(),
+        "recipe": session.pipeline.ctx.recipe.to_dict(),
         "space": {"preset": spec.space.preset, "knobs": session.space.describe(),
                   "removed": [{"knob": r.knob, "value": r.value, "reason": r.reason} for r in session.removals]},
         "baseline": {

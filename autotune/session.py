@@ -33,6 +33,7 @@ from profilers.cpu import probe_cpu
 from profilers.hardware import HardwareProfile, collect_profile, default_threads, with_throughput
 from profilers.latency import LatencyStats
 from profilers.predictor import Workload
+from profilers.recipes import PORTABLE
 from search_spaces import Candidate, Removal, Space, restrict_to_hardware
 
 #: The study attribute that keeps a relative target once resolved (see `resolved_target_ms`).
@@ -94,7 +95,7 @@ def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, out_di
     """
     plain = task.export(task.teacher, out_dir / ".baseline-fp32")
     shutil.rmtree(out_dir / "baseline", ignore_errors=True)
-    artifact = task.quantize(plain, out_dir / "baseline", 32)
+    artifact = task.quantize(plain, out_dir / "baseline", 32, PORTABLE)  # fp32: no recipe applies
     shutil.rmtree(plain.dir, ignore_errors=True)
     rounds = sorted((time_artifact(task, timing, artifact) for _ in range(REMEASURE_ROUNDS)),
                     key=lambda stats: stats.percentile_ms(percentile))
@@ -178,7 +179,8 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
     target = Target(resolved_target_ms(opened.study, spec, baseline_ms, progress), t.percentile, t.batch_size,
                     t.seq_len, threads, t.runtime, t.device)
     ctx = TrialContext(task=task, target=target, fingerprint=profile.fingerprint, training=spec.training,
-                       seed=spec.search.seed, cache_dir=cache, artifacts_dir=run_dir / "artifacts", reference_ms=baseline_ms)
+                       seed=spec.search.seed, cache_dir=cache, artifacts_dir=run_dir / "artifacts", reference_ms=baseline_ms,
+                       recipe=profile.recipe)
     pipeline = TrialPipeline(ctx, screen=latency_screen(spec, profile, task, baseline))
     space, removals = restrict_to_hardware(task.space, profile, t.runtime, t.device)
     for removal in removals:

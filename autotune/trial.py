@@ -42,6 +42,7 @@ from autotune.tasks import TaskFamily, Timing
 from profilers.isolated import measure_onnx_isolated
 from profilers.latency import LatencyStats, MeasureSettings
 from profilers.ort import CPU_PROVIDER, CUDA_PROVIDER
+from profilers.recipes import PORTABLE, Recipe
 from search_spaces import Candidate
 
 #: The gate only has to tell "clearly over the target" from "maybe not": a shorter measurement than the
@@ -130,6 +131,8 @@ class TrialContext:
     artifacts_dir: Path
     #: The baseline's latency at the target percentile, measured in this run (gate cache entries carry theirs).
     reference_ms: float
+    #: How int8 and int4 are built on this CPU (the profile's recipe).
+    recipe: Recipe = PORTABLE
     measure_settings: MeasureSettings = EVALUATE_SETTINGS
 
 
@@ -198,7 +201,7 @@ class TrialPipeline:
             task = self.ctx.task
             with tempfile.TemporaryDirectory(prefix="autotune-gate-") as tmp:
                 plain = task.export(task.stand_in(candidate), Path(tmp) / "fp32")
-                variant = task.quantize(plain, Path(tmp) / "variant", candidate.bits)
+                variant = task.quantize(plain, Path(tmp) / "variant", candidate.bits, self.ctx.recipe)
                 stats = self.measure(variant, GATE_SETTINGS)
                 size_mb = task.deployed_size_bytes(variant) / MB
             self.counters["gates_measured"] += 1
@@ -241,7 +244,7 @@ class TrialPipeline:
 
         def build(staging: Path) -> None:
             with tempfile.TemporaryDirectory(prefix=".export-", dir=staging.parent) as tmp:
-                task.quantize(task.export(model, Path(tmp) / "fp32"), staging, candidate.bits)
+                task.quantize(task.export(model, Path(tmp) / "fp32"), staging, candidate.bits, self.ctx.recipe)
 
         final = self.ctx.artifacts_dir / (name or candidate.key)
         cached_dir(final, "artifact.json", build)

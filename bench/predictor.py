@@ -74,7 +74,7 @@ from autotune.trial import GATE_SETTINGS  # noqa: E402
 from profilers.hardware import HardwareProfile, collect_profile  # noqa: E402
 from profilers.isolated import OnnxRequest, measure_onnx_isolated  # noqa: E402
 from profilers.latency import LatencyStats, MeasureSettings  # noqa: E402
-from profilers.microbench import BenchPlan, Microbench, merge_rounds, run_cpu_microbench  # noqa: E402
+from profilers.microbench import MicrobenchSizes, Microbench, merge_rounds, run_cpu_microbench  # noqa: E402
 from profilers.predictor import CalibrationPoint, Predictor, Throughput, Workload  # noqa: E402
 from search_spaces import Candidate, Space, preset, restrict_to_hardware, with_overrides  # noqa: E402
 
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     probed = {threads: collect_profile(threads, microbench=False) for threads in (2, 1)}
     taken: dict[int, list[Microbench]] = {2: [], 1: []}
-    plan = BenchPlan.for_mode(args.quick)
+    plan = MicrobenchSizes.for_mode(args.quick)
 
     def take_round() -> None:
         """One CPU round at each thread count (the GPUs, if any, play no part in this bench)."""

@@ -111,7 +111,8 @@ def stand_in_p50_ratio(pipeline: TrialPipeline, candidates: tuple[Candidate, ...
         builds = {}
         for name, vocab in (("stand-in", task.gate_vocab()), ("full", None)):
             model = shaped_like(task.teacher, c.layers, c.hidden, c.heads, c.ffn, vocab_size=vocab)
-            builds[name] = task.quantize(task.export(model, tmp / f"{c.key}-{name}"), tmp / f"{c.key}-{name}-{c.bits}", c.bits)
+            builds[name] = task.quantize(task.export(model, tmp / f"{c.key}-{name}"), tmp / f"{c.key}-{name}-{c.bits}", c.bits,
+                                         pipeline.ctx.recipe)
         for _ in range(rounds):
             ratios.append(pipeline.measure(builds["stand-in"]).p50_ms / pipeline.measure(builds["full"]).p50_ms)
     return median(ratios)
@@ -154,7 +155,7 @@ def run(spec_data: dict[str, Any], tmp: Path, target_fraction: float) -> int:
     target = Target(target_fraction * baseline_p95, t.percentile, t.batch_size, t.seq_len, threads, t.runtime, t.device)
     pipeline = TrialPipeline(TrialContext(task=task, target=target, fingerprint=profile.fingerprint, training=spec.training,
                                           seed=spec.search.seed, cache_dir=cache_root(), artifacts_dir=tmp / "run" / "artifacts",
-                                          reference_ms=baseline.latency.percentile_ms(t.percentile)))
+                                          reference_ms=baseline.latency.percentile_ms(t.percentile), recipe=profile.recipe))
 
     rows = [trial_row("cold", pipeline.run(c)) for c in REJECTED + TRAINED]
     rows += [trial_row("gate re-run", pipeline.run(c)) for c in REJECTED]

@@ -23,7 +23,8 @@ from pydantic import TypeAdapter, ValidationError
 from profilers.cpu import CpuInfo, probe_cpu
 from profilers.gpu import GpuInfo, probe_gpus
 from profilers.memory import MemoryInfo, probe_memory
-from profilers.microbench import BenchPlan, Microbench, merge_rounds, run_cpu_microbench, run_gpu_microbench
+from profilers.microbench import MicrobenchSizes, Microbench, merge_rounds, run_cpu_microbench, run_gpu_microbench
+from profilers.recipes import Recipe, recipe_for
 from profilers.software import SoftwareInfo, probe_software
 
 SCHEMA_VERSION = 1
@@ -47,6 +48,11 @@ class HardwareProfile:
     gpu_unavailable_reason: str | None
     software: SoftwareInfo
     microbench: Microbench | None
+
+    @property
+    def recipe(self) -> Recipe:
+        """How int8 and int4 are built on this CPU (profilers/recipes.py), derived from its ISA flags."""
+        return recipe_for(self.cpu.flags)
 
     @property
     def fingerprint(self) -> str:
@@ -166,14 +172,14 @@ def with_throughput(profile: HardwareProfile, *, quick: bool = False, rounds: in
     predicts latencies timed over minutes better than a single round does (bench/predictor.py measures this).
     GPUs are measured once.
     """
-    plan = BenchPlan.for_mode(quick)
+    sizes = MicrobenchSizes.for_mode(quick)
     cpu = []
     for index in range(rounds):
         if index and interval_s:
             time.sleep(interval_s)
-        cpu.append(run_cpu_microbench(profile.threads, plan))
+        cpu.append(run_cpu_microbench(profile.threads, sizes, profile.recipe))
     return replace(profile, microbench=merge_rounds(cpu),
-                   gpus=run_gpu_microbench(profile.gpus, plan))
+                   gpus=run_gpu_microbench(profile.gpus, sizes))
 
 
 def load_profile(path: str | os.PathLike[str]) -> HardwareProfile:

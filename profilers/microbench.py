@@ -20,8 +20,6 @@ copy: a chain of the fused graph's own SkipLayerNormalization + BiasGelu nodes t
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Sequence
 
@@ -33,12 +31,13 @@ from scipy.stats import gmean
 from profilers.benchmethod import BenchMethod
 from profilers.gpu import GpuInfo
 from profilers.latency import LatencyStats, MeasureSettings, measure, measure_onnx
+from profilers.recipes import PORTABLE, Recipe, int8_chain_bytes, quantize_int4
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class BenchPlan:
+class MicrobenchSizes:
     """Problem sizes and time budget; `quick` trades precision for a profile in seconds."""
 
     gemm_size: int
@@ -48,7 +47,7 @@ class BenchPlan:
     gpu_copy_bytes: int = 1 << 30
 
     @classmethod
-    def for_mode(cls, quick: bool) -> "BenchPlan":
+    def for_mode(cls, quick: bool) -> "MicrobenchSizes":
         """The two plans the CLI offers: `quick` halves the GEMM, quarters the copy and gives each figure a sixth of
         the time, for a profile in seconds when precision matters less than turnaround."""
         if quick:
@@ -167,30 +166,16 @@ def elementwise_chain_model(rows: int = CHAIN_ROWS, width: int = CHAIN_WIDTH, de
     return _row_chain("elementwise_chain", nodes, initializers, rows, width, "com.microsoft")
 
 
-def quantized_chain(fp32: onnx.ModelProto, bits: int) -> bytes:
-    """The chain at `bits` as autotune deploys that precision, through ONNX Runtime's own quantizers: int8 dynamic
-    (per-channel weights; DynamicQuantizeLinear + MatMulInteger + rescale per GEMM), int4 MatMulNBits (block 32)."""
+def quantized_chain(fp32: onnx.ModelProto, bits: int, recipe: Recipe = PORTABLE) -> bytes:
+    """The chain at `bits` as autotune deploys that precision on this CPU (`recipe`), through ONNX Runtime's own
+    quantizers: int8 dynamic (DynamicQuantizeLinear + MatMulInteger + rescale per GEMM), int4 MatMulNBits."""
     if bits == 32:
         return fp32.SerializeToString()
     if bits == 4:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        quantizer = MatMulNBitsQuantizer(fp32, block_size=32, is_symmetric=True)
-        quantizer.process()
-        return quantizer.model.model.SerializeToString()
+        return quantize_int4(fp32, recipe).SerializeToString()
     if bits != 8:
         raise ValueError(f"no chain microbenchmark for bits={bits}; measured: {CHAIN_BITS}")
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
-
-    with tempfile.TemporaryDirectory(prefix="autotune-chain-") as tmp:
-        source, typed, target = (os.path.join(tmp, f"{name}.onnx") for name in ("fp32", "typed", "int8"))
-        onnx.save(fp32, source)
-        # What the quantizer expects (and warns without); the chain's shapes are static, so ONNX's own shape
-        # inference is enough and the symbolic pass (seconds of every profile) is skipped.
-        quant_pre_process(source, typed, skip_optimization=True, skip_symbolic_shape=True)
-        quantize_dynamic(typed, target, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
-        with open(target, "rb") as handle:
-            return handle.read()
+    return int8_chain_bytes(fp32, recipe)
 
 
 def chain_sessions(model: bytes, width: int, threads: int, settings: MeasureSettings, engine: str,
@@ -214,11 +199,11 @@ def gemm_chain_shape(width: int) -> str:
     return f"{CHAIN_DEPTH} x {CHAIN_ROWS}x{width}x{width}"
 
 
-def cpu_gemm_chain(bits: int, threads: int, settings: MeasureSettings) -> tuple[float, BenchMethod]:
+def cpu_gemm_chain(bits: int, threads: int, settings: MeasureSettings, recipe: Recipe = PORTABLE) -> tuple[float, BenchMethod]:
     """G(FL)OP/s of the encoder-regime GEMM chain at `bits` (see the module docstring), all nodes' time included."""
     engine = {32: "onnxruntime MatMul chain", 8: "onnxruntime quantize_dynamic chain", 4: "onnxruntime MatMulNBits chain"}[bits]
-    dtype = {32: "fp32", 8: "int8 dynamic", 4: "int4 block 32"}[bits]
-    p50_ms, method = chain_sessions(quantized_chain(gemm_chain_model(), bits), CHAIN_WIDTH, threads, settings, engine, dtype,
+    dtype = recipe.describe(bits)
+    p50_ms, method = chain_sessions(quantized_chain(gemm_chain_model(), bits, recipe), CHAIN_WIDTH, threads, settings, engine, dtype,
                                     gemm_chain_shape(CHAIN_WIDTH))
     return CHAIN_DEPTH * gemm_ops(CHAIN_ROWS, CHAIN_WIDTH, CHAIN_WIDTH) / (p50_ms / 1000.0) / 1e9, method
 
@@ -265,15 +250,15 @@ def cpu_copy_bandwidth(nbytes: int, threads: int, settings: MeasureSettings) -> 
     return rate, _method("torch copy_", f"{nbytes >> 20} MiB", "fp32", threads, stats)
 
 
-def run_cpu_microbench(threads: int, plan: BenchPlan) -> Microbench:
+def run_cpu_microbench(threads: int, sizes: MicrobenchSizes, recipe: Recipe = PORTABLE) -> Microbench:
     """One round of every CPU figure at `threads`: the peak GEMMs and copy bandwidth, plus the encoder-regime chains,
     per-operator cost and elementwise rate that the predictor prefers, because peak figures alone mispredict
     batch-1 encoders (see the module docstring)."""
-    settings = plan.settings()
-    fp32, fp32_method = cpu_gemm(plan.gemm_size, False, threads, settings)
-    int8, int8_method = cpu_gemm(plan.gemm_size, True, threads, settings)
-    bandwidth, bw_method = cpu_copy_bandwidth(plan.copy_bytes, threads, settings)
-    chains = {bits: cpu_gemm_chain(bits, threads, settings) for bits in CHAIN_BITS}
+    settings = sizes.settings()
+    fp32, fp32_method = cpu_gemm(sizes.gemm_size, False, threads, settings)
+    int8, int8_method = cpu_gemm(sizes.gemm_size, True, threads, settings)
+    bandwidth, bw_method = cpu_copy_bandwidth(sizes.copy_bytes, threads, settings)
+    chains = {bits: cpu_gemm_chain(bits, threads, settings, recipe) for bits in CHAIN_BITS}
     small_op, small_op_method = cpu_small_op_us(threads, settings)
     elementwise, elementwise_method = cpu_elementwise_gbps(threads, settings)
     return Microbench(
@@ -357,12 +342,12 @@ def _gpu_copy_gbps(device: str, nbytes: int, settings: MeasureSettings) -> tuple
     return rate, _method("torch copy_ (cuda)", f"{nbytes >> 20} MiB", "fp16", None, stats)
 
 
-def measure_gpu(gpu: GpuInfo, device: str, plan: BenchPlan) -> GpuInfo:
+def measure_gpu(gpu: GpuInfo, device: str, sizes: MicrobenchSizes) -> GpuInfo:
     """The GPU entry with its fp16/bf16 GEMM TFLOP/s and device bandwidth filled in."""
-    settings = plan.settings()
-    fp16, fp16_method = _gpu_gemm_tflops(device, "float16", plan.gpu_gemm_size, settings)
-    bf16, bf16_method = _gpu_gemm_tflops(device, "bfloat16", plan.gpu_gemm_size, settings)
-    bandwidth, bw_method = _gpu_copy_gbps(device, plan.gpu_copy_bytes, settings)
+    settings = sizes.settings()
+    fp16, fp16_method = _gpu_gemm_tflops(device, "float16", sizes.gpu_gemm_size, settings)
+    bf16, bf16_method = _gpu_gemm_tflops(device, "bfloat16", sizes.gpu_gemm_size, settings)
+    bandwidth, bw_method = _gpu_copy_gbps(device, sizes.gpu_copy_bytes, settings)
     return replace(
         gpu,
         fp16_gemm_tflops=round(fp16, 2),
@@ -373,7 +358,7 @@ def measure_gpu(gpu: GpuInfo, device: str, plan: BenchPlan) -> GpuInfo:
 
 
 def run_gpu_microbench(
-    gpus: tuple[GpuInfo, ...], plan: BenchPlan, measure_one: Callable[[GpuInfo, str, BenchPlan], GpuInfo] = measure_gpu
+    gpus: tuple[GpuInfo, ...], sizes: MicrobenchSizes, measure_one: Callable[[GpuInfo, str, MicrobenchSizes], GpuInfo] = measure_gpu
 ) -> tuple[GpuInfo, ...]:
     """Each GPU that torch can reach gets measured figures; the rest keep None with a logged reason."""
     if not gpus:
@@ -392,7 +377,7 @@ def run_gpu_microbench(
     for gpu in gpus:
         index = by_uuid.get(gpu.uuid.removeprefix("GPU-"), gpu.index)
         try:
-            measured.append(measure_one(gpu, f"cuda:{index}", plan))
+            measured.append(measure_one(gpu, f"cuda:{index}", sizes))
         except Exception as exc:  # one failing GPU must not lose the others' figures
             log.warning("GPU %d (%s) throughput not measured: %s", gpu.index, gpu.name, exc)
             measured.append(gpu)

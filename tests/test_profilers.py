@@ -13,7 +13,7 @@ import pytest
 from profilers.cpu import inference_flags, parse_cache_size
 from profilers.gpu import cuda_version_text, probe_gpus
 from profilers.hardware import SCHEMA_VERSION, HardwareProfile, ProfileError, collect_profile, load_profile
-from profilers.microbench import BenchPlan, merge_rounds, run_gpu_microbench
+from profilers.microbench import MicrobenchSizes, merge_rounds, run_gpu_microbench
 from profilers.predictor import Throughput
 
 
@@ -274,7 +274,7 @@ def test_no_gpu_is_an_empty_list_and_a_reason(nvml: SimpleNamespace, fragment: s
 
 def test_gpu_figures_fingerprint_and_json(facts: HardwareProfile) -> None:
     gpus, _ = probe_gpus(fake_nvml([H200]))
-    measured = run_gpu_microbench(gpus, BenchPlan.for_mode(True), measure_one=lambda g, dev, plan: replace(
+    measured = run_gpu_microbench(gpus, MicrobenchSizes.for_mode(True), measure_one=lambda g, dev, plan: replace(
         g, fp16_gemm_tflops=700.0, bf16_gemm_tflops=690.0, memory_bandwidth_gbps=4000.0))
     with_gpu = replace(facts, gpus=measured, gpu_unavailable_reason=None)
     data = json.loads(with_gpu.to_json())

@@ -14,9 +14,8 @@ dynamic) or silently skip every activation (static: only weights got Q/DQ). So t
 through ORT's symbolic shape inference (`quant_pre_process`, which knows the contrib ops), and
 `DefaultTensorType=FLOAT` stays as the quantizer's fallback for any tensor that is still untyped.
 
-int8 uses `reduce_range=True` (7-bit weights): on x86 without VNNI the u8s8 kernel accumulates pairs of
-products in 16-bit intermediate sums, which full-range per-channel weights can saturate; reduce_range keeps
-them in range, at the cost of one bit of weight resolution.
+How int8 and int4 are built (reduce_range, int4 block size and compute) is a `Recipe` of profilers/recipes.py,
+shared with the profile's microbenchmarks so that both time the same kernels.
 
 int4 is weight-only block-wise MatMulNBits on the fused graph's remaining MatMuls (attention output and the
 FFN: 9/12 of each layer's Linear weights when the FFN is 4x hidden); Q/K/V weights live inside the fused
@@ -40,20 +39,20 @@ from onnxruntime.quantization import (
     QuantFormat,
     QuantType,
     quant_pre_process,
-    quantize_dynamic,
     quantize_static,
 )
 from onnxruntime.transformers.onnx_model import OnnxModel
 
 from autotune.runtime.export import ARTIFACT_JSON, ONNX_FILENAME, Artifact, write_artifact_json
 from autotune.runtime.fusion import fuse_onnx
+from profilers import recipes
+from profilers.recipes import PORTABLE, Recipe
 from search_spaces import BIT_WIDTHS
 
 logger = logging.getLogger(__name__)
 
 #: The bit widths a variant can have: the search space's, defined once there.
 ACCEPTED_BITS = BIT_WIDTHS
-DEFAULT_INT4_BLOCK_SIZE = 32
 _QUANTIZER_OPTIONS = {"DefaultTensorType": onnx.TensorProto.FLOAT}
 
 PathLike = str | os.PathLike[str]
@@ -81,18 +80,11 @@ def infer_shapes(onnx_in: PathLike, onnx_out: PathLike) -> Path:
     return Path(onnx_out)
 
 
-def quantize_int8_dynamic(onnx_in: PathLike, onnx_out: PathLike) -> Path:
+def quantize_int8_dynamic(onnx_in: PathLike, onnx_out: PathLike, recipe: Recipe = PORTABLE) -> Path:
     """int8 weights per channel, activations quantized on the fly per call (no calibration needed)."""
     with tempfile.TemporaryDirectory() as tmp:
         typed = infer_shapes(onnx_in, Path(tmp) / "typed.onnx")
-        quantize_dynamic(
-            typed,
-            os.fspath(onnx_out),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            reduce_range=True,
-            extra_options=_QUANTIZER_OPTIONS,
-        )
+        recipes.quantize_int8_dynamic(typed, onnx_out, recipe, extra_options=_QUANTIZER_OPTIONS)
     return Path(onnx_out)
 
 
@@ -134,16 +126,9 @@ def quantize_int8_static(onnx_in: PathLike, onnx_out: PathLike, calibration: Ite
     return Path(onnx_out)
 
 
-def quantize_int4(onnx_in: PathLike, onnx_out: PathLike, *, block_size: int = DEFAULT_INT4_BLOCK_SIZE) -> Path:
-    """Weight-only symmetric int4, `block_size` weights per scale, as MatMulNBits on every constant-weight MatMul.
-
-    Needs the `onnx_ir` package (ORT imports it for this quantizer only), hence the local import.
-    """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(onnx.load(os.fspath(onnx_in)), block_size=block_size, is_symmetric=True)
-    quantizer.process()
-    quantizer.model.save_model_to_file(os.fspath(onnx_out))
+def quantize_int4(onnx_in: PathLike, onnx_out: PathLike, recipe: Recipe = PORTABLE) -> Path:
+    """Weight-only symmetric int4 as MatMulNBits on every constant-weight MatMul, as the recipe says."""
+    onnx.save(recipes.quantize_int4(onnx.load(os.fspath(onnx_in)), recipe), os.fspath(onnx_out))
     return Path(onnx_out)
 
 
@@ -157,10 +142,12 @@ def build_variant(
     hidden_size: int,
     calibration: Iterable[Feeds] | None = None,
     static: bool = False,
+    recipe: Recipe = PORTABLE,
 ) -> Path:
     """Write the `bits`-wide variant of an fp32 export to `out_path`, fused first when `fuse` (see module doc).
 
-    `static=True` (8 bits only) calibrates activation ranges on `calibration`, an iterable of feed dicts.
+    `static=True` (8 bits only) calibrates activation ranges on `calibration`, an iterable of feed dicts;
+    `recipe` says how int8 and int4 are built on the target CPU.
     """
     check_bits(bits)
     if static and bits != 8:
@@ -180,9 +167,9 @@ def build_variant(
         elif bits == 8 and static:
             quantize_int8_static(source, out, calibration)
         elif bits == 8:
-            quantize_int8_dynamic(source, out)
+            quantize_int8_dynamic(source, out, recipe)
         else:
-            quantize_int4(source, out)
+            quantize_int4(source, out, recipe)
     logger.info("built %d-bit%s variant %s (%d bytes)", bits, " fused" if fuse else "", out, out.stat().st_size)
     return out
 
@@ -191,7 +178,7 @@ def quantize_artifact(source: Artifact, out_dir: str | Path, *, bits: int, fuse:
     """A new artifact directory holding `source`'s tokenizer and a `bits`-wide (optionally fused) ONNX model.
 
     The artifact-level twin of `build_variant`: how a trial turns the one fp32 export into each bit width it
-    evaluates ("train once, quantize many"); `variant_options` (calibration, static) pass through to it.
+    evaluates ("train once, quantize many"); `variant_options` (calibration, static, recipe) pass through to it.
     """
     if source.bits != 32 or source.fused:
         raise ValueError(f"quantize_artifact needs the plain fp32 export as source, got bits={source.bits}, fused={source.fused}")

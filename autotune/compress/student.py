@@ -178,6 +178,22 @@ def _student_config(teacher: nn.Module, family: Family, shape: TeacherShape, kep
     return config
 
 
+def _copy_layer(dst: nn.Module, src: nn.Module, family: Family, teacher: TeacherShape, student: TeacherShape,
+                dims: torch.Tensor) -> None:
+    """One teacher layer sliced into a student layer: its heads and FFN neurons kept by importance, the hidden
+    dims `dims`; queries rescaled so that attention logits keep their scale at the student's head width."""
+    units = _attention_units(src, family, teacher.heads, student)
+    neurons = _ffn_units(src, family, student.ffn)
+    q_scale = math.sqrt((student.hidden / student.heads) / (teacher.hidden / teacher.heads))
+    for path, scale in ((family.query, q_scale), (family.key, 1.0), (family.value, 1.0)):
+        _copy_linear(dst.get_submodule(path), src.get_submodule(path), units, dims, scale)
+    _copy_linear(dst.get_submodule(family.attn_out), src.get_submodule(family.attn_out), dims, units)
+    _copy_linear(dst.get_submodule(family.ffn_in), src.get_submodule(family.ffn_in), neurons, dims)
+    _copy_linear(dst.get_submodule(family.ffn_out), src.get_submodule(family.ffn_out), dims, neurons)
+    for path in (family.attn_norm, family.ffn_norm):
+        _copy_vector_module(dst.get_submodule(path), src.get_submodule(path), dims)
+
+
 @torch.no_grad()
 def make_student(
     teacher: nn.Module,
@@ -219,18 +235,8 @@ def make_student(
         mark(dst)
 
     teacher_layers, student_layers = encoder_layers(teacher, family), encoder_layers(student, family)
-    q_scale = math.sqrt((hidden / heads) / (teacher_shape.hidden / teacher_shape.heads))
     for dst, index in zip(student_layers, kept_layers):
-        src = teacher_layers[index]
-        units = _attention_units(src, family, teacher_shape.heads, shape)
-        neurons = _ffn_units(src, family, ffn)
-        for path, scale in ((family.query, q_scale), (family.key, 1.0), (family.value, 1.0)):
-            _copy_linear(dst.get_submodule(path), src.get_submodule(path), units, dims, scale)
-        _copy_linear(dst.get_submodule(family.attn_out), src.get_submodule(family.attn_out), dims, units)
-        _copy_linear(dst.get_submodule(family.ffn_in), src.get_submodule(family.ffn_in), neurons, dims)
-        _copy_linear(dst.get_submodule(family.ffn_out), src.get_submodule(family.ffn_out), dims, neurons)
-        for path in (family.attn_norm, family.ffn_norm):
-            _copy_vector_module(dst.get_submodule(path), src.get_submodule(path), dims)
+        _copy_layer(dst, teacher_layers[index], family, teacher_shape, shape, dims)
         mark(dst)
 
     (dst_hidden, dst_out), (src_hidden, src_out) = _head_linears(student, family), _head_linears(teacher, family)

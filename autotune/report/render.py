@@ -44,6 +44,7 @@ def _hardware_section(result: dict[str, Any]) -> Section:
                                 f"int4 {bench.get('int4_chain_gflops') or '-'} GFLOP/s; one small operator "
                                 f"{bench.get('small_op_us') or '-'} us; activations {bench.get('elementwise_gbps') or '-'} GB/s"),
         ("software", f"onnxruntime {hw['software']['onnxruntime']}, torch {hw['software']['torch']}, optuna {hw['software']['optuna']}"),
+        ("quantization recipe", "; ".join((result.get("recipe") or {}).get("reasons") or ["not recorded (an older result)"])),
         ("measurement", f"{summary.percentile_name(result)} latency at batch {target['batch_size']}, sequence length {target['seq_len']}, "
                         f"{target['threads']} threads, {target['runtime']} on {target['device']}; each figure timed in a fresh "
                         "process until the median's 95% interval is within 2% (or a 3 s cap)"),

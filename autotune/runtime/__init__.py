@@ -9,7 +9,6 @@ __all__ = [
     "InferenceRuntime",
     "OrtRuntime",
     "TorchRuntime",
-    "quantize_artifact",
     "export_artifact",
     "export_onnx",
     "feeds_for",

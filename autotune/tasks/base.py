@@ -27,6 +27,7 @@ from torch import nn
 
 from autotune.runtime import Artifact
 from profilers.isolated import OnnxRequest
+from profilers.recipes import Recipe
 from search_spaces import Candidate, Space, TeacherShape
 
 if TYPE_CHECKING:
@@ -143,8 +144,8 @@ class TaskFamily(ABC):
         """The model as a plain fp32 ONNX artifact directory (what every bit width is derived from)."""
 
     @abstractmethod
-    def quantize(self, plain: Artifact, out_dir: Path, bits: int) -> Artifact:
-        """The deployable `bits`-wide artifact of a plain export."""
+    def quantize(self, plain: Artifact, out_dir: Path, bits: int, recipe: Recipe) -> Artifact:
+        """The deployable `bits`-wide artifact of a plain export, int8/int4 built as this CPU's `recipe` says."""
 
     @abstractmethod
     def timing(self, artifact: Artifact, timing: Timing, providers: tuple[str, ...]) -> OnnxRequest:

@@ -29,6 +29,7 @@ from autotune.tasks.base import Score, Steps, TaskFamily, Timing
 from autotune.tasks.data import LabeledTexts, Splits, load_labeled_texts, split, subsample
 from autotune.tasks.encoding import evaluate, predict_logits
 from profilers.isolated import OnnxRequest
+from profilers.recipes import Recipe
 from search_spaces import Candidate, Space, TeacherShape, preset, with_overrides
 
 if TYPE_CHECKING:
@@ -203,9 +204,9 @@ class TextClassification(TaskFamily):
         """An fp32 ONNX classifier artifact with the tokenizer beside it."""
         return export_artifact(model, self.tokenizer, out_dir)
 
-    def quantize(self, plain: Artifact, out_dir: Path, bits: int) -> Artifact:
-        """Fuse, then convert to `bits` (`quantize_artifact`)."""
-        return quantize_artifact(plain, out_dir, bits=bits)
+    def quantize(self, plain: Artifact, out_dir: Path, bits: int, recipe: Recipe) -> Artifact:
+        """ORT's transformer fusion, then the bit width (profilers/recipes.py says how on this CPU)."""
+        return quantize_artifact(plain, out_dir, bits=bits, recipe=recipe)
 
     def timing(self, artifact: Artifact, timing: Timing, providers: tuple[str, ...]) -> OnnxRequest:
         """One forward pass of synthetic token ids at the target's batch and sequence length."""

@@ -1,0 +1,106 @@
+"""Quantization recipes: how autotune turns an fp32 ONNX graph into int8 or int4, in one place.
+
+The deployed models (autotune.compress.quantization) and the profile's chain microbenchmarks
+(profilers/microbench.py) must quantize the same way, or the profile would time kernels the deployed model
+never runs. Both call the functions here, with the same `Recipe`; the recipe is chosen from the CPU's ISA flags
+by `recipe_for`, and recorded with its reasons in the profile's consumers (result.json, the report).
+
+What depends on the CPU, and the measurement behind each choice (bench/operators.py prints the rows):
+- int8 `reduce_range` (7-bit weights) on every CPU. ONNX Runtime's u8 x s8 GEMM on x86 without VNNI multiplies
+  pairs into 16-bit intermediate sums (vpmaddubsw), which full-range weights can saturate; 7-bit weights keep
+  them in range. With VNNI (vpdpbusd) or AMX nothing saturates, but full-range weights measured neither faster
+  nor more accurate there (the dynamic per-tensor activation quantization dominates the error), so one recipe
+  serves both.
+- int4 `accuracy_level` of MatMulNBits: 4 lets ONNX Runtime quantize the activations to int8 and run its int8
+  dot-product kernels; 0 (its default) dequantizes int4 weights for an fp32 GEMM. Level 4 is chosen where the
+  CPU has int8 dot products that accumulate in 32 bits (VNNI, AMX), where it measured faster at equal error;
+  elsewhere the default stays, since nothing measured it paying there.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import onnx
+
+#: Flags (the kernel's spelling) of int8 dot-product instructions that accumulate in 32 bits without saturating.
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+INT4_BLOCK_SIZE = 32
+#: MatMulNBits accuracy levels: 0 leaves ONNX Runtime's default (fp32 compute), 4 computes in int8.
+INT4_INT8_COMPUTE = 4
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How int8 and int4 are built on one CPU, and why (one reason per choice)."""
+
+    int8_reduce_range: bool
+    int4_block_size: int
+    int4_accuracy_level: int
+    reasons: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form result.json and bench output keep."""
+        return asdict(self) | {"reasons": list(self.reasons)}
+
+    def describe(self, bits: int) -> str:
+        """One phrase for a bit width's recipe, for reports and bench rows."""
+        if bits == 8:
+            return f"int8 dynamic, per-channel s8 weights{', reduce_range' if self.int8_reduce_range else ', full range'}"
+        if bits == 4:
+            compute = "int8 compute" if self.int4_accuracy_level == INT4_INT8_COMPUTE else "fp32 compute"
+            return f"int4 MatMulNBits, block {self.int4_block_size}, symmetric, {compute}"
+        return {32: "fp32", 16: "fp16 weights and compute"}.get(bits, f"{bits} bits")
+
+
+def recipe_for(flags: Iterable[str]) -> Recipe:
+    """The recipe for a CPU with these ISA flags (kernel spelling; see the module docstring for why)."""
+    dot = sorted(set(flags) & INT8_DOT_FLAGS)
+    int8_reason = "int8 reduce_range (7-bit weights): safe from 16-bit saturation without VNNI, and full range measured no better with it"
+    if dot:
+        return Recipe(int8_reduce_range=True, int4_block_size=INT4_BLOCK_SIZE, int4_accuracy_level=INT4_INT8_COMPUTE,
+                      reasons=(int8_reason, f"int4 with int8 compute (accuracy_level 4): {'/'.join(dot)} int8 dot products"))
+    return Recipe(int8_reduce_range=True, int4_block_size=INT4_BLOCK_SIZE, int4_accuracy_level=0,
+                  reasons=(int8_reason, "int4 with fp32 compute (accuracy_level 0): no VNNI/AMX int8 dot products"))
+
+
+#: The recipe of a CPU without int8 dot products: the conservative choice where the flags are unknown.
+PORTABLE = recipe_for(())
+
+
+def quantize_int8_dynamic(onnx_in: str | os.PathLike[str], onnx_out: str | os.PathLike[str], recipe: Recipe,
+                          extra_options: dict[str, Any] | None = None) -> None:
+    """int8 weights per channel, activations quantized on the fly per call (ONNX Runtime's dynamic quantizer)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(os.fspath(onnx_in), os.fspath(onnx_out), weight_type=QuantType.QInt8, per_channel=True,
+                     reduce_range=recipe.int8_reduce_range, extra_options=extra_options or {})
+
+
+def quantize_int4(model: onnx.ModelProto, recipe: Recipe) -> onnx.ModelProto:
+    """Weight-only symmetric int4 (MatMulNBits) on every constant-weight MatMul, `recipe.int4_block_size` weights
+    per scale. Needs the `onnx_ir` package (ONNX Runtime imports it for this quantizer only)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, block_size=recipe.int4_block_size, is_symmetric=True,
+                                     accuracy_level=recipe.int4_accuracy_level or None)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def int8_chain_bytes(fp32: onnx.ModelProto, recipe: Recipe) -> bytes:
+    """A static-shape graph quantized to int8 as deployed, serialized (the microbenchmarks' chains)."""
+    from onnxruntime.quantization import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="autotune-chain-") as tmp:
+        source, typed, target = (os.path.join(tmp, f"{name}.onnx") for name in ("fp32", "typed", "int8"))
+        onnx.save(fp32, source)
+        # What the quantizer expects (and warns without); the shapes are static, so ONNX's own shape inference
+        # is enough and the symbolic pass (seconds of every profile) is skipped.
+        quant_pre_process(source, typed, skip_optimization=True, skip_symbolic_shape=True)
+        quantize_int8_dynamic(typed, target, recipe)
+        with open(target, "rb") as handle:
+            return handle.read()
