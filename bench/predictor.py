@@ -45,6 +45,7 @@ cross-machine predictions from the merged profile's (the noise of a one-round pr
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -75,7 +76,9 @@ from profilers.hardware import HardwareProfile, collect_profile  # noqa: E402
 from profilers.isolated import OnnxRequest, measure_onnx_isolated  # noqa: E402
 from profilers.latency import LatencyStats, MeasureSettings  # noqa: E402
 from profilers.microbench import MicrobenchSizes, Microbench, merge_rounds, run_cpu_microbench  # noqa: E402
-from profilers.predictor import CalibrationPoint, Predictor, Throughput, Workload  # noqa: E402
+from profilers.predictor import PREDICTED_BITS, CalibrationPoint, Predictor, Throughput, Workload  # noqa: E402
+from profilers.cpu import probe_cpu  # noqa: E402
+from profilers.recipes import Recipe, recipe_for  # noqa: E402
 from search_spaces import Candidate, Space, preset, restrict_to_hardware, with_overrides  # noqa: E402
 
 DEMO_SPEC = Path(__file__).resolve().parent.parent / "examples" / "sentiment" / "tune.yaml"
@@ -118,6 +121,15 @@ class Measured:
                        process_p95s_1t=(*self.process_p95s_1t, one.p95_ms))
 
 
+def modelled(space: Space) -> Space:
+    """The space without the bit widths the predictor does not model (fp16, where the hardware rules keep it),
+    said on stdout: the bench scores predictions, and an unmodelled width has none to score."""
+    for bits in [b for b in space.knob("bits").values() if b not in PREDICTED_BITS]:
+        space, _ = space.without("bits", bits, "not modelled by the predictor")
+        print(f"bits={bits} left out: the predictor models bits {', '.join(map(str, PREDICTED_BITS))} on CPU")
+    return space
+
+
 def sample_candidates(space: Space, n: int, seed: int) -> list[Candidate]:
     """n candidates with distinct shapes (shape x bits), uniform over the space's knob values."""
     rng = random.Random(seed)
@@ -129,13 +141,19 @@ def sample_candidates(space: Space, n: int, seed: int) -> list[Candidate]:
     return list(seen.values())
 
 
+@functools.cache
+def this_cpu_recipe() -> Recipe:
+    """This CPU's quantization recipe, as the tuner's gate builds with it (probed once: py-cpuinfo takes a second)."""
+    return recipe_for(probe_cpu().flags)
+
+
 def build_candidate(teacher: Any, tokenizer: Any, candidate: Candidate, directory: Path) -> tuple[OnnxRequest, float]:
     """Build the candidate's shape as the gate does (into `directory`) and time it once at gate length at 2
     threads: what to time it with, and the wall seconds of build + gate timing (the cost of one gate)."""
     start = time.perf_counter()
     model = shaped_like(teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
     plain = export_artifact(model, tokenizer, directory / "fp32")
-    variant = quantize_artifact(plain, directory / "variant", bits=candidate.bits)
+    variant = quantize_artifact(plain, directory / "variant", bits=candidate.bits, recipe=this_cpu_recipe())
     request = OnnxRequest(onnx_path=str(variant.onnx_path), input_names=variant.input_names,
                           batch_size=WORKLOAD.batch_size, seq_len=WORKLOAD.seq_len, vocab_size=variant.vocab_size, threads=2)
     measure_onnx_isolated(request, GATE_SETTINGS)
@@ -274,7 +292,7 @@ def demo_savings(rows: Sequence[Measured], profile: HardwareProfile, predictor: 
     spec = load_spec(DEMO_SPEC)
     target_ms = teacher_p95 / spec.target.speedup
     space = with_overrides(preset(spec.space.preset, shape_of_minilm()), spec.space.knobs)
-    space, _ = restrict_to_hardware(space, profile, spec.target.runtime, spec.target.device)
+    space = modelled(restrict_to_hardware(space, profile, spec.target.runtime, spec.target.device)[0])
     shapes = {}
     for values in itertools.product(*(k.values() for k in space.knobs)):
         candidate = Candidate.canonical(**dict(zip((k.name for k in space.knobs), values)))
@@ -313,17 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     probed = {threads: collect_profile(threads, microbench=False) for threads in (2, 1)}
     taken: dict[int, list[Microbench]] = {2: [], 1: []}
-    plan = MicrobenchSizes.for_mode(args.quick)
+    sizes = MicrobenchSizes.for_mode(args.quick)
 
     def take_round() -> None:
         """One CPU round at each thread count (the GPUs, if any, play no part in this bench)."""
         for threads in probed:
-            taken[threads].append(run_cpu_microbench(threads, plan))
+            taken[threads].append(run_cpu_microbench(threads, sizes, probed[threads].recipe))
         if args.measurements is not None:
             rounds_path(args.measurements).write_text(json.dumps(
                 {t: [replace(probed[t], microbench=m).to_dict() for m in ms] for t, ms in taken.items()}))
 
-    space, _ = restrict_to_hardware(preset("bert-default", shape_of_minilm()), probed[2], "onnxruntime", "cpu")
+    space = modelled(restrict_to_hardware(preset("bert-default", shape_of_minilm()), probed[2], "onnxruntime", "cpu")[0])
     teacher = shape_of_minilm().as_candidate(32)
     candidates = sample_candidates(space, n, args.seed)
     rows = measure_all([*candidates, teacher], args.measurements, rounds, take_round)

@@ -51,3 +51,34 @@ def make_session(
 def session_threads(session: ort.InferenceSession) -> int:
     """The intra-op thread count a session was created with (0 means ORT's default: all physical cores)."""
     return int(session.get_session_options().intra_op_num_threads)
+
+
+def cpu_runs_natively(elem_type: int) -> bool:
+    """Whether ONNX Runtime's CPU provider has its own MatMul kernel for `elem_type` (an onnx.TensorProto type)
+    on this CPU. Where it has none it still runs the model, by inserting Casts to fp32 around the MatMul: that is
+    no fp16/bf16 kernel, only extra work, so the search must not offer the precision. The probe reads the graph
+    ORT optimised for this machine, which says which kernel it chose (milliseconds, no timing involved)."""
+    import tempfile
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    weight = numpy_helper.from_array(np.ones((16, 16), dtype=dtype), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "probe",
+                              [helper.make_tensor_value_info("X", elem_type, [4, 16])],
+                              [helper.make_tensor_value_info("Y", elem_type, [4, 16])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with tempfile.TemporaryDirectory(prefix="autotune-probe-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=[CPU_PROVIDER])
+        except Exception:  # noqa: BLE001 - no kernel at all for this type is "not native" too
+            return False
+        chosen = onnx.load(options.optimized_model_filepath)
+    return not any(node.op_type == "Cast" for node in chosen.graph.node)

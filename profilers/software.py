@@ -20,6 +20,9 @@ class SoftwareInfo:
     onnxruntime_providers: tuple[str, ...]
     optuna: str | None
     transformers: str | None
+    #: Whether ONNX Runtime's CPU provider runs fp16 MatMul with its own kernel here (None: not probed, an older
+    #: profile). A flag says a kernel may exist; this probe says ORT chose one rather than casting to fp32.
+    onnxruntime_cpu_fp16: bool | None = None
 
 
 def package_version(name: str) -> str | None:
@@ -36,10 +39,15 @@ def probe_software() -> SoftwareInfo:
     try:
         import onnxruntime
 
+        from onnx import TensorProto
+
+        from profilers.ort import cpu_runs_natively
+
         providers = tuple(onnxruntime.get_available_providers())
         ort_version: str | None = onnxruntime.__version__
+        fp16: bool | None = cpu_runs_natively(TensorProto.FLOAT16)
     except ImportError:
-        providers, ort_version = (), None
+        providers, ort_version, fp16 = (), None, None
     return SoftwareInfo(
         python=platform.python_version(),
         torch=package_version("torch"),
@@ -47,4 +55,5 @@ def probe_software() -> SoftwareInfo:
         onnxruntime_providers=providers,
         optuna=package_version("optuna"),
         transformers=package_version("transformers"),
+        onnxruntime_cpu_fp16=fp16,
     )

@@ -28,7 +28,10 @@ def unsupported_values(profile: HardwareProfile, runtime: str, device: str) -> l
     out: list[tuple[str, object, str]] = []
     if runtime == "onnxruntime":
         out.append(("sparsity_pattern", "2:4", "has no sparse kernel in ONNX Runtime's CPU or CUDA provider, so it would cost accuracy for no speed"))
-        if device == "cpu" and not flags & CPU_FP16_FLAGS:
+        native = profile.software.onnxruntime_cpu_fp16
+        if device == "cpu" and native is False:
+            out.append(("bits", 16, "has no fp16 MatMul kernel in ONNX Runtime's CPU provider here (probed: it casts to fp32)"))
+        elif device == "cpu" and native is None and not flags & CPU_FP16_FLAGS:
             out.append(("bits", 16, "has no fp16 GEMM path in ONNX Runtime on this CPU (no avx512_fp16/fphp flag); it would run through casts"))
     elif runtime == "torch":
         out.append(("bits", 4, "has no int4 execution path in the torch runtime"))

@@ -112,23 +112,51 @@ def test_unknown_preset_suggests_the_name() -> None:
         preset("bert-defualt", MINILM)
 
 
+def unprobed(profile, flags: tuple[str, ...]):
+    """This machine's profile with other flags and no fp16 probe (an older profile): the flag rule decides."""
+    return replace(profile, cpu=replace(profile.cpu, flags=flags), software=replace(profile.software, onnxruntime_cpu_fp16=None))
+
+
 def test_hardware_removes_what_this_cpu_cannot_run_with_reasons(profile) -> None:
     space = preset("bert-default", MINILM)
-    no_fp16_cpu = replace(profile, cpu=replace(profile.cpu, flags=("avx2", "fma")))
+    no_fp16_cpu = unprobed(profile, ("avx2", "fma"))
     restricted, removals = restrict_to_hardware(space, no_fp16_cpu, "onnxruntime", "cpu")
     assert 16 not in restricted.knob("bits").values() and "2:4" not in restricted.knob("sparsity_pattern").values()
     assert {(r.knob, r.value) for r in removals} == {("bits", 16), ("sparsity_pattern", "2:4")}
     assert all(r.reason for r in removals)
-    fp16_cpu = replace(profile, cpu=replace(profile.cpu, flags=("avx512f", "avx512_fp16")))
+    fp16_cpu = unprobed(profile, ("avx512f", "avx512_fp16"))
     kept, _ = restrict_to_hardware(space, fp16_cpu, "onnxruntime", "cpu")
     assert 16 in kept.knob("bits").values()
     torch_cpu, removals = restrict_to_hardware(space, no_fp16_cpu, "torch", "cpu")
     assert set(torch_cpu.knob("bits").values()) == {32, 8}
 
 
+@pytest.mark.parametrize(("flags", "probed", "kept"), [
+    (("avx512_fp16",), False, False),  # a flag says a kernel may exist; the probe found ORT casting to fp32
+    (("avx2",), True, True),  # the probe found ORT's own fp16 kernel
+    (("avx512_fp16",), None, True), (("avx2",), None, False),  # no probe (an older profile): the flag decides
+])
+def test_fp16_is_kept_where_the_probe_found_a_kernel(profile, flags: tuple[str, ...], probed: bool | None, kept: bool) -> None:
+    machine = replace(unprobed(profile, flags), software=replace(profile.software, onnxruntime_cpu_fp16=probed))
+    restricted, removals = restrict_to_hardware(preset("bert-default", MINILM), machine, "onnxruntime", "cpu")
+    assert (16 in restricted.knob("bits").values()) == kept
+    assert kept or any("probed" in r.reason or "flag" in r.reason for r in removals if r.value == 16)
+
+
+def test_this_machines_fp16_probe_agrees_with_the_space_it_gets(profile) -> None:
+    from onnx import TensorProto
+
+    from profilers.ort import cpu_runs_natively
+
+    assert cpu_runs_natively(TensorProto.FLOAT)  # the probe can say yes: fp32 always has its own kernel
+    assert profile.software.onnxruntime_cpu_fp16 == cpu_runs_natively(TensorProto.FLOAT16)
+    restricted, _ = restrict_to_hardware(preset("bert-default", MINILM), profile, "onnxruntime", "cpu")
+    assert (16 in restricted.knob("bits").values()) == profile.software.onnxruntime_cpu_fp16
+
+
 def test_hardware_refuses_to_empty_a_knob(profile) -> None:
     only_fp16 = with_overrides(preset("bert-default", MINILM), {"bits": [16]})
-    no_fp16_cpu = replace(profile, cpu=replace(profile.cpu, flags=("avx2",)))
+    no_fp16_cpu = unprobed(profile, ("avx2",))
     with pytest.raises(SpaceError, match="no value left on this machine"):
         restrict_to_hardware(only_fp16, no_fp16_cpu, "onnxruntime", "cpu")
     with pytest.raises(ValueError, match="runtime must be one of"):
