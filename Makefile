@@ -15,11 +15,12 @@ install: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[dev,demo]"
+	# constraints.txt: the versions the suite last passed with (ONNX Runtime, transformers and Optuna change behaviour).
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,demo]"
 	@touch $(STAMP)
 
 # pytest exits 5 when it collected nothing: a suite that runs no test is a failure, said plainly.
