@@ -19,11 +19,10 @@ from typing import Any, Mapping
 
 from autotune.config import TuneSpec, load_spec
 from autotune.progress import SilentProgress
-from autotune.records import TrialRecord
 from autotune.report import write_report
 from autotune.result import TuneResult, load_result, recommended_entry, result_document
 from autotune.runtime import load_artifact
-from autotune.selection import choose_recommendation, refine_finalists
+from autotune.selection import Choice, choose_recommendation, refine_finalists
 from autotune.session import Session, start_session
 from autotune.study import (
     HARDWARE_ATTR, WORKER_ATTR, finished_count, importances, kept_trials, pareto_numbers, record_of, redact,
@@ -140,14 +139,15 @@ def tune(
     here = [t for t in trials if t.user_attrs.get(HARDWARE_ATTR, here_fingerprint) == here_fingerprint]
     records = [record_of(t) for t in here]
     refined = refine_finalists(session.pipeline, records, progress)
-    chosen, reason = choose_recommendation(session.pipeline, records + refined, progress.note)
+    choice = choose_recommendation(session.pipeline, session.baseline.artifact, records + refined, session.margin,
+                                   progress.note)
     here_numbers = {t.number for t in here}
     result = TuneResult(result_document(
-        session, records, command=command, refined=refined, reason=reason,
+        session, records, command=command, refined=refined, reason=choice.reason, passed_over=list(choice.passed_over),
         other_hardware_trials=[record_of(t) for t in trials if t.number not in here_numbers],
         pareto=pareto_numbers(session.study, here), importances=importances(session.study, here),
         baseline_test=test_score(session, session.baseline.artifact.dir),
-        recommended=None if chosen is None else deploy_recommendation(session, chosen),
+        recommended=None if choice.recommended is None else deploy_recommendation(session, choice),
         seconds=time.perf_counter() - started))  # keyword arguments are evaluated in order: this one last
     result.save(run_dir)
     write_report(result.data, run_dir)
@@ -161,9 +161,9 @@ def test_score(session: Session, artifact_dir: Path) -> float | None:
     return session.task.score(load_artifact(artifact_dir), "test", session.target.timing).objective
 
 
-def deploy_recommendation(session: Session, chosen: TrialRecord) -> dict[str, Any]:
+def deploy_recommendation(session: Session, choice: Choice) -> dict[str, Any]:
     """Copy the recommended artifact to `model/` and describe it, with its test score, for result.json."""
     model_dir = session.run_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
-    shutil.copytree(chosen.artifact, model_dir)
-    return recommended_entry(session, chosen, model_dir, test_score(session, model_dir))
+    shutil.copytree(choice.recommended.artifact, model_dir)
+    return recommended_entry(session, choice, model_dir, test_score(session, model_dir))

@@ -23,6 +23,7 @@ from profilers.latency import LatencyStats
 from search_spaces import Candidate
 
 if TYPE_CHECKING:
+    from autotune.selection import Choice
     from autotune.session import Session
 
 RESULT_SCHEMA_VERSION = 1
@@ -103,18 +104,25 @@ def latency_summary(stats: LatencyStats) -> dict[str, float]:
             "stdev": stats.stdev_ms, "runs": stats.runs, "converged": stats.converged}
 
 
-def recommended_entry(session: Session, record: TrialRecord, model_dir: Path, test: float | None) -> dict[str, Any]:
-    """The recommendation as result.json keeps it: its artifact copied to `model_dir`, its speedup over the
-    baseline measured in this run."""
-    baseline_ms = session.baseline.latency.percentile_ms(session.target.percentile)
+def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: float | None) -> dict[str, Any]:
+    """The recommendation as result.json keeps it: its artifact copied to `model_dir`; its latency and speedup from
+    the one interleaved measurement with the baseline, with their confidence intervals and the verdict."""
+    record = choice.recommended
+    bounds = choice.measured.bounds_ms(choice.percentile)
     return {
         "number": record.number,
         "candidate": record.candidate,
         "description": Candidate.from_dict(record.candidate).describe(),
         "accuracy": {"validation": record.accuracy, "test": test},
         "latency_ms": record.latency_ms,
+        "latency_interval_ms": None if bounds is None else list(bounds),
+        "verdict": choice.verdict,
+        "margin": choice.margin,
         "size_mb": record.size_mb,
-        "speedup": baseline_ms / record.latency_ms,
+        "speedup": choice.speedup,
+        "speedup_interval": None if choice.speedup_interval is None else list(choice.speedup_interval),
+        "final_measurement": {"interleaved_rounds": choice.measured.runs, "baseline": choice.baseline.to_dict(),
+                              "recommended": choice.measured.to_dict()},
         "epochs": record.epochs or session.spec.training.epochs,
         "refined": record.stage == Stage.REFINED,
         "artifact": str(model_dir),
@@ -123,7 +131,8 @@ def recommended_entry(session: Session, record: TrialRecord, model_dir: Path, te
 
 def result_document(session: Session, records: list[TrialRecord], **found: Any) -> dict[str, Any]:
     """result.json's content: the run's facts from `session`, its trials, and what the selection `found`
-    (other_hardware_trials, refined, pareto, recommended, reason, importances, baseline_test, command, seconds)."""
+    (other_hardware_trials, refined, pareto, recommended, reason, passed_over, importances, baseline_test, command,
+    seconds)."""
     spec, baseline, storage = session.spec, session.baseline, redact(session.storage)
     return {
         "schema_version": RESULT_SCHEMA_VERSION,
@@ -150,6 +159,7 @@ def result_document(session: Session, records: list[TrialRecord], **found: Any) 
         "pareto": found["pareto"],
         "recommended": found["recommended"],
         "reason": found["reason"],
+        "passed_over": found["passed_over"],
         "metric": session.task.objective_name,
         "importances": found["importances"],
         "counters": session.pipeline.counters,

@@ -1,9 +1,12 @@
 """After the search: refine the finalists, re-measure, and choose the recommendation.
 
-On a shared machine one measurement decides nothing near the target, and a search ranks students after a
-short training. So the most accurate feasible students (finalists) are distilled longer (multi-fidelity), and
-the recommendation is the most accurate evaluated or refined candidate whose latency, re-measured now, meets
-the target; every more accurate candidate passed over is said, with its re-measured latency.
+On a shared machine latencies move by tens of percent between minutes, and a search ranks students after a
+short training. So the most accurate feasible students (finalists) are distilled longer (multi-fidelity); then
+the most accurate candidates are re-measured together with the baseline, alternating in one clean child process,
+so that a speedup is a ratio taken in the same minutes and two versions of one shape are judged side by side.
+A candidate is recommended when the upper confidence bound of its latency percentile is under the target less
+a safety margin; failing that, one that meets the target only within noise is recommended and said to be so.
+Every more accurate candidate passed over is kept in the result with why.
 """
 
 from __future__ import annotations
@@ -11,15 +14,15 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from statistics import median
-from typing import Callable
+from typing import Any, Callable
 
 from autotune.progress import SilentProgress
 from autotune.records import Stage, TrialRecord
 from autotune.report.summary import closest_measured
-from autotune.runtime import load_artifact
-from autotune.trial import REMEASURE_ROUNDS, TrialPipeline, noise_margin
+from autotune.runtime import Artifact, load_artifact
+from autotune.trial import TrialPipeline, noise_margin
 from profilers.latency import LatencyStats
 from search_spaces import Candidate
 
@@ -76,40 +79,116 @@ def refine_finalists(pipeline: TrialPipeline, records: list[TrialRecord], progre
     return refined
 
 
-def confirmed_latency(pipeline: TrialPipeline, record: TrialRecord) -> float:
-    """Latency at the target percentile, re-measured; rounds are added while it sits within the noise."""
-    artifact = load_artifact(record.artifact)
-    target = pipeline.ctx.target
-    samples = [pipeline.measure(artifact)]
-    while len(samples) < REMEASURE_ROUNDS:
-        values = sorted(s.percentile_ms(target.percentile) for s in samples)
-        if abs(median(values) - target.latency_ms) > noise_margin(samples[-1]) * target.latency_ms:
-            break
-        samples.append(pipeline.measure(artifact))
-    return float(median(s.percentile_ms(target.percentile) for s in samples))
+#: Candidates measured together with the baseline in one interleaved child process (the most accurate first).
+FINAL_BATCH = 6
 
 
-def choose_recommendation(pipeline: TrialPipeline, records: list[TrialRecord],
-                          note: Callable[[str], None] = log.info) -> tuple[TrialRecord | None, str | None]:
-    """(recommended record with its re-measured latency, or None with the reason): the most accurate evaluated or
-    refined candidate whose re-measured latency meets the target; `note` hears why a more accurate one was passed
-    over (a user who saw it trained should see why it was not chosen)."""
+@dataclass(frozen=True)
+class Choice:
+    """What the selection decided, and the evidence: the recommendation (with its latency as re-measured beside
+    the baseline) or None with the reason, every more accurate candidate passed over and why, and the final
+    interleaved measurement the speedup comes from."""
+
+    recommended: TrialRecord | None
+    verdict: str | None  # "meets" (upper bound under target x (1 - margin)) or "meets within noise"
+    reason: str | None
+    passed_over: tuple[dict[str, Any], ...]
+    baseline: LatencyStats | None  # the baseline in the same interleaved measurement as the recommendation
+    measured: LatencyStats | None  # the recommendation in it
+    margin: float
+    percentile: float
+
+    @property
+    def speedup(self) -> float | None:
+        """Baseline / recommended latency at the target percentile, both from the same interleaved measurement."""
+        if self.recommended is None or self.baseline is None:
+            return None
+        return self.baseline.percentile_ms(self.percentile) / self.recommended.latency_ms
+
+    @property
+    def speedup_interval(self) -> tuple[float, float] | None:
+        """The speedup's range from the two latencies' confidence intervals (slowest baseline over fastest candidate
+        and the reverse): how far the ratio could move within the measurement's own noise."""
+        if self.baseline is None or self.measured is None:
+            return None
+        base, mine = self.baseline.bounds_ms(self.percentile), self.measured.bounds_ms(self.percentile)
+        return None if base is None or mine is None else (base[0] / mine[1], base[1] / mine[0])
+
+
+def passed(record: TrialRecord, reason: str, stats: LatencyStats | None = None, percentile: float = 95.0) -> dict[str, Any]:
+    """One passed-over candidate as result.json keeps it: which trial, how accurate, its latency and why."""
+    bounds = None if stats is None else stats.bounds_ms(percentile)
+    return {"number": record.number, "stage": str(record.stage), "accuracy": record.accuracy, "artifact": record.artifact,
+            "latency_ms": record.latency_ms if stats is None else stats.percentile_ms(percentile),
+            "latency_upper_ms": None if bounds is None else bounds[1], "reason": reason}
+
+
+def contenders(pipeline: TrialPipeline, records: list[TrialRecord]) -> tuple[list[TrialRecord], list[dict[str, Any]]]:
+    """(candidates to re-measure, most accurate first; those passed over before any re-measurement, with why)."""
     target_ms = pipeline.ctx.target.latency_ms
-    seen: set[str] = set()
+    chosen, skipped, seen = [], [], set()
     for record in with_accuracy(records, (Stage.EVALUATED, Stage.REFINED)):
-        if record.artifact in seen or record.latency_ms > target_ms * (1 + REMEASURE_BEYOND):
+        if record.artifact in seen:
             continue  # a candidate evaluated in two trials is one artifact
-        if not Path(record.artifact).exists():  # written by a worker on another machine: cannot re-measure here
-            log.info("trial %d's artifact %s is not on this machine", record.number, record.artifact)
-            continue
         seen.add(record.artifact)
-        latency = confirmed_latency(pipeline, record)
-        if latency <= target_ms:
-            return record.with_latency(latency), None
-        note(f"trial {record.number} ({record.stage}, {pipeline.ctx.task.objective_name} {record.accuracy:.4f}) "
-             f"re-measured at {latency:.2f} ms, over the {target_ms:.2f} ms target: not recommended")
+        if record.latency_ms > target_ms * (1 + REMEASURE_BEYOND):
+            skipped.append(passed(record, f"measured {record.latency_ms:.2f} ms in the search, more than "
+                                          f"{REMEASURE_BEYOND:.0%} over the {target_ms:.2f} ms target: not re-measured"))
+        elif not Path(record.artifact).exists():  # written by a worker on another machine
+            skipped.append(passed(record, f"its artifact {record.artifact} is not on this machine: not re-measured"))
+        else:
+            chosen.append(record)
+    return chosen, skipped
+
+
+def judge(stats: LatencyStats, target_ms: float, percentile: float, margin: float) -> tuple[str, str]:
+    """(verdict, why) of one re-measured candidate: "meets" when its latency's upper confidence bound is under the
+    target less the margin, "within noise" when only its point estimate is under the target, else "over"."""
+    latency = stats.percentile_ms(percentile)
+    upper = (stats.bounds_ms(percentile) or (latency, latency))[1]
+    limit = target_ms * (1 - margin)
+    if upper <= limit:
+        return "meets", f"p{percentile:g} {latency:.2f} ms, upper bound {upper:.2f} ms <= {limit:.2f} ms"
+    if latency <= target_ms:
+        return "within noise", (f"meets only within noise: p{percentile:g} {latency:.2f} ms, but its upper bound "
+                                f"{upper:.2f} ms is over the target less the {margin:.0%} margin ({limit:.2f} ms)")
+    return "over", f"re-measured at {latency:.2f} ms (upper bound {upper:.2f} ms), over the {target_ms:.2f} ms target"
+
+
+def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRecord], margin: float,
+                          note: Callable[[str], None] = log.info) -> Choice:
+    """The most accurate evaluated or refined candidate whose latency, re-measured in one child process alternating
+    with the baseline's, meets the target with its upper confidence bound and the margin; failing that, the most
+    accurate one that meets it within noise, said so. `note` hears every candidate passed over and why."""
+    target = pipeline.ctx.target
+    ranked, passed_over = contenders(pipeline, records)
+    fallback: tuple[TrialRecord, LatencyStats, LatencyStats] | None = None
+    for start in range(0, len(ranked), FINAL_BATCH):
+        batch = ranked[start:start + FINAL_BATCH]
+        base_stats, *stats = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
+        for record, measured in zip(batch, stats):
+            verdict, why = judge(measured, target.latency_ms, target.percentile, margin)
+            chosen = record.with_latency(measured.percentile_ms(target.percentile))
+            if verdict == "meets":
+                return Choice(chosen, "meets", None, tuple(passed_over), base_stats, measured, margin, target.percentile)
+            if verdict == "within noise" and fallback is None:
+                fallback = (chosen, base_stats, measured)
+            passed_over.append(passed(record, why, measured, target.percentile))
+            note(f"trial {record.number} ({record.stage}, {pipeline.ctx.task.objective_name} {record.accuracy:.4f}): "
+                 f"{why}: not recommended")
+    if fallback is not None:
+        chosen, base_stats, measured = fallback
+        kept = tuple(p for p in passed_over if p["accuracy"] is not None and p["accuracy"] >= chosen.accuracy
+                     and p["artifact"] != chosen.artifact)
+        return Choice(chosen, "meets within noise", None, kept, base_stats, measured, margin, target.percentile)
+    return Choice(None, None, no_recommendation_reason(records, target.latency_ms), tuple(passed_over), None, None,
+                  margin, target.percentile)
+
+
+def no_recommendation_reason(records: list[TrialRecord], target_ms: float) -> str:
+    """Why nothing is recommended, naming the closest candidates measured and by how much they miss."""
     misses = closest_measured([r.to_dict() for r in records])
     if not misses:
-        return None, "no trial finished"
+        return "no trial finished"
     closest = ", ".join(f"trial {r['number']} at {r['latency_ms']:.2f} ms (+{r['latency_ms'] / target_ms - 1:.0%})" for r in misses)
-    return None, f"no candidate met the {target_ms:.2f} ms target; closest: {closest}"
+    return f"no candidate met the {target_ms:.2f} ms target; closest: {closest}"

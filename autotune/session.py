@@ -36,6 +36,8 @@ from profilers.predictor import Workload
 from profilers.recipes import PORTABLE
 from search_spaces import Candidate, Removal, Space, restrict_to_hardware
 
+#: The default safety margin is the measured noise, at most this.
+MAX_DEFAULT_MARGIN = 0.15
 #: The study attribute that keeps a relative target once resolved (see `resolved_target_ms`).
 TARGET_ATTR = "target_latency_ms"
 
@@ -47,6 +49,9 @@ class Baseline:
     artifact: Artifact
     latency: LatencyStats
     validation: float
+    #: The relative spread (max / min - 1) of the target percentile over the baseline's measurements: this
+    #: machine's noise from one measurement to the next, the default safety margin of a recommendation.
+    noise: float
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,8 @@ def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, out_di
     shutil.rmtree(plain.dir, ignore_errors=True)
     rounds = sorted((time_artifact(task, timing, artifact) for _ in range(REMEASURE_ROUNDS)),
                     key=lambda stats: stats.percentile_ms(percentile))
-    return Baseline(artifact, rounds[len(rounds) // 2], task.score(artifact, "validation", timing).objective)
+    noise = rounds[-1].percentile_ms(percentile) / rounds[0].percentile_ms(percentile) - 1
+    return Baseline(artifact, rounds[len(rounds) // 2], task.score(artifact, "validation", timing).objective, noise)
 
 
 def resolved_target_ms(study: optuna.Study, spec: TuneSpec, baseline_ms: float, progress: SilentProgress) -> float:

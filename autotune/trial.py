@@ -39,7 +39,7 @@ from autotune.records import Stage, TrialOutcome
 from autotune.runtime import Artifact, load_artifact
 from autotune.screening import LatencyScreen, predicted_size_mb
 from autotune.tasks import TaskFamily, Timing
-from profilers.isolated import measure_onnx_isolated
+from profilers.isolated import measure_onnx_interleaved, measure_onnx_isolated
 from profilers.latency import LatencyStats, MeasureSettings
 from profilers.ort import CPU_PROVIDER, CUDA_PROVIDER
 from profilers.recipes import PORTABLE, Recipe
@@ -47,8 +47,8 @@ from search_spaces import Candidate
 
 #: The gate only has to tell "clearly over the target" from "maybe not": a shorter measurement than the
 #: evaluation's, whose wider interval the noise margin absorbs.
-GATE_SETTINGS = MeasureSettings(warmup=3, min_runs=10, max_runs=200, max_seconds=1.0, rel_ci=0.03)
-EVALUATE_SETTINGS = MeasureSettings(warmup=5, min_runs=20, max_runs=400, max_seconds=3.0)
+GATE_SETTINGS = MeasureSettings(warmup=3, min_runs=20, max_runs=200, max_seconds=1.0, rel_ci=0.03)
+EVALUATE_SETTINGS = MeasureSettings(warmup=5, min_runs=40, max_runs=400, max_seconds=3.0)
 #: Measurements taken of a latency that decides something (the baseline, a recommendation near its target).
 REMEASURE_ROUNDS = 3
 #: A cached gate latency is trusted only while the machine runs the baseline within this fraction of the speed
@@ -107,15 +107,25 @@ def noise_margin(stats: LatencyStats) -> float:
 
 
 def clearly_over(stats: LatencyStats, target: Target) -> bool:
-    """Over the target beyond the noise: only then may the gate reject without training."""
-    return stats.percentile_ms(target.percentile) > target.latency_ms * (1.0 + noise_margin(stats))
+    """Over the target beyond the noise: only then may the gate reject without training. The percentile's own
+    lower confidence bound must clear the target by the drift allowance (MIN_NOISE_MARGIN): a short gate
+    measurement's p95 is near its sample maximum, so one slow run alone never rejects. Measurements stored
+    without bounds fall back to the median's interval."""
+    bounds = stats.bounds_ms(target.percentile)
+    if bounds is None:
+        return stats.percentile_ms(target.percentile) > target.latency_ms * (1.0 + noise_margin(stats))
+    return bounds[0] > target.latency_ms * (1.0 + MIN_NOISE_MARGIN)
+
+
+def providers_for(device: str) -> tuple[str, ...]:
+    """ONNX Runtime providers for a target device, the CPU last as ORT's fallback for unsupported nodes."""
+    return (CUDA_PROVIDER, CPU_PROVIDER) if device == "cuda" else (CPU_PROVIDER,)
 
 
 def time_artifact(task: TaskFamily, timing: Timing, artifact: Artifact,
                   settings: MeasureSettings = EVALUATE_SETTINGS) -> LatencyStats:
     """Latency of an artifact at the target's shape and threads, timed in a fresh child process."""
-    providers = (CUDA_PROVIDER, CPU_PROVIDER) if timing.device == "cuda" else (CPU_PROVIDER,)
-    return measure_onnx_isolated(task.timing(artifact, timing, providers), settings)
+    return measure_onnx_isolated(task.timing(artifact, timing, providers_for(timing.device)), settings)
 
 
 @dataclass(frozen=True)
@@ -271,6 +281,12 @@ class TrialPipeline:
     def measure(self, artifact: Artifact, settings: MeasureSettings | None = None) -> LatencyStats:
         """Latency of an artifact at the target, timed in a fresh child process."""
         return time_artifact(self.ctx.task, self.ctx.target.timing, artifact, settings or self.ctx.measure_settings)
+
+    def measure_together(self, artifacts: list[Artifact]) -> list[LatencyStats]:
+        """Latencies of several artifacts at the target, alternating in one child process (see
+        profilers.isolated.measure_onnx_interleaved): figures whose ratios mean something on a shared host."""
+        timing = self.ctx.target.timing
+        return measure_onnx_interleaved([self.ctx.task.timing(a, timing, providers_for(timing.device)) for a in artifacts])
 
     def gate_path(self, candidate: Candidate) -> Path:
         """Where the gate's measurement of a shape is cached: keyed by everything its latency depends on (shape, bits,

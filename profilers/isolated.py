@@ -75,14 +75,66 @@ def measure_onnx_isolated(request: OnnxRequest, settings: MeasureSettings = Meas
     return LatencyStats(**json.loads(proc.stdout))
 
 
+#: Runs per model in an interleaved measurement: enough that a p95 is the 285th of 300 samples, not the maximum,
+#: and its confidence interval is a few ranks wide.
+INTERLEAVED_ROUNDS = 300
+
+
+def measure_onnx_interleaved(requests: Sequence[OnnxRequest], rounds: int = INTERLEAVED_ROUNDS, warmup: int = 10,
+                             timeout_s: float = 900) -> list[LatencyStats]:
+    """Time several models in one child process, alternating one run of each per round, every session with
+    spinning off: the figures share the same minutes, so their ratios (speedups) are not the drift of a shared
+    host between two measurements. Stats come back in the order of `requests`."""
+    if not requests:
+        raise ValueError("measure_onnx_interleaved needs at least one model")
+    payload = json.dumps({"requests": [asdict(r) for r in requests], "rounds": rounds, "warmup": warmup})
+    env = {**os.environ, "OMP_NUM_THREADS": str(requests[0].threads)}
+    proc = subprocess.run([sys.executable, "-m", "profilers.isolated"], input=payload, capture_output=True, text=True,
+                          timeout=timeout_s, env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MeasurementError(f"the interleaved measurement failed in a child process: {last}")
+    return [LatencyStats(**stats) for stats in json.loads(proc.stdout)]
+
+
+def _request(data: dict) -> OnnxRequest:
+    request = OnnxRequest(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    if not Path(request.onnx_path).exists():
+        raise SystemExit(f"model {request.onnx_path} does not exist")
+    return request
+
+
+def _interleaved(requests: list[OnnxRequest], rounds: int, warmup: int) -> list[dict]:
+    import time
+
+    from profilers.latency import summarize
+    from profilers.ort import make_session
+
+    sessions = [make_session(r.onnx_path, threads=r.threads, providers=r.providers) for r in requests]
+    feeds = [feeds_for(r.input_names, r.batch_size, r.seq_len, r.vocab_size, r.seed) for r in requests]
+    samples: list[list[float]] = [[] for _ in requests]
+    start = time.perf_counter()
+    for index in range(warmup + rounds):
+        for session, feed, timed in zip(sessions, feeds, samples):
+            began = time.perf_counter()
+            session.run(None, feed)
+            if index >= warmup:
+                timed.append((time.perf_counter() - began) * 1000.0)
+    seconds = time.perf_counter() - start
+    return [asdict(summarize(timed, converged=True, seconds=seconds, batch_size=r.batch_size, threads=r.threads,
+                             peak_rss_delta_bytes=0)) for r, timed in zip(requests, samples)]
+
+
 def _child() -> None:
     from profilers.latency import measure_onnx
 
     message = json.loads(sys.stdin.read())
-    request = OnnxRequest(**{k: tuple(v) if isinstance(v, list) else v for k, v in message["request"].items()})
+    if "requests" in message:
+        out = _interleaved([_request(r) for r in message["requests"]], message["rounds"], message["warmup"])
+        sys.stdout.write(json.dumps(out))
+        return
+    request = _request(message["request"])
     settings = MeasureSettings(**message["settings"])
-    if not Path(request.onnx_path).exists():
-        raise SystemExit(f"model {request.onnx_path} does not exist")
     feeds = feeds_for(request.input_names, request.batch_size, request.seq_len, request.vocab_size, request.seed)
     stats = measure_onnx(request.onnx_path, feeds, threads=request.threads, batch_size=request.batch_size,
                          providers=request.providers, settings=settings)

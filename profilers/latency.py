@@ -77,6 +77,17 @@ class LatencyStats:
     throughput_items_per_s: float
     peak_rss_delta_bytes: int
     peak_gpu_bytes: int | None = None
+    #: A distribution-free ~95% confidence interval of each reported percentile ("p95" -> [low, high] ms), from
+    #: the order statistics of the samples: with few runs a tail percentile is near the sample maximum, and its
+    #: interval says how little it is pinned down. None in measurements stored before it existed.
+    percentile_bounds_ms: dict[str, list[float]] | None = None
+
+    def bounds_ms(self, percentile: float) -> tuple[float, float] | None:
+        """The ~95% confidence interval of the latency at `percentile`, or None where it was not recorded."""
+        if self.percentile_bounds_ms is None:
+            return None
+        low, high = self.percentile_bounds_ms[f"p{float(percentile):g}"]
+        return float(low), float(high)
 
     def percentile_ms(self, percentile: float) -> float:
         """The latency at a named percentile (50, 90, 95, 99), as a dict lookup that fails loudly otherwise."""
@@ -107,6 +118,18 @@ def median_ci_rel_halfwidth(samples_ms: Sequence[float]) -> float:
     if median <= 0:
         return math.inf
     return (ordered[hi] - ordered[lo]) / 2 / median
+
+
+def percentile_bounds(samples_ms: Sequence[float], percentile: float, confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of a percentile: the order statistics whose ranks bracket it with
+    `confidence` (the number of samples below the true percentile is binomial), clamped to the sample range."""
+    from scipy.stats import binom
+
+    ordered = sorted(samples_ms)
+    n, q, tail = len(ordered), percentile / 100.0, (1.0 - confidence) / 2
+    low_rank = int(binom.ppf(tail, n, q))  # samples below the percentile: at least this many, with 1 - tail
+    high_rank = int(binom.ppf(1.0 - tail, n, q)) + 1
+    return ordered[max(0, min(n - 1, low_rank - 1))], ordered[max(0, min(n - 1, high_rank - 1))]
 
 
 def summarize(
@@ -142,6 +165,7 @@ def summarize(
         throughput_items_per_s=batch_size * 1000.0 / p50 if p50 > 0 else math.inf,
         peak_rss_delta_bytes=peak_rss_delta_bytes,
         peak_gpu_bytes=peak_gpu_bytes,
+        percentile_bounds_ms={f"p{q}": list(percentile_bounds(samples_ms, q)) for q in (50, 90, 95, 99)},
     )
 
 

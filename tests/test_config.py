@@ -44,6 +44,8 @@ def test_yaml_file_with_shorthand_and_overrides(tmp_path: Path) -> None:
         ({"target": {"latency_ms": 5, "seq_len": 0}}, "target.seq_len"),
         ({"target": {"latency_ms": 5, "runtime": "tensorrt"}}, "runtime must be 'onnxruntime' (the runtime tune deploys to), got 'tensorrt'"),
         ({"target": {"latency_ms": 5, "runtime": "torch"}}, "runtime must be 'onnxruntime'"),
+        ({"target": {"latency_ms": 5, "margin": -0.1}}, "target.margin: input should be greater than or equal to 0"),
+        ({"target": {"latency_ms": 5, "margin": 0.5}}, "target.margin: input should be less than 0.5"),
         ({"target": {}}, "exactly one of latency_ms"),
         ({"target": {"latency_ms": 5, "speedup": 2}}, "exactly one of latency_ms"),
         ({"search": {"trials": 0}}, "search.trials: input should be greater than or equal to 1, got 0"),

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -24,12 +23,11 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from autotune import api, selection, session
+from autotune import api, session
 from autotune.cli import main
 from autotune.config import load_spec
 from autotune.runtime import OrtRuntime, load_artifact
 from autotune.tasks import evaluate, predict_logits
-from autotune.records import Stage, TrialRecord
 from autotune.study import anchors
 from autotune.tasks.text_classification import load_splits
 from autotune.trial import TrialPipeline
@@ -213,6 +211,12 @@ def test_impossible_target_exits_3_without_training(teacher_dir: Path, data_csv:
     assert [t["stage"] for t in data["trials"]] == ["gate"] * 3
     assert all(t["state"] == "COMPLETE" and not t["feasible"] and t["accuracy"] is None for t in data["trials"])
     assert not (out / "model").exists()
+    # What the samplers read: each gate rejection's stored constraint is its measured latency over the target.
+    stored = optuna.load_study(study_name="tiny", storage=f"sqlite:///{out / 'study.db'}").trials
+    by_number = {t["number"]: t for t in data["trials"]}
+    for trial in stored:
+        assert trial.constraints == [pytest.approx(by_number[trial.number]["latency_ms"] - IMPOSSIBLE_MS)]
+        assert trial.constraints[0] > 0
 
 
 # -- caches: one student for every bit width; a second run measures and trains nothing -------------------
@@ -503,20 +507,3 @@ def test_passwords_never_shown_in_commands_and_urls() -> None:
     shown = shown_command(["autotune", "tune", "spec.yaml", "--storage", url, f"--storage={url}",
                            f"--set=search.storage={url}", "--set", "data.limit=20"])
     assert "s3cret" not in shown and shown.count("alice:***@db.example") == 3 and "data.limit=20" in shown
-
-
-def test_a_more_accurate_candidate_passed_over_at_re_measurement_is_explained(tmp_path: Path,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """A refined student the user watched train must not vanish from the answer without a word."""
-    pipeline = SimpleNamespace(ctx=SimpleNamespace(target=SimpleNamespace(latency_ms=5.0),
-                                                   task=SimpleNamespace(objective_name="accuracy")))
-    remeasured = {Stage.REFINED: 5.2, Stage.EVALUATED: 4.9}
-    records = [TrialRecord(number=2, state="COMPLETE", candidate=None, stage=stage, accuracy=accuracy, latency_ms=4.6,
-                           artifact=str(tmp_path / stage.value)) for stage, accuracy in ((Stage.REFINED, 0.856), (Stage.EVALUATED, 0.832))]
-    for record in records:
-        Path(record.artifact).mkdir()
-    monkeypatch.setattr(selection, "confirmed_latency", lambda pipeline, record: remeasured[record.stage])
-    notes: list[str] = []
-    chosen, reason = selection.choose_recommendation(pipeline, records, notes.append)  # type: ignore[arg-type]
-    assert chosen is not None and chosen.stage == Stage.EVALUATED and chosen.latency_ms == 4.9 and reason is None
-    assert notes == ["trial 2 (refined, accuracy 0.8560) re-measured at 5.20 ms, over the 5.00 ms target: not recommended"]

@@ -99,6 +99,21 @@ def _refined_section(result: dict[str, Any]) -> Section | None:
     )
 
 
+def _passed_over_section(result: dict[str, Any]) -> Section | None:
+    """Every candidate more accurate than the recommendation that was not recommended, and why: a user who saw it
+    trained should see why it was not chosen."""
+    passed = result.get("passed_over") or []
+    if not passed:
+        return None
+    pct = summary.percentile_name(result)
+    rows = tuple((str(p["number"]), p["stage"], _acc(p["accuracy"]), _ms(p["latency_ms"]), _ms(p.get("latency_upper_ms")),
+                  p["reason"]) for p in passed)
+    return Section("Passed over", ("More accurate candidates that were not recommended. Latencies are from the final "
+                                   "measurement, alternating with the teacher, where they were re-measured.",),
+                   Table(("trial", "stage", f"val. {summary.metric_name(result)}", f"{pct} ms", f"{pct} upper bound ms",
+                          "why"), rows))
+
+
 def _targets_section(result: dict[str, Any]) -> Section:
     rows = []
     for option in summary.changed_targets(result):
@@ -151,6 +166,7 @@ def build_report(result: dict[str, Any]) -> Report:
             "at their measured latency; the dashed line is the target.",), plot=True),
         _pareto_section(result),
         _refined_section(result),
+        _passed_over_section(result),
         _targets_section(result),
         _capacity_section(result),
         _cost_section(result),

@@ -59,11 +59,21 @@ def one_line_answer(result: dict[str, Any]) -> str:
     test_part = (f", test {test:.4f} vs {base_test:.4f} ({test / base_test:.1%} kept)"
                  if test is not None and base_test else "")
     trained = f" (distilled {rec['epochs']} epochs: refined after the search)" if rec.get("refined") else ""
+    interval = rec.get("latency_interval_ms")
+    latency = f"{pct} {rec['latency_ms']:.2f} ms" + (f" (95% interval {interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
+    spread = rec.get("speedup_interval")
+    speedup = f"{rec['speedup']:.2f}x faster" + (f" ({spread[0]:.2f}-{spread[1]:.2f}x, measured alternating with the teacher)"
+                                                   if spread else "")
+    caveat = ""
+    if rec.get("verdict") == "meets within noise" and interval:
+        caveat = (f" It meets the target only within noise: the upper bound of its {pct} is "
+                  f"{interval[1] / target['latency_ms'] - 1:+.0%} from the target, and no candidate met it with the "
+                  f"{rec['margin']:.0%} margin.")
     return (
-        f"Deploy {describe(rec['candidate'])}{trained}: {pct} {rec['latency_ms']:.2f} ms vs target {target['latency_ms']:.2f} ms "
+        f"Deploy {describe(rec['candidate'])}{trained}: {latency} vs target {target['latency_ms']:.2f} ms "
         f"({headroom:.0%} headroom); {metric_name(result)} validation {val:.4f} vs teacher {base_val:.4f} "
-        f"({val / base_val:.1%} kept){test_part}; {rec['speedup']:.2f}x faster and "
-        f"{rec['size_mb']:.1f} MB vs {base['size_mb']:.1f} MB on disk."
+        f"({val / base_val:.1%} kept){test_part}; {speedup} and "
+        f"{rec['size_mb']:.1f} MB vs {base['size_mb']:.1f} MB on disk.{caveat}"
     )
 
 

@@ -1,0 +1,80 @@
+"""An outside check of a finished run: does the recommendation hold when measured again, independently?
+
+Times RUN_DIR/model against RUN_DIR/baseline at the run's own target shape and threads, alternating one run of
+each for 300 rounds in a fresh child process with spinning off (as the tuner's final measurement does, but
+later and separately), `--repeat` times. Each repeat checks the two promises of result.json: the recommended
+latency at the target percentile is within the target x 1.05, and the speedup is within 10% of the one claimed.
+
+    python bench/remeasure.py runs/sentiment-quick [--repeat 3] [--rounds 300] [--pause 5]
+
+Ends with one line of JSON: the target, the claimed speedup, each repeat's figures, and how many repeats held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from autotune.result import ResultError, load_result  # noqa: E402
+from autotune.runtime import load_artifact  # noqa: E402
+from profilers.isolated import OnnxRequest, measure_onnx_interleaved  # noqa: E402
+
+TARGET_SLACK = 1.05
+SPEEDUP_TOLERANCE = 0.10
+
+
+def request_for(directory: Path, target: dict) -> OnnxRequest:
+    """How the tuner timed the artifact in `directory`: the target's batch, sequence length and threads."""
+    artifact = load_artifact(directory)
+    return OnnxRequest(str(artifact.onnx_path), artifact.input_names, target["batch_size"], target["seq_len"],
+                       artifact.vocab_size, target["threads"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--pause", type=float, default=5.0, help="seconds between repeats, so they sample other minutes")
+    args = parser.parse_args(argv)
+    try:
+        result = load_result(args.run_dir).data
+    except ResultError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    recommended, target = result["recommended"], result["target"]
+    if recommended is None:
+        print(f"{args.run_dir} has no recommendation to check ({result['reason']})", file=sys.stderr)
+        return 2
+    pct, target_ms, claimed = f"p{target['percentile']:g}", target["latency_ms"], recommended["speedup"]
+    requests = [request_for(args.run_dir / "baseline", target), request_for(args.run_dir / "model", target)]
+    print(f"{args.run_dir}: target {pct} <= {target_ms:.3f} ms at batch {target['batch_size']}, seq {target['seq_len']}, "
+          f"{target['threads']} threads; claimed {recommended['latency_ms']:.3f} ms, speedup {claimed:.2f}x")
+    print(f"{'repeat':>6} {'baseline ' + pct:>14} {'model ' + pct:>11} {'upper':>8} {'speedup':>8} {'p95<=1.05T':>11} {'speedup+-10%':>13}")
+    rows = []
+    for index in range(args.repeat):
+        if index:
+            time.sleep(args.pause)
+        base, model = measure_onnx_interleaved(requests, rounds=args.rounds)
+        latency, speedup = model.percentile_ms(target["percentile"]), base.percentile_ms(target["percentile"]) / model.percentile_ms(target["percentile"])
+        row = {"baseline_ms": round(base.percentile_ms(target["percentile"]), 4), "model_ms": round(latency, 4),
+               "model_upper_ms": round(model.bounds_ms(target["percentile"])[1], 4), "speedup": round(speedup, 3),
+               "latency_holds": latency <= target_ms * TARGET_SLACK,
+               "speedup_holds": abs(speedup / claimed - 1) <= SPEEDUP_TOLERANCE}
+        rows.append(row)
+        print(f"{index + 1:>6} {row['baseline_ms']:>14.3f} {row['model_ms']:>11.3f} {row['model_upper_ms']:>8.3f} "
+              f"{row['speedup']:>7.2f}x {str(row['latency_holds']):>11} {str(row['speedup_holds']):>13}")
+    summary = {"run_dir": str(args.run_dir), "target_ms": round(target_ms, 4), "claimed_ms": round(recommended["latency_ms"], 4),
+               "claimed_speedup": round(claimed, 3), "rounds": args.rounds, "repeats": rows,
+               "latency_held": sum(r["latency_holds"] for r in rows), "speedup_held": sum(r["speedup_holds"] for r in rows)}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
