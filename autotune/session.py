@@ -80,6 +80,13 @@ class Session:
         """The resolved target (a relative one already in ms) and how it is measured."""
         return self.pipeline.ctx.target
 
+    @property
+    def margin(self) -> float:
+        """The headroom a recommendation keeps under the target: the spec's, else this machine's measured noise
+        (capped at MAX_DEFAULT_MARGIN, so that a burst of load while measuring does not rule everything out)."""
+        given = self.spec.target.margin
+        return given if given is not None else min(MAX_DEFAULT_MARGIN, self.baseline.noise)
+
 
 def default_storage(run_dir: Path) -> str:
     """A run's own SQLite study, beside its result."""

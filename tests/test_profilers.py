@@ -123,7 +123,7 @@ def test_rounds_wait_the_interval_between_them_only(quick: HardwareProfile, monk
     assert bench is not None
     measured = iter([replace(bench, fp32_chain_gflops=v) for v in (90.0, 110.0, 100.0)])
     events: list[str] = []
-    monkeypatch.setattr(hardware, "run_cpu_microbench", lambda threads, plan: events.append("round") or next(measured))
+    monkeypatch.setattr(hardware, "run_cpu_microbench", lambda threads, sizes, recipe: events.append("round") or next(measured))
     monkeypatch.setattr(hardware.time, "sleep", lambda seconds: events.append(f"wait {seconds}"))
     profile = hardware.with_throughput(replace(quick, microbench=None), quick=True, rounds=3, interval_s=30.0)
     assert events == ["round", "wait 30.0", "round", "wait 30.0", "round"]
