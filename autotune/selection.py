@@ -71,7 +71,7 @@ def refine_finalists(pipeline: TrialPipeline, records: list[TrialRecord], progre
         start = time.perf_counter()
         model, hit = pipeline.refine(candidate, training.refine_epochs,
                                      functools.partial(progress.training, f"refining trial {source.number}"))
-        outcome = pipeline.evaluate(candidate, model, Stage.REFINED, {"train": time.perf_counter() - start},
+        outcome = pipeline.deploy_and_measure(candidate, model, Stage.REFINED, {"train": time.perf_counter() - start},
                                     artifact_name=f"{candidate.key}-epochs{epochs}", student_cache_hit=hit)
         refined.append(TrialRecord.of(source.number, outcome, epochs=epochs, hardware_fingerprint=pipeline.ctx.fingerprint))
         progress.note(f"trial {source.number} refined: {pipeline.ctx.task.objective_name} {source.accuracy:.4f} -> "

@@ -213,8 +213,8 @@ def run_once_per_candidate(pipeline: TrialPipeline, progress: SilentProgress) ->
     """The pipeline's run with its progress callbacks; a sampler may propose a candidate twice, and it is
     measured once per run."""
     @functools.cache
-    def evaluate(candidate: Candidate) -> TrialOutcome:
+    def run_trial(candidate: Candidate) -> TrialOutcome:
         return pipeline.run(candidate, on_step_name=progress.step,
                             on_step=functools.partial(progress.training, "distilling"))
 
-    return evaluate
+    return run_trial

@@ -187,8 +187,8 @@ class TrialPipeline:
         model, student_hit = self.student(candidate, on_step)
         seconds["train"] = time.perf_counter() - start
         on_step_name("evaluating")
-        return self.evaluate(candidate, model, Stage.EVALUATED, seconds, gate_cache_hit=gate_hit,
-                             student_cache_hit=student_hit)
+        return self.deploy_and_measure(candidate, model, Stage.EVALUATED, seconds, gate_cache_hit=gate_hit,
+                                       student_cache_hit=student_hit)
 
     # -- the steps ------------------------------------------------------------------------------------------
 
@@ -260,8 +260,8 @@ class TrialPipeline:
         cached_dir(final, "artifact.json", build)
         return load_artifact(final)
 
-    def evaluate(self, candidate: Candidate, model: nn.Module, stage: Stage, seconds: dict[str, float],
-                 artifact_name: str | None = None, **cache_hits: bool) -> TrialOutcome:
+    def deploy_and_measure(self, candidate: Candidate, model: nn.Module, stage: Stage, seconds: dict[str, float],
+                           artifact_name: str | None = None, **cache_hits: bool) -> TrialOutcome:
         """Deploy `model`, then score the artifact on the validation split and time it at the target."""
         target = self.ctx.target
         start = time.perf_counter()
