@@ -290,10 +290,10 @@ class TrialPipeline:
 
     def gate_path(self, candidate: Candidate) -> Path:
         """Where the gate's measurement of a shape is cached: keyed by everything its latency depends on (shape, bits,
-        stand-in, runtime, target shape, threads, hardware) and by nothing trained."""
+        stand-in, quantization recipe, runtime, target shape, threads, hardware) and by nothing trained."""
         t, task = self.ctx.target, self.ctx.task
         key = key_of("gate", candidate.shape_key, type(task.teacher).__name__, *task.stand_in_identity,
-                     t.runtime, t.device, t.batch_size, t.seq_len, t.threads, self.ctx.fingerprint)
+                     self.ctx.recipe.to_dict(), t.runtime, t.device, t.batch_size, t.seq_len, t.threads, self.ctx.fingerprint)
         return self.ctx.cache_dir / "gate" / f"{key}.json"
 
     def same_machine_speed(self, entry: dict[str, Any]) -> bool:
