@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import TYPE_CHECKING, Any
 
 from autotune.records import Stage, TrialRecord
@@ -106,9 +107,10 @@ def latency_summary(stats: LatencyStats) -> dict[str, float]:
 
 def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: float | None) -> dict[str, Any]:
     """The recommendation as result.json keeps it: its artifact copied to `model_dir`; its latency and speedup from
-    the one interleaved measurement with the baseline, with their confidence intervals and the verdict."""
-    record = choice.recommended
-    bounds = choice.measured.bounds_ms(choice.percentile)
+    the confirmation alternating it with the baseline, with the latency's confidence interval, the speedup's
+    spread over the repeats, and the verdict."""
+    record, confirmation = choice.recommended, choice.confirmation
+    bounds = confirmation.measured.bounds_ms(choice.percentile)
     return {
         "number": record.number,
         "candidate": record.candidate,
@@ -121,8 +123,10 @@ def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: f
         "size_mb": record.size_mb,
         "speedup": choice.speedup,
         "speedup_interval": None if choice.speedup_interval is None else list(choice.speedup_interval),
-        "final_measurement": {"interleaved_rounds": choice.measured.runs, "baseline": choice.baseline.to_dict(),
-                              "recommended": choice.measured.to_dict()},
+        "speedup_at_percentile": median(confirmation.tail_speedups),
+        "final_measurement": {"interleaved_rounds": confirmation.measured.runs, "speedups": list(confirmation.speedups),
+                              "speedups_at_percentile": list(confirmation.tail_speedups),
+                              "baseline": confirmation.baseline.to_dict(), "recommended": confirmation.measured.to_dict()},
         "epochs": record.epochs or session.spec.training.epochs,
         "refined": record.stage == Stage.REFINED,
         "artifact": str(model_dir),

@@ -3,9 +3,10 @@
 On a shared machine latencies move by tens of percent between minutes, and a search ranks students after a
 short training. So the most accurate feasible students (finalists) are distilled longer (multi-fidelity); then
 the most accurate candidates are re-measured together with the baseline, alternating in one clean child process,
-so that a speedup is a ratio taken in the same minutes and two versions of one shape are judged side by side.
-A candidate is recommended when the upper confidence bound of its latency percentile is under the target less
-a safety margin; failing that, one that meets the target only within noise is recommended and said to be so.
+so that two versions of one shape are judged side by side. A candidate is recommended when the upper confidence
+bound of its latency percentile is under the target less a safety margin, and still is when confirmed alone with
+the baseline (three pairwise measurements, whose median ratio is the speedup and whose spread is its noise);
+failing that, one that meets the target only within noise is recommended and said to be so.
 Every more accurate candidate passed over is kept in the result with why.
 """
 
@@ -16,13 +17,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any, Callable
 
 from autotune.progress import SilentProgress
 from autotune.records import Stage, TrialRecord
 from autotune.report.summary import closest_measured
 from autotune.runtime import Artifact, load_artifact
-from autotune.trial import TrialPipeline, noise_margin
+from autotune.trial import REMEASURE_ROUNDS, TrialPipeline, noise_margin
 from profilers.latency import LatencyStats
 from search_spaces import Candidate
 
@@ -84,35 +86,56 @@ FINAL_BATCH = 6
 
 
 @dataclass(frozen=True)
+class Confirmation:
+    """The candidate and the baseline measured alone together, alternating in one child process, REMEASURE_ROUNDS
+    times: the repeat with the median candidate percentile, and every repeat's speedup (their spread is the noise
+    of the ratio from one minute to the next).
+
+    The speedup is the ratio of median latencies: a tail percentile of the slower model catches more of a shared
+    host's bursts (a 10 ms run overlaps more of them than a 2 ms one), so its ratio moves by tens of percent
+    between minutes where the medians' ratio holds within a few. The ratio at the target percentile is kept too.
+    """
+
+    baseline: LatencyStats
+    measured: LatencyStats
+    speedups: tuple[float, ...]  # p50 ratios, one per repeat
+    tail_speedups: tuple[float, ...]  # ratios at the target percentile
+
+
+@dataclass(frozen=True)
 class Choice:
     """What the selection decided, and the evidence: the recommendation (with its latency as re-measured beside
-    the baseline) or None with the reason, every more accurate candidate passed over and why, and the final
-    interleaved measurement the speedup comes from."""
+    the baseline) or None with the reason, every more accurate candidate passed over and why, and the
+    confirmation the speedup comes from."""
 
     recommended: TrialRecord | None
     verdict: str | None  # "meets" (upper bound under target x (1 - margin)) or "meets within noise"
     reason: str | None
     passed_over: tuple[dict[str, Any], ...]
-    baseline: LatencyStats | None  # the baseline in the same interleaved measurement as the recommendation
-    measured: LatencyStats | None  # the recommendation in it
+    confirmation: Confirmation | None
     margin: float
     percentile: float
 
     @property
     def speedup(self) -> float | None:
-        """Baseline / recommended latency at the target percentile, both from the same interleaved measurement."""
-        if self.recommended is None or self.baseline is None:
-            return None
-        return self.baseline.percentile_ms(self.percentile) / self.recommended.latency_ms
+        """Baseline / recommended median latency: the median over the confirmation's repeats."""
+        return None if self.confirmation is None else float(median(self.confirmation.speedups))
 
     @property
     def speedup_interval(self) -> tuple[float, float] | None:
-        """The speedup's range from the two latencies' confidence intervals (slowest baseline over fastest candidate
-        and the reverse): how far the ratio could move within the measurement's own noise."""
-        if self.baseline is None or self.measured is None:
-            return None
-        base, mine = self.baseline.bounds_ms(self.percentile), self.measured.bounds_ms(self.percentile)
-        return None if base is None or mine is None else (base[0] / mine[1], base[1] / mine[0])
+        """The lowest and highest speedup of the confirmation's repeats: how far the ratio moved between minutes."""
+        return None if self.confirmation is None else (min(self.confirmation.speedups), max(self.confirmation.speedups))
+
+
+def confirm(pipeline: TrialPipeline, baseline: Artifact, record: TrialRecord) -> Confirmation:
+    """A candidate chosen in a batch, measured again alone with the baseline (so no third model shares the caches),
+    REMEASURE_ROUNDS times."""
+    percentile = pipeline.ctx.target.percentile
+    pairs = sorted((pipeline.measure_together([baseline, load_artifact(record.artifact)]) for _ in range(REMEASURE_ROUNDS)),
+                   key=lambda pair: pair[1].percentile_ms(percentile))
+    base, mine = pairs[len(pairs) // 2]
+    return Confirmation(base, mine, tuple(b.p50_ms / m.p50_ms for b, m in pairs),
+                        tuple(b.percentile_ms(percentile) / m.percentile_ms(percentile) for b, m in pairs))
 
 
 def passed(record: TrialRecord, reason: str, stats: LatencyStats | None = None, percentile: float = 95.0) -> dict[str, Any]:
@@ -157,31 +180,37 @@ def judge(stats: LatencyStats, target_ms: float, percentile: float, margin: floa
 
 def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRecord], margin: float,
                           note: Callable[[str], None] = log.info) -> Choice:
-    """The most accurate evaluated or refined candidate whose latency, re-measured in one child process alternating
-    with the baseline's, meets the target with its upper confidence bound and the margin; failing that, the most
-    accurate one that meets it within noise, said so. `note` hears every candidate passed over and why."""
+    """The most accurate evaluated or refined candidate whose latency, re-measured alternating with the baseline's
+    in one child process, meets the target with its upper confidence bound and the margin, and still does when
+    confirmed alone with the baseline; failing that, the most accurate one that meets it within noise, said so.
+    `note` hears every candidate passed over and why."""
     target = pipeline.ctx.target
     ranked, passed_over = contenders(pipeline, records)
-    fallback: tuple[TrialRecord, LatencyStats, LatencyStats] | None = None
+    fallback: TrialRecord | None = None
     for start in range(0, len(ranked), FINAL_BATCH):
         batch = ranked[start:start + FINAL_BATCH]
-        base_stats, *stats = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
+        _, *stats = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
         for record, measured in zip(batch, stats):
             verdict, why = judge(measured, target.latency_ms, target.percentile, margin)
-            chosen = record.with_latency(measured.percentile_ms(target.percentile))
             if verdict == "meets":
-                return Choice(chosen, "meets", None, tuple(passed_over), base_stats, measured, margin, target.percentile)
+                confirmation = confirm(pipeline, baseline, record)
+                verdict, why = judge(confirmation.measured, target.latency_ms, target.percentile, margin)
+                if verdict == "meets":
+                    chosen = record.with_latency(confirmation.measured.percentile_ms(target.percentile))
+                    return Choice(chosen, verdict, None, tuple(passed_over), confirmation, margin, target.percentile)
+                measured = confirmation.measured
             if verdict == "within noise" and fallback is None:
-                fallback = (chosen, base_stats, measured)
+                fallback = record
             passed_over.append(passed(record, why, measured, target.percentile))
             note(f"trial {record.number} ({record.stage}, {pipeline.ctx.task.objective_name} {record.accuracy:.4f}): "
                  f"{why}: not recommended")
     if fallback is not None:
-        chosen, base_stats, measured = fallback
+        confirmation = confirm(pipeline, baseline, fallback)
+        chosen = fallback.with_latency(confirmation.measured.percentile_ms(target.percentile))
         kept = tuple(p for p in passed_over if p["accuracy"] is not None and p["accuracy"] >= chosen.accuracy
                      and p["artifact"] != chosen.artifact)
-        return Choice(chosen, "meets within noise", None, kept, base_stats, measured, margin, target.percentile)
-    return Choice(None, None, no_recommendation_reason(records, target.latency_ms), tuple(passed_over), None, None,
+        return Choice(chosen, "meets within noise", None, kept, confirmation, margin, target.percentile)
+    return Choice(None, None, no_recommendation_reason(records, target.latency_ms), tuple(passed_over), None,
                   margin, target.percentile)
 
 

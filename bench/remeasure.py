@@ -3,7 +3,8 @@
 Times RUN_DIR/model against RUN_DIR/baseline at the run's own target shape and threads, alternating one run of
 each for 300 rounds in a fresh child process with spinning off (as the tuner's final measurement does, but
 later and separately), `--repeat` times. Each repeat checks the two promises of result.json: the recommended
-latency at the target percentile is within the target x 1.05, and the speedup is within 10% of the one claimed.
+latency at the target percentile is within the target x 1.05, and the speedup (the ratio of median latencies,
+as result.json states it) is within 10% of the one claimed. The ratio at the target percentile is printed too.
 
     python bench/remeasure.py runs/sentiment-quick [--repeat 3] [--rounds 300] [--pause 5]
 
@@ -55,20 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     requests = [request_for(args.run_dir / "baseline", target), request_for(args.run_dir / "model", target)]
     print(f"{args.run_dir}: target {pct} <= {target_ms:.3f} ms at batch {target['batch_size']}, seq {target['seq_len']}, "
           f"{target['threads']} threads; claimed {recommended['latency_ms']:.3f} ms, speedup {claimed:.2f}x")
-    print(f"{'repeat':>6} {'baseline ' + pct:>14} {'model ' + pct:>11} {'upper':>8} {'speedup':>8} {'p95<=1.05T':>11} {'speedup+-10%':>13}")
+    print(f"{'repeat':>6} {'baseline ' + pct:>14} {'model ' + pct:>11} {'upper':>8} {'speedup':>8} {'at ' + pct:>7} "
+          f"{'p95<=1.05T':>11} {'speedup+-10%':>13}")
     rows = []
     for index in range(args.repeat):
         if index:
             time.sleep(args.pause)
         base, model = measure_onnx_interleaved(requests, rounds=args.rounds)
-        latency, speedup = model.percentile_ms(target["percentile"]), base.percentile_ms(target["percentile"]) / model.percentile_ms(target["percentile"])
+        latency, speedup = model.percentile_ms(target["percentile"]), base.p50_ms / model.p50_ms
+        tail = base.percentile_ms(target["percentile"]) / latency
         row = {"baseline_ms": round(base.percentile_ms(target["percentile"]), 4), "model_ms": round(latency, 4),
                "model_upper_ms": round(model.bounds_ms(target["percentile"])[1], 4), "speedup": round(speedup, 3),
+               "speedup_at_percentile": round(tail, 3),
                "latency_holds": latency <= target_ms * TARGET_SLACK,
                "speedup_holds": abs(speedup / claimed - 1) <= SPEEDUP_TOLERANCE}
         rows.append(row)
         print(f"{index + 1:>6} {row['baseline_ms']:>14.3f} {row['model_ms']:>11.3f} {row['model_upper_ms']:>8.3f} "
-              f"{row['speedup']:>7.2f}x {str(row['latency_holds']):>11} {str(row['speedup_holds']):>13}")
+              f"{row['speedup']:>7.2f}x {tail:>6.2f}x {str(row['latency_holds']):>11} {str(row['speedup_holds']):>13}")
     summary = {"run_dir": str(args.run_dir), "target_ms": round(target_ms, 4), "claimed_ms": round(recommended["latency_ms"], 4),
                "claimed_speedup": round(claimed, 3), "rounds": args.rounds, "repeats": rows,
                "latency_held": sum(r["latency_holds"] for r in rows), "speedup_held": sum(r["speedup_holds"] for r in rows)}

@@ -62,8 +62,9 @@ def one_line_answer(result: dict[str, Any]) -> str:
     interval = rec.get("latency_interval_ms")
     latency = f"{pct} {rec['latency_ms']:.2f} ms" + (f" (95% interval {interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
     spread = rec.get("speedup_interval")
-    speedup = f"{rec['speedup']:.2f}x faster" + (f" ({spread[0]:.2f}-{spread[1]:.2f}x, measured alternating with the teacher)"
-                                                   if spread else "")
+    speedup = f"{rec['speedup']:.2f}x faster" + (
+        f" (median latency; {spread[0]:.2f}-{spread[1]:.2f}x over three measurements alternating with the teacher, "
+        f"{rec['speedup_at_percentile']:.2f}x at {pct})" if spread else "")
     caveat = ""
     if rec.get("verdict") == "meets within noise" and interval:
         caveat = (f" It meets the target only within noise: the upper bound of its {pct} is "
