@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 from search_spaces import Candidate
 
@@ -83,15 +83,6 @@ class TrialRecord:
     def of(cls, number: int, outcome: TrialOutcome, **context: Any) -> "TrialRecord":
         """A record of an outcome measured outside the study (a refinement), with its trial's number."""
         return cls(number=number, state="COMPLETE", candidate=outcome.candidate.to_dict(), **outcome.figures(), **context)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrialRecord":
-        """A record read back from result.json (keys it does not know are ignored)."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if values.get("stage") is not None:
-            values["stage"] = Stage(values["stage"])
-        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; `epochs` only where a refinement set it."""

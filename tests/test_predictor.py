@@ -16,6 +16,7 @@ import pytest
 from autotune.cli import main
 from autotune.plan import plan_for
 from autotune.records import Stage
+from profilers.recipes import PORTABLE
 from autotune.screening import LatencyScreen
 from autotune.trial import TrialPipeline
 from profilers.hardware import HardwareProfile
@@ -174,7 +175,8 @@ def screened_pipeline(profile: HardwareProfile, cache_dir: Path) -> TrialPipelin
     target = SimpleNamespace(latency_ms=0.01, percentile=95.0, runtime="onnxruntime", device="cpu", batch_size=1,
                              seq_len=64, threads=2)
     task = SimpleNamespace(teacher=SimpleNamespace(config=SimpleNamespace(vocab_size=100)), stand_in_identity=(100,))
-    ctx = SimpleNamespace(target=target, task=task, cache_dir=cache_dir, fingerprint="machine", reference_ms=10.0)
+    ctx = SimpleNamespace(target=target, task=task, cache_dir=cache_dir, fingerprint="machine", reference_ms=10.0,
+                          recipe=PORTABLE)
     return TrialPipeline(ctx, screen=LatencyScreen(profile, WORKLOAD, 95, min_points=0))  # type: ignore[arg-type]
 
 
