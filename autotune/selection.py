@@ -74,7 +74,7 @@ def refine_finalists(pipeline: TrialPipeline, records: list[TrialRecord], progre
         model, hit = pipeline.refine(candidate, training.refine_epochs,
                                      functools.partial(progress.training, f"refining trial {source.number}"))
         outcome = pipeline.deploy_and_measure(candidate, model, Stage.REFINED, {"train": time.perf_counter() - start},
-                                    artifact_name=f"{candidate.key}-epochs{epochs}", student_cache_hit=hit)
+                                              artifact_name=f"{candidate.key}-epochs{epochs}", student_cache_hit=hit)
         refined.append(TrialRecord.of(source.number, outcome, epochs=epochs, hardware_fingerprint=pipeline.ctx.fingerprint))
         progress.note(f"trial {source.number} refined: {pipeline.ctx.task.objective_name} {source.accuracy:.4f} -> "
                       f"{outcome.accuracy:.4f} (validation)")
@@ -197,7 +197,8 @@ def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: 
                 verdict, why = judge(confirmation.measured, target.latency_ms, target.percentile, margin)
                 if verdict == "meets":
                     chosen = record.with_latency(confirmation.measured.percentile_ms(target.percentile))
-                    return Choice(chosen, verdict, None, tuple(passed_over), confirmation, margin, target.percentile)
+                    return Choice(chosen, verdict, None, more_accurate(passed_over, chosen), confirmation, margin,
+                                  target.percentile)
                 measured = confirmation.measured
             if verdict == "within noise" and fallback is None:
                 fallback = record
@@ -207,11 +208,17 @@ def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: 
     if fallback is not None:
         confirmation = confirm(pipeline, baseline, fallback)
         chosen = fallback.with_latency(confirmation.measured.percentile_ms(target.percentile))
-        kept = tuple(p for p in passed_over if p["accuracy"] is not None and p["accuracy"] >= chosen.accuracy
-                     and p["artifact"] != chosen.artifact)
-        return Choice(chosen, "meets within noise", None, kept, confirmation, margin, target.percentile)
+        return Choice(chosen, "meets within noise", None, more_accurate(passed_over, chosen), confirmation, margin,
+                      target.percentile)
     return Choice(None, None, no_recommendation_reason(records, target.latency_ms), tuple(passed_over), None,
                   margin, target.percentile)
+
+
+def more_accurate(passed_over: list[dict[str, Any]], chosen: TrialRecord) -> tuple[dict[str, Any], ...]:
+    """The passed-over candidates at least as accurate as the recommendation (itself excluded): the ones a user
+    would ask about."""
+    return tuple(p for p in passed_over if p["accuracy"] is not None and p["accuracy"] >= chosen.accuracy
+                 and p["artifact"] != chosen.artifact)
 
 
 def no_recommendation_reason(records: list[TrialRecord], target_ms: float) -> str:
