@@ -146,7 +146,7 @@ def tune(
         session, records, command=command, refined=refined, reason=choice.reason, passed_over=list(choice.passed_over),
         other_hardware_trials=[record_of(t) for t in trials if t.number not in here_numbers],
         pareto=pareto_numbers(session.study, here), importances=importances(session.study, here),
-        baseline_test=test_score(session, session.baseline.artifact.dir),
+        baseline_test=score_on_test(session, session.baseline.artifact.dir),
         recommended=None if choice.recommended is None else deploy_recommendation(session, choice),
         seconds=time.perf_counter() - started))  # keyword arguments are evaluated in order: this one last
     result.save(run_dir)
@@ -154,7 +154,7 @@ def tune(
     return result
 
 
-def test_score(session: Session, artifact_dir: Path) -> float | None:
+def score_on_test(session: Session, artifact_dir: Path) -> float | None:
     """The artifact's objective on the test split (None when the split is empty): read only for the final answer."""
     if session.task.split_size("test") == 0:
         return None
@@ -166,4 +166,4 @@ def deploy_recommendation(session: Session, choice: Choice) -> dict[str, Any]:
     model_dir = session.run_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.copytree(choice.recommended.artifact, model_dir)
-    return recommended_entry(session, choice, model_dir, test_score(session, model_dir))
+    return recommended_entry(session, choice, model_dir, score_on_test(session, model_dir))
