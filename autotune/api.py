@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +22,7 @@ from autotune.progress import SilentProgress
 from autotune.report import write_report
 from autotune.result import TuneResult, load_result, recommended_entry, result_document
 from autotune.runtime import load_artifact
+from autotune.runtime.export import write_artifact_json
 from autotune.selection import Choice, choose_recommendation, refine_finalists
 from autotune.session import Session, start_session
 from autotune.study import (
@@ -166,4 +167,9 @@ def deploy_recommendation(session: Session, choice: Choice) -> dict[str, Any]:
     model_dir = session.run_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.copytree(choice.recommended.artifact, model_dir)
+    t = session.target
+    write_artifact_json(replace(load_artifact(model_dir), measured={
+        "percentile": t.percentile, "latency_ms": choice.recommended.latency_ms, "batch_size": t.batch_size,
+        "seq_len": t.seq_len, "threads": t.threads, "device": t.device, "max_length": session.spec.data.max_length,
+        "hardware_fingerprint": session.profile.fingerprint, "recipe": session.pipeline.ctx.recipe.to_dict()}))
     return recommended_entry(session, choice, model_dir, score_on_test(session, model_dir))

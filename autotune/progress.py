@@ -51,6 +51,23 @@ class SilentProgress:
         ...
 
 
+def trial_line(trial: FrozenTrial, target_ms: float) -> str:
+    """One finished trial in a line: number, stage, candidate, accuracy, latency, and feasible or why not."""
+    attrs = trial.user_attrs
+    candidate = attrs.get("candidate")
+    shape = Candidate.from_dict(candidate).describe() if candidate else "no candidate"
+    if trial.state == TrialState.FAIL:
+        return f"trial {trial.number} failed: {shape}: {attrs.get('error', 'no error recorded')}"
+    accuracy = "-" if attrs.get("accuracy_is_placeholder", True) else f"{attrs['accuracy']:.4f}"
+    latency = attrs.get("latency_ms")
+    verdict = "feasible" if attrs.get("feasible") else (
+        "not feasible: predicted over the target" if attrs.get("stage") == Stage.PREDICTED_SKIP else
+        "not feasible: over the target at the gate, not trained" if attrs.get("stage") == Stage.GATE else
+        "not feasible: over the target")
+    timing = "-" if latency is None else f"{latency:.2f} ms (target {target_ms:.2f})"
+    return f"trial {trial.number} {attrs.get('stage')}: {shape}; accuracy {accuracy}; latency {timing}; {verdict}"
+
+
 class TuneProgress(SilentProgress):
     """A progress bar on stderr whose description carries the run's state."""
 
@@ -109,6 +126,8 @@ class TuneProgress(SilentProgress):
         # Other workers finish trials of the same study too: the bar shows the study's count, not this process's.
         self.progress.update(self.task, completed=finished_count(study))
         self._refresh()
+        if not self.console.is_terminal:  # CI, nohup, a log file: no live bar to watch, so one line per trial
+            self.console.log(trial_line(trial, self.target_ms))
 
     def note(self, message: str) -> None:
         """Log above the bar, so a message does not tear the live display."""

@@ -85,9 +85,9 @@ def redact(url: str) -> str:
 
 
 @contextlib.contextmanager
-def heartbeat_api() -> Iterator[None]:
-    """Optuna 5 marks its heartbeat and stale-trial retry "experimental"; they are used as documented, so the
-    warning is silenced here, in one place."""
+def optuna_experimental() -> Iterator[None]:
+    """Optuna 5 marks its heartbeat, stale-trial retry and metric names "experimental"; they are used as
+    documented, so the warning is silenced here, in one place."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         yield
@@ -122,7 +122,7 @@ def open_storage(url: str, heartbeat: Heartbeat) -> BaseStorage:
                            "sqlite:///study.db or postgresql+psycopg://user@host/db, nor journal:PATH") from None
     where = f"host {parsed.host}" + (f":{parsed.port}" if parsed.port else "") if parsed.host else f"file {parsed.database}"
     try:
-        with heartbeat_api():
+        with optuna_experimental():
             return RDBStorage(url, heartbeat_interval=heartbeat.interval_s, grace_period=heartbeat.grace_s,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
     except (SQLAlchemyError, ImportError) as exc:
@@ -152,6 +152,10 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {name!r}")
 
 
+#: The objectives as Optuna stores their names, so optuna-dashboard labels its plots with them.
+OBJECTIVE_NAMES = ("accuracy", "latency_ms", "size_mb")
+
+
 def directions(minimize_size: bool) -> list[str]:
     """The objectives' directions: accuracy up, latency down, and size down when `minimize_size`."""
     return ["maximize", "minimize"] + (["minimize"] if minimize_size else [])
@@ -167,9 +171,13 @@ def open_study(
     make = functools.partial(optuna.create_study, study_name=name, storage=storage,
                              sampler=make_sampler(sampler, seed), directions=directions(minimize_size))
     try:
-        return make(), True
+        study = make()
     except DuplicatedStudyError:
         pass
+    else:
+        with optuna_experimental():  # Optuna marks set_metric_names experimental; it is used as documented
+            study.set_metric_names(OBJECTIVE_NAMES[:len(study.directions)])  # named in optuna-dashboard
+        return study, True
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(sampler, seed))
     held = len(study.get_trials(deepcopy=False))
     if held and not resume:
@@ -359,7 +367,7 @@ def make_objective(
 
 def fail_stale_trials(study: optuna.Study) -> None:
     """Optuna's own check: RUNNING trials whose heartbeat stopped become FAIL and are re-enqueued."""
-    with heartbeat_api():
+    with optuna_experimental():
         optuna.storages.fail_stale_trials(study)
 
 
@@ -367,7 +375,7 @@ def retry_interrupted(study: optuna.Study) -> None:
     """Re-enqueue the trials Ctrl-C stopped in this process, as Optuna retries a crashed one."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
-    with heartbeat_api():
+    with optuna_experimental():
         retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     for trial in trials:
         if trial.state == TrialState.FAIL and trial.user_attrs.get(INTERRUPTED_ATTR) \

@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from autotune import api, session
 from autotune.cli import main
 from autotune.config import load_spec
+from autotune.predict import load_model
 from autotune.runtime import OrtRuntime, load_artifact
 from autotune.tasks import evaluate, predict_logits
 from autotune.study import LATENCY_CONSTRAINT, anchors
@@ -181,6 +182,14 @@ def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     validation = load_splits(load_spec(feasible_spec)).validation
     accuracy = evaluate(runtime.run, AutoTokenizer.from_pretrained(moved), validation, max_length=SEQ_LEN).accuracy
     assert accuracy == pytest.approx(recommended["accuracy"]["validation"])
+    # ...and `load_model` predicts what the run measured, naming labels as the data did, at the tuned threads.
+    id2label = json.loads((moved / "config.json").read_text())["id2label"]
+    assert {int(k): v for k, v in id2label.items()} == dict(enumerate(validation.label_names))
+    model = load_model(moved)
+    assert model.artifact.measured["threads"] == target["threads"] and model.runtime.threads == target["threads"]
+    predicted = [p.label for p in model.predict(validation.texts)]
+    truth = [validation.label_names[label] for label in validation.labels]
+    assert np.mean([a == b for a, b in zip(predicted, truth)]) == pytest.approx(recommended["accuracy"]["validation"])
 
 
 @pytest.mark.slow
@@ -214,6 +223,8 @@ def test_impossible_target_exits_3_without_training(teacher_dir: Path, data_csv:
     proc = subprocess.run([sys.executable, "-m", "autotune", "tune", str(spec), "--out", str(out)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 3, proc.stderr[-2000:]
+    # Not a terminal: one line per finished trial instead of a live bar.
+    assert [f"trial {n} gate:" in proc.stderr and "over the target at the gate" in proc.stderr for n in range(3)] == [True] * 3
     data = result_json(out)
     assert data["recommended"] is None
     assert "closest" in data["reason"] and "trial 0" in data["reason"]
@@ -517,3 +528,32 @@ def test_passwords_never_shown_in_commands_and_urls() -> None:
     shown = shown_command(["autotune", "tune", "spec.yaml", "--storage", url, f"--storage={url}",
                            f"--set=search.storage={url}", "--set", "data.limit=20"])
     assert "s3cret" not in shown and shown.count("alice:***@db.example") == 3 and "data.limit=20" in shown
+
+
+@pytest.mark.slow
+def test_the_study_loads_in_optuna_dashboard_with_named_objectives_and_attributes(feasible_run: Path) -> None:
+    """What a user watching a run with `optuna-dashboard sqlite:///runs/NAME/study.db` sees, through its own API."""
+    from wsgiref.util import setup_testing_defaults
+
+    import optuna_dashboard
+
+    app = optuna_dashboard.wsgi(f"sqlite:///{feasible_run / 'study.db'}")
+
+    def get(path: str, query: str = "") -> dict[str, Any]:
+        environ: dict[str, Any] = {}
+        setup_testing_defaults(environ)
+        environ.update(PATH_INFO=path, QUERY_STRING=query)
+        status: list[str] = []
+        body = b"".join(app(environ, lambda code, headers, exc_info=None: status.append(code)))
+        assert status == ["200 OK"], body[:300]
+        return json.loads(body)
+
+    summary = get("/api/studies")["study_summaries"][0]
+    assert summary["study_name"] == "tiny"
+    study = get(f"/api/studies/{summary['study_id']}", "after=0")
+    assert study["objective_names"] == ["accuracy", "latency_ms"]  # from study.set_metric_names
+    for trial in study["trials"]:
+        attrs = {a["key"] for a in trial["user_attrs"]}
+        # optuna-dashboard 0.21 reads constraints where Optuna 4 kept them, not Optuna 5's set_constraint: the
+        # `feasible` and `latency_ms` attributes carry the verdict there.
+        assert {"stage", "feasible", "accuracy", "latency_ms", "candidate", "size_mb"} <= attrs

@@ -99,6 +99,20 @@ def _refined_section(result: dict[str, Any]) -> Section | None:
     )
 
 
+def _use_section(result: dict[str, Any]) -> Section | None:
+    """What to do next with the recommended model: the exact command and the Python three lines."""
+    rec = result["recommended"]
+    if rec is None:
+        return None
+    model = rec["artifact"]
+    code = (f'autotune predict {model} "a gripping, funny film"\n\n'
+            f'from autotune import load_model\nmodel = load_model("{model}")\n'
+            'print(model.predict(["a gripping, funny film"]))')
+    return Section("Use the model", (
+        f"{model} holds model.onnx, the tokenizer, config.json (with the label names) and artifact.json (bits, "
+        "recipe, and the latency it was measured at). Label texts from the command line, or from Python:",), code=code)
+
+
 def _passed_over_section(result: dict[str, Any]) -> Section | None:
     """Every candidate more accurate than the recommendation that was not recommended, and why: a user who saw it
     trained should see why it was not chosen."""
@@ -160,6 +174,7 @@ def build_report(result: dict[str, Any]) -> Report:
     """The report's content from result.json alone, built once so the Markdown and HTML renderings cannot disagree; when
     nothing met the target, that comes first, with the nearest misses."""
     sections = [
+        _use_section(result),
         _hardware_section(result),
         Section("Accuracy vs latency", (
             "Every evaluated trial; the Pareto front; trials rejected by the latency gate (never trained) on the floor "

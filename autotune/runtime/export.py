@@ -13,6 +13,7 @@ BiasGelu, and EmbedLayerNormalization for BERT/DistilBERT). With transformers' S
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -53,6 +54,9 @@ class Artifact:
     opset: int
     size_bytes: int
     labels: tuple[str, ...] | None = None
+    #: How the deployed model was measured where it was tuned (latency at its percentile, batch, sequence length,
+    #: threads, hardware fingerprint, quantization recipe); set on the recommended model, None elsewhere.
+    measured: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `artifact.json` payload: paths are stored relative to the directory so it can move."""
@@ -134,6 +138,16 @@ def write_artifact_json(artifact: Artifact) -> None:
     (artifact.dir / ARTIFACT_JSON).write_text(json.dumps(artifact.to_json(), indent=2) + "\n", encoding="utf-8")
 
 
+def save_config(model: torch.nn.Module, directory: Path, labels: Sequence[str] | None) -> None:
+    """The model's Hugging Face `config.json` as exported (layers, hidden, heads, FFN), with `id2label`/`label2id`
+    from the data's label names: what the ecosystem's loaders (Optimum's ORTModelFor...) read beside the ONNX file."""
+    config = copy.deepcopy(model.config)
+    if labels is not None:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: index for index, name in enumerate(labels)}
+    config.save_pretrained(directory)
+
+
 def export_artifact(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -148,6 +162,7 @@ def export_artifact(
     onnx_path = directory / ONNX_FILENAME
     input_names = export_onnx(model, onnx_path, opset=opset)
     tokenizer.save_pretrained(directory)
+    save_config(model, directory, labels)
     config = model.config
     artifact = Artifact(
         dir=directory,

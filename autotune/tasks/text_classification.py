@@ -202,7 +202,7 @@ class TextClassification(TaskFamily):
 
     def export(self, model: nn.Module, out_dir: Path) -> Artifact:
         """An fp32 ONNX classifier artifact with the tokenizer beside it."""
-        return export_artifact(model, self.tokenizer, out_dir)
+        return export_artifact(model, self.tokenizer, out_dir, labels=self.splits.train.label_names)
 
     def quantize(self, plain: Artifact, out_dir: Path, bits: int, recipe: Recipe) -> Artifact:
         """ORT's transformer fusion, then the bit width (profilers/recipes.py says how on this CPU)."""
