@@ -5,6 +5,7 @@ configuration so far, gate rejections, elapsed time and ETA. The API gets a sile
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import optuna
@@ -127,7 +128,8 @@ class TuneProgress(SilentProgress):
         self.progress.update(self.task, completed=finished_count(study))
         self._refresh()
         if not self.console.is_terminal:  # CI, nohup, a log file: no live bar to watch, so one line per trial
-            self.console.log(trial_line(trial, self.target_ms))
+            stamp = time.strftime("%H:%M:%S")
+            self.console.print(f"[{stamp}] {trial_line(trial, self.target_ms)}", soft_wrap=True, markup=False, highlight=False)
 
     def note(self, message: str) -> None:
         """Log above the bar, so a message does not tear the live display."""
