@@ -95,3 +95,10 @@ class TrialRecord:
     def with_latency(self, latency_ms: float) -> "TrialRecord":
         """The record with a re-measured latency at the target percentile."""
         return replace(self, latency_ms=latency_ms)
+
+
+def closest_measured(trials: list[dict[str, Any]], count: int = 3) -> list[dict[str, Any]]:
+    """The `count` trials (as result.json records them) with the lowest measured latency, predicted skips excluded:
+    the nearest misses when nothing met the target, for the selection's reason and the report alike."""
+    measured = [t for t in trials if t["latency_ms"] is not None and t["stage"] != Stage.PREDICTED_SKIP]
+    return sorted(measured, key=lambda t: t["latency_ms"])[:count]

@@ -21,8 +21,7 @@ from statistics import median
 from typing import Any, Callable
 
 from autotune.progress import SilentProgress
-from autotune.records import Stage, TrialRecord
-from autotune.report.summary import closest_measured
+from autotune.records import Stage, TrialRecord, closest_measured
 from autotune.runtime import Artifact, load_artifact
 from autotune.trial import REMEASURE_ROUNDS, TrialPipeline, noise_margin
 from profilers.latency import LatencyStats

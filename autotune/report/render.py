@@ -13,6 +13,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from autotune.records import closest_measured
 from autotune.report import summary
 from autotune.report.predicted import predicted_sections
 from autotune.report.sections import Report, Section, Table
@@ -189,7 +190,7 @@ def build_report(result: dict[str, Any]) -> Report:
     ]
     sections = [section for section in sections if section is not None]
     if result["recommended"] is None:
-        closest = summary.closest_measured(result["trials"])
+        closest = closest_measured(result["trials"])
         rows = tuple((str(t["number"]), summary.describe(t["candidate"]), _ms(t["latency_ms"]),
                       f"+{t['latency_ms'] / result['target']['latency_ms'] - 1:.0%}") for t in closest)
         fastest = closest[0]["latency_ms"] if closest else None

@@ -88,13 +88,6 @@ class TargetOption:
     trial: dict[str, Any] | None
 
 
-def closest_measured(trials: list[dict[str, Any]], count: int = 3) -> list[dict[str, Any]]:
-    """The `count` trials with the lowest measured latency (predicted skips excluded): the nearest misses when
-    nothing met the target."""
-    measured = [t for t in trials if t["latency_ms"] is not None and t["stage"] != Stage.PREDICTED_SKIP]
-    return sorted(measured, key=lambda t: t["latency_ms"])[:count]
-
-
 def best_under(result: dict[str, Any], limit_ms: float) -> dict[str, Any] | None:
     """The most accurate evaluated trial measured at or under `limit_ms` (ties: the faster one)."""
     fitting = [t for t in evaluated(result) if t["latency_ms"] <= limit_ms]
