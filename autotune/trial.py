@@ -41,7 +41,7 @@ from autotune.screening import LatencyScreen, predicted_size_mb
 from autotune.tasks import TaskFamily, Timing
 from profilers.isolated import measure_onnx_interleaved, measure_onnx_isolated
 from profilers.latency import LatencyStats, MeasureSettings
-from profilers.ort import CPU_PROVIDER, CUDA_PROVIDER
+from profilers.ort import providers_for
 from profilers.recipes import PORTABLE, Recipe
 from search_spaces import Candidate
 
@@ -115,11 +115,6 @@ def clearly_over(stats: LatencyStats, target: Target) -> bool:
     if bounds is None:
         return stats.percentile_ms(target.percentile) > target.latency_ms * (1.0 + noise_margin(stats))
     return bounds[0] > target.latency_ms * (1.0 + MIN_NOISE_MARGIN)
-
-
-def providers_for(device: str) -> tuple[str, ...]:
-    """ONNX Runtime providers for a target device, the CPU last as ORT's fallback for unsupported nodes."""
-    return (CUDA_PROVIDER, CPU_PROVIDER) if device == "cuda" else (CPU_PROVIDER,)
 
 
 def time_artifact(task: TaskFamily, timing: Timing, artifact: Artifact,

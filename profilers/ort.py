@@ -17,6 +17,11 @@ CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
+def providers_for(device: str) -> tuple[str, ...]:
+    """ONNX Runtime providers for a target device, the CPU last as ORT's fallback for nodes CUDA does not run."""
+    return (CUDA_PROVIDER, CPU_PROVIDER) if device == "cuda" else (CPU_PROVIDER,)
+
+
 def make_session(
     model: str | os.PathLike[str] | bytes,
     *,

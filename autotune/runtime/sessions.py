@@ -28,7 +28,7 @@ from autotune.runtime.export import Artifact, load_artifact, model_family
 from profilers.isolated import feeds_for
 from search_spaces.hardware import DEVICES, RUNTIMES
 from profilers.latency import LatencyStats, MeasureSettings, measure_ort_session, measure_torch_module, torch_threads
-from profilers.ort import CPU_PROVIDER, CUDA_PROVIDER, make_session, session_threads
+from profilers.ort import CUDA_PROVIDER, make_session, providers_for, session_threads
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class OrtRuntime(InferenceRuntime):
 
     def __init__(self, onnx_path: str | os.PathLike[str], *, threads: int, vocab_size: int, device: Device = "cpu") -> None:
         _check_choice("device", device, DEVICES)
-        providers = (CUDA_PROVIDER, CPU_PROVIDER) if device == "cuda" else (CPU_PROVIDER,)
+        providers = providers_for(device)
         available = ort.get_available_providers()
         if device == "cuda" and CUDA_PROVIDER not in available:
             raise RuntimeError(

@@ -110,6 +110,7 @@ class TextClassification(TaskFamily):
     search_space: Space
     spec: TuneSpec
     fine_tuned: bool
+    teacher_key: str  # a hash of the ready teacher's weights, computed once: it keys the logits and every student
     metric: Metric | None = None
 
     @classmethod
@@ -132,8 +133,9 @@ class TextClassification(TaskFamily):
             teacher = finetune_teacher(teacher, train, epochs=training.teacher_epochs, lr=training.teacher_lr,
                                        seed=spec.search.seed, batch_size=training.batch_size, cache_dir=cache_dir / "teachers",
                                        progress=functools.partial(progress.training, "fine-tuning the teacher"))
-        logits = teacher_logits(teacher, train, cache_dir=cache_dir / "logits", teacher_fingerprint=state_fingerprint(teacher))
-        return cls(teacher, loaded.tokenizer, train, logits, splits, loaded.space, spec, loaded.new_head, metric)
+        teacher_key = state_fingerprint(teacher)
+        logits = teacher_logits(teacher, train, cache_dir=cache_dir / "logits", teacher_fingerprint=teacher_key)
+        return cls(teacher, loaded.tokenizer, train, logits, splits, loaded.space, spec, loaded.new_head, teacher_key, metric)
 
     @property
     def teacher(self) -> nn.Module:
@@ -153,7 +155,7 @@ class TextClassification(TaskFamily):
     @functools.cached_property
     def cache_identity(self) -> tuple[str, ...]:
         """The teacher's weight hash and the tokenized training split's fingerprint."""
-        return (state_fingerprint(self.model), self.train.fingerprint())
+        return (self.teacher_key, self.train.fingerprint())
 
     @property
     def space(self) -> Space:
