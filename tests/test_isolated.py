@@ -17,10 +17,11 @@ from profilers.latency import LatencyStats, MeasureSettings, measure_onnx
 SEQ_LEN = 64
 THREADS = 2  # every core of the 2-core box: the setting where a spinning pool would hurt most
 SETTINGS = MeasureSettings(warmup=10, min_runs=50, max_runs=2000, max_seconds=2.0)
-# Two isolated measurements of one file agree within this on a quiet machine; the failure the child process
-# exists to prevent (idle OpenMP workers spinning after training) inflated latencies 3-5x on this 2-core box,
-# so 25% leaves room for a shared machine's drift while still catching even a fraction of that effect.
-TOLERANCE = 0.25
+# The failure the child process exists to prevent (idle OpenMP workers spinning after training) inflates latencies
+# 3-5x on a 2-core box. A shared host's drift between the quiet references and the measurement after training
+# reached 1.3x on fresh-clone runs (1.077 ms against a 0.83 ms quiet reference), so the bound is 2x: above the
+# drift, well under the effect.
+TOLERANCE = 1.0
 
 
 @pytest.fixture(scope="module")
