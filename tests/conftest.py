@@ -97,3 +97,63 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 @pytest.fixture(scope="session")
 def synthetic_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", synthetic_rows(240))
+
+
+#: Words of the tiny causal-LM corpus: plain lower-case words, so a word-level tokenizer covers every text.
+LM_WORDS = ["to", "be", "or", "not", "the", "king", "queen", "night", "day", "love", "death", "sword", "crown",
+            "speak", "hear", "my", "lord", "good", "sweet", "fair", "foul", "and", "is", "a", "of", "in", "thou", "art"]
+LM_SPECIAL = ["<unk>", "<s>", "</s>"]
+
+
+def write_lm_tokenizer(directory: Path) -> None:
+    """A word-level fast tokenizer over LM_WORDS (<s>/</s> as bos/eos), the shape transformers and the ONNX Runtime
+    GenAI builder read from a model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(LM_SPECIAL + LM_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(directory)
+
+
+def tiny_llama_config(layers: int = 2):
+    """A llama of `layers` blocks, hidden 32, 4 heads over 2 KV heads (grouped-query attention), FFN 64."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(LM_SPECIAL) + len(LM_WORDS), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+
+
+def save_tiny_llama(directory: Path, layers: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny llama (safetensors) plus its tokenizer into `directory`."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(layers))
+    model.save_pretrained(directory, safe_serialization=True)
+    write_lm_tokenizer(directory)
+    return directory
+
+
+def synthetic_lines(n: int, seed: int = 0) -> list[str]:
+    """Lines of 4-12 words from LM_WORDS with a repeated pattern, so a model can learn something from them."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(LM_WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four small plain-text 'plays' (one file each), for splitting by document."""
+    root = tmp_path_factory.mktemp("tiny-text")
+    for index in range(4):
+        (root / f"play-{index}.txt").write_text("\n".join(synthetic_lines(60, seed=index)) + "\n", encoding="utf-8")
+    return root
