@@ -1,0 +1,89 @@
+"""What "accuracy" means for a causal LM, measured on the deployable ONNX artifact in ONNX Runtime.
+
+- Perplexity: exp of the mean next-token negative log-likelihood over fixed windows of held-out text. Each window
+  is scored on its own from an empty KV cache (positions 1..L-1 predicted from their prefix), so figures compare
+  across models only at the same window length, which every caller fixes.
+- Agreement: the fraction of positions where the model's most likely next token is the teacher's. Perplexity
+  says how well the model knows the text; agreement says how closely it imitates the teacher, which is what a
+  compressed model is for.
+
+Both come from the artifact a user deploys (the builder's graph, quantized), not from the torch model it came
+from: quantization and graph rewrites change the numbers, and the number that matters is the deployed one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LMScore:
+    """Perplexity and agreement of one model on one set of windows; `predictions` are its top-1 next tokens
+    ([windows, length-1]), the reference a student's agreement is measured against when this is the teacher."""
+
+    perplexity: float
+    agreement: float | None
+    tokens: int
+    predictions: np.ndarray
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """The figures, without the predictions (result files, bench rows)."""
+        return {"perplexity": self.perplexity, "agreement": self.agreement, "tokens": self.tokens}
+
+
+def _cache_shape(model_dir: Path) -> tuple[int, int, int]:
+    """(layers, KV heads, head size) from the GenAI config the builder wrote beside the graph."""
+    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    return decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]
+
+
+def _session(model_dir: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def window_logits(session, window: np.ndarray, cache_shape: tuple[int, int, int]) -> np.ndarray:
+    """Logits [length, vocab] of one window, run from an empty KV cache (past length 0)."""
+    layers, kv_heads, head_size = cache_shape
+    ids = window.reshape(1, -1).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    empty = np.zeros((1, kv_heads, 0, head_size), dtype=np.float32)
+    for layer in range(layers):
+        feeds[f"past_key_values.{layer}.key"] = empty
+        feeds[f"past_key_values.{layer}.value"] = empty
+    return session.run(["logits"], feeds)[0][0]
+
+
+def score_lm(model_dir: str | Path, windows: np.ndarray, reference: np.ndarray | None = None,
+             threads: int | None = None) -> LMScore:
+    """Perplexity of the GenAI model in `model_dir` over `windows` ([n, length] token ids), and its top-1 agreement
+    with `reference` (another model's `predictions` on the same windows; None: agreement is not measured)."""
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [n >= 1, length >= 2] token ids, got shape {windows.shape}")
+    if reference is not None and reference.shape != (windows.shape[0], windows.shape[1] - 1):
+        raise ValueError(f"reference predictions have shape {reference.shape}, expected "
+                         f"{(windows.shape[0], windows.shape[1] - 1)} for these windows")
+    model_dir = Path(model_dir)
+    session, cache_shape = _session(model_dir, threads), _cache_shape(model_dir)
+    nll, predictions = 0.0, np.empty((windows.shape[0], windows.shape[1] - 1), dtype=np.int64)
+    for index, window in enumerate(windows):
+        logprobs = _log_softmax(window_logits(session, window, cache_shape)[:-1])
+        nll -= float(logprobs[np.arange(len(window) - 1), window[1:]].sum())
+        predictions[index] = logprobs.argmax(axis=-1)
+    tokens = predictions.size
+    agreement = None if reference is None else float((predictions == reference).mean())
+    return LMScore(perplexity=float(np.exp(nll / tokens)), agreement=agreement, tokens=tokens, predictions=predictions)

@@ -1,0 +1,161 @@
+"""Causal LMs as deployed: the GenAI builder's export with a KV cache, weight-only quantization, perplexity and
+agreement on the artifact, and TTFT/decode timing in a child process; all on a tiny random llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from autotune.runtime.genai import ExportError, LMArtifact, WeightOnly, export_causal_lm
+from autotune.tasks.lm_quality import _cache_shape, _session, score_lm, window_logits
+from profilers.generation import GenerationError, GenerationRequest, measure_generation
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LMArtifact:
+    return export_causal_lm(tiny_llama_dir, tmp_path_factory.mktemp("lm") / "fp32")
+
+
+@pytest.fixture(scope="module")
+def torch_model(tiny_llama_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+def windows(n: int = 3, length: int = 24, vocab: int = 31, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(n, length))
+
+
+def nbits_nodes(artifact: LMArtifact) -> dict[str, dict[str, int]]:
+    graph = onnx.load(str(artifact.onnx_path), load_external_data=False).graph
+    return {node.name: {a.name: a.i for a in node.attribute} for node in graph.node if node.op_type == "MatMulNBits"}
+
+
+def test_fp32_export_matches_torch_logits_with_and_without_a_kv_cache(fp32_artifact: LMArtifact, torch_model) -> None:
+    ids = windows(1, 20)[0]
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids[None])).logits[0].numpy()
+    session, shape = _session(fp32_artifact.directory, 1), _cache_shape(fp32_artifact.directory)
+    np.testing.assert_allclose(window_logits(session, ids, shape), expected, atol=1e-4)
+
+    # Prefill 12 tokens, then feed the 13th alone with the returned KV cache: the step's logits are the torch
+    # model's at position 12.
+    prefix = ids[:12].reshape(1, -1)
+    layers, kv_heads, head_size = shape
+    empty = np.zeros((1, kv_heads, 0, head_size), dtype=np.float32)
+    feeds = {"input_ids": prefix, "attention_mask": np.ones_like(prefix)}
+    feeds |= {f"past_key_values.{i}.{kind}": empty for i in range(layers) for kind in ("key", "value")}
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, feeds)))
+    step = {"input_ids": ids[12:13].reshape(1, 1), "attention_mask": np.ones((1, 13), dtype=np.int64)}
+    step |= {f"past_key_values.{i}.{kind}": outputs[f"present.{i}.{kind}"] for i in range(layers) for kind in ("key", "value")}
+    np.testing.assert_allclose(session.run(["logits"], step)[0][0, -1], expected[12], atol=1e-4)
+
+
+@pytest.mark.parametrize("weights, bits, block", [
+    (WeightOnly(bits=4, block_size=32), 4, 32),
+    (WeightOnly(bits=8, block_size=16, accuracy_level=4), 8, 16),
+    (WeightOnly(bits=4, block_size=32, method="rtn-asym"), 4, 32),
+    (WeightOnly(bits=4, block_size=16, method="k-quant"), 4, 16),
+    (WeightOnly(bits=4, block_size=32, method="hqq"), 4, 32),
+])
+def test_weight_only_quantizes_every_linear_at_its_bits_and_block(tiny_llama_dir: Path, tmp_path: Path,
+                                                                  weights: WeightOnly, bits: int, block: int) -> None:
+    artifact = export_causal_lm(tiny_llama_dir, tmp_path / weights.name, weights)
+    nodes = nbits_nodes(artifact)
+    # 2 blocks x (qkv, o, gate, up, down) + the LM head
+    assert len(nodes) == 11
+    assert {(n["bits"], n["block_size"]) for n in nodes.values()} == {(bits, block)}
+    assert all(n.get("accuracy_level", 0) == weights.accuracy_level for n in nodes.values()) or weights.method == "hqq"
+    score = score_lm(artifact.directory, windows())
+    assert np.isfinite(score.perplexity)
+
+
+@pytest.mark.parametrize("head_bits, head_node", [(8, "/lm_head/MatMul_Q8"), (32, None)])
+def test_the_lm_head_has_its_own_width(tiny_llama_dir: Path, tmp_path: Path, head_bits: int, head_node: str | None) -> None:
+    nodes = nbits_nodes(export_causal_lm(tiny_llama_dir, tmp_path / "q", WeightOnly(bits=4, head_bits=head_bits)))
+    heads = [name for name in nodes if name.startswith("/lm_head/")]
+    assert heads == ([head_node] if head_node else [])
+    assert {n["bits"] for name, n in nodes.items() if not name.startswith("/lm_head/")} == {4}
+
+
+def test_quantized_artifacts_are_smaller(fp32_artifact: LMArtifact, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    int8 = export_causal_lm(tiny_llama_dir, tmp_path / "int8", WeightOnly(bits=8))
+    int4 = export_causal_lm(tiny_llama_dir, tmp_path / "int4", WeightOnly(bits=4))
+    assert int4.size_bytes < int8.size_bytes < fp32_artifact.size_bytes
+
+
+@pytest.mark.parametrize("kwargs, field", [({"bits": 3}, "bits"), ({"block_size": 48}, "block_size"),
+                                           ({"method": "gptq-ish"}, "method"), ({"head_bits": 6}, "head_bits"),
+                                           ({"bits": 8, "method": "hqq"}, "hqq"), ({"accuracy_level": 7}, "accuracy_level")])
+def test_weight_only_rejects_what_no_kernel_runs(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        WeightOnly(**kwargs)
+
+
+def test_export_of_a_directory_without_a_model_is_one_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="could not export"):
+        export_causal_lm(tmp_path / "empty", tmp_path / "out")
+
+
+def test_perplexity_on_the_artifact_equals_the_torch_model_s(fp32_artifact: LMArtifact, torch_model) -> None:
+    data = windows()
+    with torch.no_grad():
+        loss = torch_model(torch.tensor(data), labels=torch.tensor(data)).loss.item()
+    score = score_lm(fp32_artifact.directory, data, threads=1)
+    assert score.perplexity == pytest.approx(np.exp(loss), rel=1e-4)
+    assert score.tokens == data.shape[0] * (data.shape[1] - 1)
+    assert score_lm(fp32_artifact.directory, data, reference=score.predictions).agreement == 1.0
+
+
+def test_agreement_falls_when_the_model_differs(fp32_artifact: LMArtifact, torch_model, tiny_llama_dir: Path,
+                                               tmp_path: Path) -> None:
+    # A random tiny llama with tied embeddings predicts its input token back; blocks with large weights do not.
+    import copy
+    import shutil
+
+    changed = copy.deepcopy(torch_model)
+    with torch.no_grad():
+        for parameter in changed.model.layers.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    changed.save_pretrained(tmp_path / "changed")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / name, tmp_path / "changed" / name)
+    data = windows(4, 32)
+    teacher = score_lm(fp32_artifact.directory, data)
+    other = export_causal_lm(tmp_path / "changed", tmp_path / "changed-onnx")
+    student = score_lm(other.directory, data, reference=teacher.predictions)
+    assert 0.0 <= student.agreement < 1.0
+
+
+def test_score_rejects_windows_it_cannot_use(fp32_artifact: LMArtifact) -> None:
+    with pytest.raises(ValueError, match="windows must be"):
+        score_lm(fp32_artifact.directory, np.zeros((2, 1), dtype=np.int64))
+    with pytest.raises(ValueError, match="reference predictions"):
+        score_lm(fp32_artifact.directory, windows(), reference=np.zeros((1, 5), dtype=np.int64))
+
+
+def test_generation_timing_reports_ttft_decode_and_memory(fp32_artifact: LMArtifact) -> None:
+    request = GenerationRequest(str(fp32_artifact.directory), prompt_len=16, context_len=32, threads=1, vocab_size=31,
+                                runs=3, decode_tokens=4)
+    stats = measure_generation(request)
+    assert stats.ttft.runs == 3 and stats.decode.runs == 12
+    assert 0 < stats.ttft.p50_ms <= stats.ttft.p95_ms and 0 < stats.decode.p50_ms <= stats.decode.p95_ms
+    assert stats.peak_rss_bytes > 10 * 2**20  # the runtime and the model are resident
+    assert (stats.prompt_len, stats.context_len) == (16, 32)
+
+
+def test_a_prompt_longer_than_the_context_is_refused() -> None:
+    with pytest.raises(ValueError, match="longer than context_len"):
+        GenerationRequest("unused", prompt_len=64, context_len=32, threads=1, vocab_size=31)
+
+
+def test_timing_a_missing_model_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(GenerationError, match="failed in a child process"):
+        measure_generation(GenerationRequest(str(tmp_path), prompt_len=4, context_len=8, threads=1, vocab_size=31, runs=1))
