@@ -3,6 +3,15 @@
 Nothing here imports Optuna: the operators know nothing of the study that calls them.
 """
 
+from autotune.compress.decoder import (
+    block_importance,
+    blocks_to_keep,
+    decoder_sparsity,
+    drop_blocks,
+    ffn_importance,
+    narrow_ffn,
+    prune_decoder,
+)
 from autotune.compress.distillation import (
     DistillResult,
     TokenizedData,
@@ -12,6 +21,7 @@ from autotune.compress.distillation import (
     teacher_logits,
     tokenize,
 )
+from autotune.compress.healing import HealResult, TeacherTargets, heal, teacher_targets, topk_kd_loss
 from autotune.compress.pruning import (
     PruneResult,
     PruningSchedule,
@@ -28,18 +38,30 @@ __all__ = [
     "check_bits",
     "quantize_artifact",
     "DistillResult",
+    "HealResult",
     "PruneResult",
     "PruningSchedule",
+    "TeacherTargets",
     "TokenizedData",
+    "block_importance",
+    "blocks_to_keep",
+    "decoder_sparsity",
     "distill",
+    "drop_blocks",
     "even_layer_indices",
+    "ffn_importance",
     "finetune_teacher",
+    "heal",
     "make_student",
     "mean_kd_loss",
     "measured_sparsity",
+    "narrow_ffn",
     "prune",
+    "prune_decoder",
     "shaped_like",
     "sparsity_schedule",
     "teacher_logits",
+    "teacher_targets",
     "tokenize",
+    "topk_kd_loss",
 ]
