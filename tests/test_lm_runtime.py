@@ -79,6 +79,7 @@ def test_weight_only_quantizes_every_linear_at_its_bits_and_block(tiny_llama_dir
 @pytest.mark.parametrize("head_bits, head_node", [(8, "/lm_head/MatMul_Q8"), (32, None)])
 def test_the_lm_head_has_its_own_width(tiny_llama_dir: Path, tmp_path: Path, head_bits: int, head_node: str | None) -> None:
     nodes = nbits_nodes(export_causal_lm(tiny_llama_dir, tmp_path / "q", WeightOnly(bits=4, head_bits=head_bits)))
+    assert np.isfinite(score_lm(tmp_path / "q", windows()).perplexity)  # ONNX Runtime loads and runs it
     heads = [name for name in nodes if name.startswith("/lm_head/")]
     assert heads == ([head_node] if head_node else [])
     assert {n["bits"] for name, n in nodes.items() if not name.startswith("/lm_head/")} == {4}

@@ -97,10 +97,13 @@ class LMArtifact:
 def builder_options(weights: WeightOnly) -> tuple[str, list[str]]:
     """The builder's precision and extra options for a weight-only scheme the builder implements itself."""
     options = [f"block_size={weights.block_size}", f"accuracy_level={weights.accuracy_level}"]
+    if weights.method == "rtn-asym" or weights.lm_head_bits != weights.bits:
+        # The builder shares a tied embedding with the LM head's quantized weights, and writes a graph ONNX Runtime
+        # rejects when those are asymmetric or at another width than the body (onnxruntime-genai 0.18: a uint8
+        # Reshape feeding a float Gather; a Gather reading a tensor that was never written): keep them apart.
+        options.append("shared_embeddings=false")
     if weights.method == "rtn-asym":
-        # The builder shares the tied embedding with an asymmetric LM head and then writes a graph ONNX Runtime
-        # rejects (a uint8 Reshape feeding a float Gather; onnxruntime-genai 0.18): keep them apart.
-        options += ["is_symmetric=false", "shared_embeddings=false"]
+        options.append("is_symmetric=false")
     elif weights.method == "k-quant":
         options.append("algo_config=k_quant")
     if weights.lm_head_bits == 32:
