@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from autotune.caches import cache_root, cached_dir, key_of
-from autotune.runtime.genai import LMArtifact, WeightOnly, export_causal_lm
+from autotune.runtime.genai import CALIBRATED, LMArtifact, WeightOnly, export_causal_lm
 from autotune.tasks.data import DataError
 from autotune.tasks.lm_quality import LMScore, score_lm
 from profilers.generation import GenerationRequest, GenerationStats, measure_generation
@@ -75,16 +75,23 @@ def weights_identity(hf_dir: Path) -> list[Any]:
             [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
 
 
-def cached_export(hf_dir: Path, weights: WeightOnly | None, cache_dir: Path | None = None) -> LMArtifact:
-    """The GenAI export of `hf_dir` at `weights`, built once per machine under `<cache root>/lm-exports`."""
+def cached_export(hf_dir: Path, weights: WeightOnly | None, calibration: np.ndarray | None = None,
+                  cache_dir: Path | None = None) -> LMArtifact:
+    """The GenAI export of `hf_dir` at `weights` (GPTQ calibrated on `calibration`), built once per machine under
+    `<cache root>/lm-exports`."""
+    import hashlib
+
     import onnxruntime
     import onnxruntime_genai
 
     hf_dir = Path(hf_dir).resolve()
+    calibrated = weights is not None and weights.method in CALIBRATED
+    text = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest() if calibrated else None
     key = key_of("lm-export", str(hf_dir), weights_identity(hf_dir), weights and weights.name,
-                 weights and weights.accuracy_level, onnxruntime.__version__, onnxruntime_genai.__version__)
+                 weights and weights.accuracy_level, text, onnxruntime.__version__, onnxruntime_genai.__version__)
     final = (cache_dir or cache_root() / "lm-exports") / key
-    hit = cached_dir(final, "genai_config.json", lambda staging: export_causal_lm(hf_dir, staging, weights))
+    hit = cached_dir(final, "genai_config.json",
+                     lambda staging: export_causal_lm(hf_dir, staging, weights, calibration if calibrated else None))
     log.info("%s export of %s %s", weights.name if weights else "fp32", hf_dir, "reused" if hit else "built")
     return LMArtifact(final, weights)
 
@@ -114,15 +121,18 @@ def accuracy_level_here() -> int:
     return recipe_for(probe_cpu().flags).int4_accuracy_level
 
 
-def validation_windows(hf_dir: Path, text: str, column: str | None, window: int, windows: int) -> np.ndarray:
-    """The first `windows` windows of `window` tokens of the text's validation split, as the model tokenizes it."""
+#: Windows of training text GPTQ calibrates on.
+CALIBRATION_WINDOWS = 16
+
+
+def split_windows(hf_dir: Path, text: str, column: str | None, split: str, window: int, limit: int) -> np.ndarray:
+    """The first `limit` windows of `window` tokens of one split of the text, as the model tokenizes it."""
     from transformers import AutoTokenizer
 
     from autotune.tasks.lm_text import load_text, token_windows
 
-    splits = load_text(text, column=column)
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    return token_windows(tokenizer, splits.validation, window, limit=windows).numpy()
+    documents = getattr(load_text(text, column=column), split)
+    return token_windows(AutoTokenizer.from_pretrained(hf_dir), documents, window, limit=limit).numpy()
 
 
 def measure_model(model: str, text: str, weights: WeightOnly | None, *, column: str | None = None,
@@ -138,17 +148,19 @@ def measure_model(model: str, text: str, weights: WeightOnly | None, *, column: 
     progress(f"preparing {model}")
     hf_dir = prepare_causal_lm(model)
     shape = LMShape(prompt_len, context_len, window).check(max_positions(hf_dir))
-    data = validation_windows(hf_dir, text, column, window, windows)
+    data = split_windows(hf_dir, text, column, "validation", window, windows)
+    calibrated = weights is not None and weights.method in CALIBRATED
+    calibration = split_windows(hf_dir, text, column, "train", window, CALIBRATION_WINDOWS) if calibrated else None
     vocab_size = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))["vocab_size"]
     progress(f"{len(data)} validation windows of {window} tokens; exporting fp32")
     teacher = measure_artifact("teacher-fp32", cached_export(hf_dir, None), data, shape, threads, vocab_size)
-    rows = [teacher]
-    if weights is not None:
-        weights = dataclasses.replace(weights, accuracy_level=accuracy_level_here())
-        progress(f"exporting {weights.name} (accuracy level {weights.accuracy_level})")
-        rows.append(measure_artifact(weights.name, cached_export(hf_dir, weights), data, shape, threads, vocab_size,
-                                     reference=teacher.score.predictions))
-    return rows
+    if weights is None:
+        return [teacher]
+    weights = dataclasses.replace(weights, accuracy_level=accuracy_level_here())
+    progress(f"exporting {weights.name} (accuracy level {weights.accuracy_level})")
+    variant = measure_artifact(weights.name, cached_export(hf_dir, weights, calibration), data, shape, threads,
+                               vocab_size, reference=teacher.score.predictions)
+    return [teacher, variant]
 
 
 def save_causal_lm(model: Any, teacher_dir: Path, out_dir: Path) -> Path:

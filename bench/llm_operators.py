@@ -7,8 +7,9 @@ Rows:
 - `teacher-fp32`: the builder's fp32 export (timed first and again last: the two say how much the host drifted);
 - `builder-int4-rtn`: what a user would build by hand, the builder's int4 (symmetric round-to-nearest, block 32,
   accuracy level 4): the reference the tuner must beat;
-- `int8-rtn-b32`, and `int4-<method>-b<block>` for each method (rtn, rtn-asym, k-quant, hqq) and block size
-  (32, 64, 128) with this CPU's accuracy level; `int4-...-head8`: the LM head at int8;
+- `int8-rtn-b32`, and `int4-<method>-b<block>` for each method (rtn, rtn-asym, k-quant, hqq, gptq calibrated on
+  16 training windows) and block size (32, 64, 128) with this CPU's accuracy level; `int4-...-head8`: the LM head
+  at int8;
 - `drop20` / `drop40`: 20% / 40% of the decoder blocks removed by angular-distance importance on training text,
   `-healed` after distillation from the teacher (top-32 logits) for `--heal-tokens` training tokens;
   `ffn75-healed`: every FFN narrowed to 75% of its neurons by activation importance, healed the same way;
@@ -19,7 +20,7 @@ All torch work (importance, healing) happens before the first timing; each artif
 own child process, so training and timing never share the cores. Ends with one line of JSON: `rows` (`name`,
 `ppl`, `agreement`, `ttft_ms`, `decode_ms`, `peak_mb`, `size_mb`; p50s) and `teacher_ppl`.
 
-    python bench/llm_operators.py [--heal-tokens 65536] [--windows 12] [--runs 10] [--quick]
+    python bench/llm_operators.py [--heal-tokens 32768] [--windows 12] [--runs 10] [--quick]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from autotune.caches import cache_root, key_of  # noqa: E402
 from autotune.lm_measure import (  # noqa: E402
     LMMeasurement, LMShape, accuracy_level_here, cached_causal_lm, cached_export, measure_artifact, weights_identity,
 )
-from autotune.runtime.genai import LMArtifact, WeightOnly  # noqa: E402
+from autotune.runtime.genai import ExportError, LMArtifact, WeightOnly, check_k_quant_blocks  # noqa: E402
 from autotune.tasks.lm_models import prepare_causal_lm  # noqa: E402
 from autotune.tasks.lm_text import load_text, token_windows  # noqa: E402
 from profilers.cpu import probe_cpu  # noqa: E402
@@ -54,7 +55,7 @@ from profilers.cpu import probe_cpu  # noqa: E402
 MODEL = "builtin:SmolLM2-135M-Instruct"
 TEXT = "builtin:shakespeare"
 SHAPE = LMShape(prompt_len=128, context_len=256, window=256)
-METHODS = ("rtn", "rtn-asym", "k-quant", "hqq")
+METHODS = ("rtn", "rtn-asym", "k-quant", "hqq", "gptq")
 BLOCKS = (32, 64, 128)
 REFERENCE = WeightOnly(bits=4, block_size=32, method="rtn", accuracy_level=4)
 CALIBRATION_WINDOWS = 16
@@ -132,13 +133,20 @@ def students(hf_dir: Path, train: torch.Tensor, heal_tokens: int, quick: bool) -
     return made
 
 
-def artifacts(hf_dir: Path, student_dirs: dict[str, Path], level: int, quick: bool) -> dict[str, LMArtifact]:
+def artifacts(hf_dir: Path, student_dirs: dict[str, Path], level: int, quick: bool,
+              calibration: np.ndarray) -> dict[str, LMArtifact]:
     """Every row's ONNX artifact, exported (or reused from the cache) before anything is timed."""
     rows = {"teacher-fp32": (hf_dir, None), "builder-int4-rtn": (hf_dir, REFERENCE),
             "int8-rtn-b32": (hf_dir, WeightOnly(bits=8, block_size=32, accuracy_level=level))}
     for method in METHODS:
         for block in ((32,) if quick else BLOCKS):
             weights = WeightOnly(bits=4, block_size=block, method=method, accuracy_level=level)
+            if method == "k-quant":
+                try:
+                    check_k_quant_blocks(hf_dir, block)
+                except ExportError as error:
+                    say(f"no row {weights.name}: {error}")
+                    continue
             rows[weights.name] = (hf_dir, weights)
     for method in ("rtn", "k-quant"):
         weights = WeightOnly(bits=4, block_size=32, method=method, head_bits=8, accuracy_level=level)
@@ -150,7 +158,7 @@ def artifacts(hf_dir: Path, student_dirs: dict[str, Path], level: int, quick: bo
     built = {}
     for name, (source, weights) in rows.items():
         began = time.perf_counter()
-        built[name] = cached_export(source, weights)
+        built[name] = cached_export(source, weights, calibration)
         say(f"export {name}: {time.perf_counter() - began:.1f} s")
     return built
 
@@ -183,7 +191,7 @@ def checks(by_name: dict[str, dict], blocks: int, removed: dict[str, int]) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--heal-tokens", type=int, default=65536, help="training tokens of healing per student")
+    parser.add_argument("--heal-tokens", type=int, default=32768, help="training tokens of healing per student")
     parser.add_argument("--train-windows", type=int, default=128, help="256-token training windows for healing")
     parser.add_argument("--windows", type=int, default=12, help="256-token validation windows for perplexity")
     parser.add_argument("--runs", type=int, default=10, help="timed generations per artifact (16 decode steps each)")
@@ -200,7 +208,7 @@ def main() -> None:
     cpu = probe_cpu()
     say(f"{cpu.model_name}, {args.threads} threads, accuracy level {level}; {validation.size} validation tokens")
     student_dirs = students(hf_dir, train, args.heal_tokens, args.quick)
-    built = artifacts(hf_dir, student_dirs, level, args.quick)
+    built = artifacts(hf_dir, student_dirs, level, args.quick, train[:CALIBRATION_WINDOWS].numpy())
     torch.set_num_threads(1)  # nothing trains from here on; timing runs in child processes
 
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]

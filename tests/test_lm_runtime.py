@@ -10,8 +10,8 @@ import onnx
 import pytest
 import torch
 
-from autotune.runtime.genai import ExportError, LMArtifact, WeightOnly, export_causal_lm
-from autotune.tasks.lm_quality import _cache_shape, _session, score_lm, window_logits
+from autotune.runtime.genai import ExportError, LMArtifact, WeightOnly, cache_shape, empty_cache_feeds, export_causal_lm
+from autotune.tasks.lm_quality import _session, score_lm, window_logits
 from profilers.generation import GenerationError, GenerationRequest, measure_generation
 
 
@@ -40,16 +40,14 @@ def test_fp32_export_matches_torch_logits_with_and_without_a_kv_cache(fp32_artif
     ids = windows(1, 20)[0]
     with torch.no_grad():
         expected = torch_model(torch.tensor(ids[None])).logits[0].numpy()
-    session, shape = _session(fp32_artifact.directory, 1), _cache_shape(fp32_artifact.directory)
+    session, shape = _session(fp32_artifact.directory, 1), cache_shape(fp32_artifact.directory)
     np.testing.assert_allclose(window_logits(session, ids, shape), expected, atol=1e-4)
 
     # Prefill 12 tokens, then feed the 13th alone with the returned KV cache: the step's logits are the torch
     # model's at position 12.
     prefix = ids[:12].reshape(1, -1)
-    layers, kv_heads, head_size = shape
-    empty = np.zeros((1, kv_heads, 0, head_size), dtype=np.float32)
-    feeds = {"input_ids": prefix, "attention_mask": np.ones_like(prefix)}
-    feeds |= {f"past_key_values.{i}.{kind}": empty for i in range(layers) for kind in ("key", "value")}
+    layers = shape[0]
+    feeds = empty_cache_feeds(prefix, shape)
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, feeds)))
     step = {"input_ids": ids[12:13].reshape(1, 1), "attention_mask": np.ones((1, 13), dtype=np.int64)}
@@ -63,10 +61,11 @@ def test_fp32_export_matches_torch_logits_with_and_without_a_kv_cache(fp32_artif
     (WeightOnly(bits=4, block_size=32, method="rtn-asym"), 4, 32),
     (WeightOnly(bits=4, block_size=16, method="k-quant"), 4, 16),
     (WeightOnly(bits=4, block_size=32, method="hqq"), 4, 32),
+    (WeightOnly(bits=4, block_size=16, method="gptq"), 4, 16),
 ])
 def test_weight_only_quantizes_every_linear_at_its_bits_and_block(tiny_llama_dir: Path, tmp_path: Path,
                                                                   weights: WeightOnly, bits: int, block: int) -> None:
-    artifact = export_causal_lm(tiny_llama_dir, tmp_path / weights.name, weights)
+    artifact = export_causal_lm(tiny_llama_dir, tmp_path / weights.name, weights, calibration=windows(2, 16))
     nodes = nbits_nodes(artifact)
     # 2 blocks x (qkv, o, gate, up, down) + the LM head
     assert len(nodes) == 11
@@ -97,6 +96,17 @@ def test_quantized_artifacts_are_smaller(fp32_artifact: LMArtifact, tiny_llama_d
 def test_weight_only_rejects_what_no_kernel_runs(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         WeightOnly(**kwargs)
+
+
+def test_k_quant_refuses_an_odd_number_of_blocks(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    # hidden 32 in blocks of 32 is one block per column: ONNX Runtime's k-quant cannot pack its zero points
+    with pytest.raises(ExportError, match="even number of 32-weight blocks"):
+        export_causal_lm(tiny_llama_dir, tmp_path / "kq", WeightOnly(bits=4, block_size=32, method="k-quant"))
+
+
+def test_gptq_needs_calibration_text(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="calibration"):
+        export_causal_lm(tiny_llama_dir, tmp_path / "gptq", WeightOnly(bits=4, method="gptq"))
 
 
 def test_export_of_a_directory_without_a_model_is_one_error(tmp_path: Path) -> None:

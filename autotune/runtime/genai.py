@@ -15,18 +15,27 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 #: Weight-only methods: round-to-nearest, symmetric (the builder's default) or asymmetric (uint zero points);
 #: k-quant (llama.cpp's search of scales per block, in the builder); HQQ (half-quadratic scale and zero-point
-#: optimisation, Badri & Shaji 2023, from ONNX Runtime's quantizer; its zero points are floats).
-METHODS = ("rtn", "rtn-asym", "k-quant", "hqq")
+#: optimisation, Badri & Shaji 2023; its zero points are floats) and GPTQ (Frantar et al. 2023: each column's
+#: rounding error compensated on the columns not yet quantized, through the inverse Hessian of the layer's inputs
+#: on calibration text; symmetric), both from ONNX Runtime's quantizer.
+METHODS = ("rtn", "rtn-asym", "k-quant", "hqq", "gptq")
+#: Methods that quantize the builder's fp32 graph with ONNX Runtime's quantizer rather than inside the builder.
+ONNX_METHODS = ("hqq", "gptq")
+#: Methods that need calibration text.
+CALIBRATED = ("gptq",)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 #: Widths of the decoder's linear layers and of the LM head: 32 is fp32 (not quantized).
 WEIGHT_BITS = (4, 8, 32)
@@ -59,8 +68,8 @@ class WeightOnly:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.head_bits is not None and self.head_bits not in WEIGHT_BITS:
             raise ValueError(f"head_bits must be one of {WEIGHT_BITS} or None, got {self.head_bits}")
-        if self.method == "hqq" and self.bits != 4:
-            raise ValueError("method 'hqq' quantizes to 4 bits only")
+        if self.method in ONNX_METHODS and self.bits != 4:
+            raise ValueError(f"method {self.method!r} quantizes to 4 bits only")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0-4, got {self.accuracy_level}")
 
@@ -142,38 +151,102 @@ def _run_builder(hf_dir: Path, out_dir: Path, precision: str, options: list[str]
     log.debug("builder output for %s: %s", hf_dir, chatter.getvalue()[-2000:])
 
 
-def export_causal_lm(hf_dir: Path, out_dir: Path, weights: WeightOnly | None = None) -> LMArtifact:
+def export_causal_lm(hf_dir: Path, out_dir: Path, weights: WeightOnly | None = None,
+                     calibration: np.ndarray | None = None) -> LMArtifact:
     """The Hugging Face causal LM in `hf_dir` as an ONNX Runtime GenAI model directory in `out_dir` (fp32 when
-    `weights` is None). Builder methods come straight from the source weights; HQQ quantizes the fp32 export."""
+    `weights` is None). Builder methods come straight from the source weights; HQQ and GPTQ quantize the fp32
+    export, GPTQ on `calibration` ([n, length] token ids of training text)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if weights is not None and weights.method in CALIBRATED and calibration is None:
+        raise ValueError(f"method {weights.method!r} needs calibration windows of training text")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     if weights is None:
         _run_builder(hf_dir, out_dir, "fp32", [])
-    elif weights.method == "hqq":
+    elif weights.method in ONNX_METHODS:
         with tempfile.TemporaryDirectory(prefix="autotune-fp32-") as tmp:
             plain = export_causal_lm(hf_dir, Path(tmp) / "fp32")
-            quantize_hqq(plain, out_dir, weights)
+            quantize_exported(plain, out_dir, weights, calibration)
     else:
+        if weights.method == "k-quant":
+            check_k_quant_blocks(hf_dir, weights.block_size)
         precision, options = builder_options(weights)
         _run_builder(hf_dir, out_dir, precision, options)
     return LMArtifact(out_dir, weights)
 
 
-def quantize_hqq(plain: LMArtifact, out_dir: Path, weights: WeightOnly) -> LMArtifact:
-    """HQQ int4 of an fp32 export's MatMuls (the LM head left fp32 when `head_bits` is 32), written as a GenAI
-    model directory beside the same config and tokenizer. ONNX Runtime's HQQ does not set an accuracy level and
+def check_k_quant_blocks(hf_dir: Path, block_size: int) -> None:
+    """ExportError unless every linear layer's input splits into an even number of k-quant blocks: ONNX Runtime's
+    k-quant packs two 4-bit zero points per byte per column and fails on an odd count (1.32: "cannot reshape
+    array"), e.g. SmolLM2's 576-wide inputs in blocks of 64 (9 blocks)."""
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    widths = {"hidden": hidden, "intermediate": config["intermediate_size"],
+              "attention": heads * config.get("head_dim", hidden // heads)}
+    odd = {name: width for name, width in widths.items() if -(-width // block_size) % 2}
+    if odd:
+        name, width = next(iter(odd.items()))
+        raise ExportError(f"k-quant needs an even number of {block_size}-weight blocks along every input, but the "
+                          f"{name} width {width} makes {-(-width // block_size)} (an ONNX Runtime limitation); "
+                          f"choose another block size")
+
+
+class WindowsReader:
+    """ONNX Runtime's calibration reader protocol over token windows: one feed per window, run from an empty KV
+    cache, the way perplexity is computed."""
+
+    def __init__(self, windows: np.ndarray, cache_shape: tuple[int, int, int]):
+        self.windows, self.cache_shape, self.position = np.asarray(windows, dtype=np.int64), cache_shape, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next window's feeds, or None after the last (the protocol's end)."""
+        if self.position >= len(self.windows):
+            return None
+        ids = self.windows[self.position].reshape(1, -1)
+        self.position += 1
+        return empty_cache_feeds(ids, self.cache_shape)
+
+    def __iter__(self):
+        return iter(self.get_next, None)
+
+
+def cache_shape(model_dir: Path) -> tuple[int, int, int]:
+    """(layers, KV heads, head size) from the GenAI config the builder wrote beside the graph."""
+    decoder = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
+    return decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]
+
+
+def empty_cache_feeds(ids: np.ndarray, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """Feeds of a builder graph for token ids [1, length] with an empty KV cache (past length 0)."""
+    layers, kv_heads, head_size = shape
+    empty = np.zeros((1, kv_heads, 0, head_size), dtype=np.float32)
+    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)}
+    feeds |= {f"past_key_values.{layer}.{kind}": empty for layer in range(layers) for kind in ("key", "value")}
+    return feeds
+
+
+def quantize_exported(plain: LMArtifact, out_dir: Path, weights: WeightOnly, calibration: np.ndarray | None) -> LMArtifact:
+    """HQQ or GPTQ int4 of an fp32 export's MatMuls (the LM head left fp32 when `head_bits` is 32), written as a
+    GenAI model directory beside the same config and tokenizer. ONNX Runtime's HQQ sets no accuracy level and
     stores float zero points, which its CPU kernels run on a slow path: the benchmark shows what that costs."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer,
+    )
 
     if weights.lm_head_bits not in (4, 32):
-        raise ValueError("with method 'hqq' the LM head is 4-bit (like the body) or fp32 (head_bits=32)")
+        raise ValueError(f"with method {weights.method!r} the LM head is 4-bit (like the body) or fp32 (head_bits=32)")
     shutil.copytree(plain.directory, out_dir, ignore=shutil.ignore_patterns("model.onnx*"))
     model = onnx.load(str(plain.onnx_path))
     excluded = [LM_HEAD] if weights.lm_head_bits == 32 else []
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=excluded,
-                                     algo_config=HQQWeightOnlyQuantConfig(block_size=weights.block_size, bits=4))
+    if weights.method == "hqq":
+        quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=excluded,
+                                         algo_config=HQQWeightOnlyQuantConfig(block_size=weights.block_size, bits=4))
+    else:
+        reader = WindowsReader(calibration, cache_shape(plain.directory))
+        quantizer = MatMulNBitsQuantizer(model, block_size=weights.block_size, is_symmetric=True,
+                                         accuracy_level=weights.accuracy_level or None, nodes_to_exclude=excluded,
+                                         algo_config=GPTQWeightOnlyQuantConfig(calibration_data_reader=reader))
     with quiet_quantizer():
         quantizer.process()
     onnx.save(quantizer.model.model, str(out_dir / "model.onnx"), save_as_external_data=True,

@@ -13,11 +13,12 @@ from: quantization and graph rewrites change the numbers, and the number that ma
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from autotune.runtime.genai import cache_shape, empty_cache_feeds
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,6 @@ class LMScore:
     def to_dict(self) -> dict[str, float | int | None]:
         """The figures, without the predictions (result files, bench rows)."""
         return {"perplexity": self.perplexity, "agreement": self.agreement, "tokens": self.tokens}
-
-
-def _cache_shape(model_dir: Path) -> tuple[int, int, int]:
-    """(layers, KV heads, head size) from the GenAI config the builder wrote beside the graph."""
-    decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-    return decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]
 
 
 def _session(model_dir: Path, threads: int | None):
@@ -57,14 +52,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def window_logits(session, window: np.ndarray, cache_shape: tuple[int, int, int]) -> np.ndarray:
     """Logits [length, vocab] of one window, run from an empty KV cache (past length 0)."""
-    layers, kv_heads, head_size = cache_shape
-    ids = window.reshape(1, -1).astype(np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    empty = np.zeros((1, kv_heads, 0, head_size), dtype=np.float32)
-    for layer in range(layers):
-        feeds[f"past_key_values.{layer}.key"] = empty
-        feeds[f"past_key_values.{layer}.value"] = empty
-    return session.run(["logits"], feeds)[0][0]
+    return session.run(["logits"], empty_cache_feeds(window.reshape(1, -1), cache_shape))[0][0]
 
 
 def score_lm(model_dir: str | Path, windows: np.ndarray, reference: np.ndarray | None = None,
@@ -78,10 +66,10 @@ def score_lm(model_dir: str | Path, windows: np.ndarray, reference: np.ndarray |
         raise ValueError(f"reference predictions have shape {reference.shape}, expected "
                          f"{(windows.shape[0], windows.shape[1] - 1)} for these windows")
     model_dir = Path(model_dir)
-    session, cache_shape = _session(model_dir, threads), _cache_shape(model_dir)
+    session, shape = _session(model_dir, threads), cache_shape(model_dir)
     nll, predictions = 0.0, np.empty((windows.shape[0], windows.shape[1] - 1), dtype=np.int64)
     for index, window in enumerate(windows):
-        logprobs = _log_softmax(window_logits(session, window, cache_shape)[:-1])
+        logprobs = _log_softmax(window_logits(session, window, shape)[:-1])
         nll -= float(logprobs[np.arange(len(window) - 1), window[1:]].sum())
         predictions[index] = logprobs.argmax(axis=-1)
     tokens = predictions.size
