@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from autotune.caches import MANIFEST, STAGING, disk_full_is_an_error, owned_temporary_directory
 from autotune.config import TuneSpec, load_spec
 from autotune.progress import SilentProgress
 from autotune.report import write_report
@@ -77,6 +77,7 @@ class WorkerSummary:
     ran_here: int
 
 
+@disk_full_is_an_error()
 def work(
     spec: TuneSpec | str | os.PathLike[str] | Mapping[str, Any],
     *,
@@ -91,15 +92,16 @@ def work(
 
     Several workers, on one machine or many, share the study through the storage; each keeps its students and
     artifacts under `out` (default runs/<name>/, safe to share between workers of one machine). `tune` with
-    `--resume` on the same storage writes the result once the budget is reached.
+    `--resume` on the same storage writes the result once the budget is reached. A full disk is a DiskFullError
+    (finished trials are kept; the trial in progress is retried by the next worker).
     """
     spec = search_spec(spec, {**overrides, "storage": storage})
     progress = progress or SilentProgress()
     run_dir = prepare_run_dir(Path(out) if out is not None else Path("runs") / spec.name)
-    with tempfile.TemporaryDirectory(prefix=".worker-baseline-", dir=run_dir) as scratch:
+    with owned_temporary_directory(STAGING, run_dir) as scratch:  # its baseline; removed by a later run if killed
         session = start_session(spec, run_dir, resume=True, join=True, study_name=study_name,
                                 allow_mixed_hardware=allow_mixed_hardware, progress=progress, metric=None,
-                                baseline_dir=Path(scratch))
+                                baseline_dir=scratch)
         run_session(session, progress)
     study = session.study
     mine = [t for t in kept_trials(study) if t.user_attrs.get(WORKER_ATTR) == worker_id()]
@@ -107,6 +109,7 @@ def work(
                          finished=finished_count(study), ran_here=len(mine))
 
 
+@disk_full_is_an_error()
 def tune(
     spec: TuneSpec | str | os.PathLike[str] | Mapping[str, Any],
     *,
@@ -166,7 +169,7 @@ def deploy_recommendation(session: Session, choice: Choice) -> dict[str, Any]:
     """Copy the recommended artifact to `model/` and describe it, with its test score, for result.json."""
     model_dir = session.run_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
-    shutil.copytree(choice.recommended.artifact, model_dir)
+    shutil.copytree(choice.recommended.artifact, model_dir, ignore=shutil.ignore_patterns(MANIFEST))  # a cache's, not the model's
     t = session.target
     write_artifact_json(replace(load_artifact(model_dir), measured={
         "percentile": t.percentile, "latency_ms": choice.recommended.latency_ms, "batch_size": t.batch_size,

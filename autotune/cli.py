@@ -21,11 +21,13 @@ class UsageError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (spec, model, data, storage, paths), not a bug: one sentence, exit 2."""
+    """Exceptions that mean bad input (spec, model, data, storage, paths) or a full disk, not a bug: one sentence, exit 2."""
     from autotune.builtin import BuiltinError
+    from autotune.caches import DiskFullError
     from autotune.config import ConfigError
     from autotune.models import ModelError
     from autotune.result import ResultError
+    from autotune.runtime.genai import ExportError
     from autotune.tasks import DataError
     from profilers.hardware import ProfileError
     from autotune.study import HardwareMismatchError, StorageError
@@ -33,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from search_spaces import SpaceError
 
     return (UsageError, ConfigError, ModelError, DataError, SpaceError, ProfileError, PredictionError, ResultError, BuiltinError,
-            StorageError, HardwareMismatchError, FileExistsError, PermissionError)
+            StorageError, HardwareMismatchError, FileExistsError, PermissionError, DiskFullError, ExportError)
 
 
 def one_sentence(exc: BaseException) -> str:
@@ -276,7 +278,8 @@ def build_parser() -> Parser:
     measure.add_argument("--column", default=None, help="the text column of a .jsonl or .csv file")
     measure.add_argument("--bits", type=int, choices=(32, 8, 4), default=32, help="width of the decoder's linear layers")
     measure.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), default=32, help="weights per scale")
-    measure.add_argument("--method", choices=("rtn", "rtn-asym", "k-quant", "hqq"), default="rtn", help="int4/int8 method")
+    measure.add_argument("--method", choices=("rtn", "rtn-asym", "k-quant", "hqq", "gptq"), default="rtn",
+                         help="int4/int8 method (gptq calibrates on the text's training split)")
     measure.add_argument("--head-bits", type=int, choices=(32, 8, 4), default=None, help="the LM head's width (default: as --bits)")
     measure.add_argument("--prompt-len", type=positive(int), default=128, help="prompt tokens for time to first token")
     measure.add_argument("--context-len", type=positive(int), default=256, help="context tokens at which decode is timed")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable
@@ -159,7 +159,7 @@ def contenders(pipeline: TrialPipeline, records: list[TrialRecord]) -> tuple[lis
         elif not Path(record.artifact).exists():  # written by a worker on another machine
             skipped.append(passed(record, f"its artifact {record.artifact} is not on this machine: not re-measured"))
         else:
-            chosen.append(record)
+            chosen.append(replace(record, artifact=pipeline.recorded_artifact(record)))  # verified, else rebuilt
     return chosen, skipped
 
 

@@ -18,14 +18,14 @@ from typing import Callable
 
 import optuna
 
-from autotune.caches import cache_root
+from autotune.caches import cache_root, sweep_litter
 from autotune.config import TuneSpec
 from autotune.progress import SilentProgress
 from autotune.records import TrialOutcome
 from autotune.runtime import Artifact
 from autotune.screening import LatencyScreen
 from autotune.study import (
-    Heartbeat, anchors, claim_hardware, enqueue_anchors, has_heartbeat, make_objective, open_storage, open_study,
+    Heartbeat, anchors, claim_hardware, enqueue_anchors, make_objective, open_storage, open_study,
 )
 from autotune.tasks import TaskFamily, Timing, family_for
 from autotune.trial import REMEASURE_ROUNDS, Target, TrialContext, TrialPipeline, time_artifact
@@ -152,7 +152,7 @@ class OpenedStudy:
     storage: str
     study: optuna.Study
     created: bool
-    poll_s: float | None  # how often a worker looks for stale trials (storages with a heartbeat)
+    poll_s: float  # how often a worker with nothing left to start looks again for trials whose worker was lost
     probed: HardwareProfile  # this machine's facts, throughput not yet measured
 
 
@@ -166,7 +166,7 @@ def open_search(spec: TuneSpec, run_dir: Path, threads: int, *, resume: bool, jo
                                 spec.search.minimize_size, resume or join)
     probed = collect_profile(threads, microbench=False)  # the fingerprint now; throughput after the cheap checks
     claim_hardware(study, probed.fingerprint, allow_mixed_hardware)
-    return OpenedStudy(storage, study, created, heartbeat.interval_s if has_heartbeat(backend) else None, probed)
+    return OpenedStudy(storage, study, created, heartbeat.interval_s, probed)
 
 
 def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, study_name: str | None,
@@ -174,9 +174,11 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
     """Open the study and get everything a trial needs ready (the module docstring gives the order).
 
     `join` (a worker): load the study whatever it holds, and leave the anchors to the worker that created it,
-    so workers starting together enqueue them once. The baseline is exported under `baseline_dir`.
+    so workers starting together enqueue them once. The baseline is exported under `baseline_dir`. First, the
+    temporary files of killed processes are removed (autotune.caches.sweep_litter), never a live one's.
     """
     threads = resolved_threads(spec)
+    sweep_litter(cache_root(), run_dir)  # what killed runs and workers of this machine left behind
     opened = open_search(spec, run_dir, threads, resume=resume, join=join, study_name=study_name,
                          allow_mixed_hardware=allow_mixed_hardware)
     family = family_for(spec.model.task)

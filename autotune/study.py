@@ -12,8 +12,13 @@ A trial that raises is recorded FAIL with its error in the user attributes; the 
 
 Scale-out rests on Optuna's storages alone. Workers share one study in an RDB (SQLite, PostgreSQL, MySQL) or
 a journal file; an RDB gets Optuna's heartbeat, so a worker killed mid-trial leaves a trial that the next
-worker to look marks FAIL and re-enqueues (RetryHeartbeatStaleTrialCallback). The budget counts trials, not
-attempts: a trial lost to a crash or a Ctrl-C and retried does not use it, a trial whose candidate failed does.
+worker to look marks FAIL and re-enqueues (RetryHeartbeatStaleTrialCallback). A journal has no heartbeat (and
+Optuna never finds stale an RDB trial killed before its first heartbeat), so each trial records its owner (host,
+pid, trial number) first thing, and a worker fails and re-enqueues, with the same callback, the RUNNING trials
+whose owner is a dead process of its own host, or that no process claimed within UNCLAIMED_GRACE_S. The budget
+counts trials, not attempts: a trial lost to a crash or a Ctrl-C and retried does not use it, a trial whose
+candidate failed does. A full disk stops the run (DiskFullError), its trial re-enqueued for the run that
+resumes once space is freed.
 """
 
 from __future__ import annotations
@@ -26,15 +31,17 @@ import socket
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import optuna
-from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
+from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from autotune.caches import DiskFullError, as_disk_full, is_alive
 from autotune.config import SAMPLERS
 from autotune.records import Stage, TrialRecord
 from search_spaces import Candidate, Space, TeacherShape
@@ -51,6 +58,12 @@ HARDWARE_ATTR = "hardware_fingerprint"
 WORKER_ATTR = "worker"
 INTERRUPTED_ATTR = "interrupted"
 SURPLUS_ATTR = "surplus"
+#: Trial user attribute "<host>:<pid>/<trial number>": the process that claimed this very trial. A retry copies its
+#: attributes, so the number tells a claim of the retry from its failed attempt's.
+OWNER_ATTR = "owner"
+#: A trial RUNNING this long without its owner's claim lost its worker between Optuna's creating it and the
+#: objective's first line (a claim takes milliseconds).
+UNCLAIMED_GRACE_S = 60.0
 #: How often a crashed trial is retried before it counts as failed (a candidate that kills its worker).
 MAX_RETRY = 3
 
@@ -122,9 +135,7 @@ def open_storage(url: str, heartbeat: Heartbeat) -> BaseStorage:
                            "sqlite:///study.db or postgresql+psycopg://user@host/db, nor journal:PATH") from None
     where = f"host {parsed.host}" + (f":{parsed.port}" if parsed.port else "") if parsed.host else f"file {parsed.database}"
     try:
-        with optuna_experimental():
-            return RDBStorage(url, heartbeat_interval=heartbeat.interval_s, grace_period=heartbeat.grace_s,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+        return rdb_storage(url, heartbeat)
     except (SQLAlchemyError, ImportError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         if parsed.password:
@@ -132,9 +143,35 @@ def open_storage(url: str, heartbeat: Heartbeat) -> BaseStorage:
         raise StorageError(f"cannot open storage {shown} ({where}): {reason}") from None
 
 
+#: Attempts at opening an RDB storage whose schema other workers are creating at the same moment.
+SCHEMA_RACE_ATTEMPTS = 5
+
+
+def rdb_storage(url: str, heartbeat: Heartbeat) -> RDBStorage:
+    """Optuna's RDBStorage with the heartbeat, opened again when it loses the race to create the schema.
+
+    Workers started together on a fresh PostgreSQL database all run Optuna's CREATE TABLEs at once, and all but
+    one can fail with a unique violation (pg_type_typname_nsp_index) or "type ... already exists". Measured here:
+    3 processes opening one fresh database at once, 19 of 30 openings failed (10 rounds); 3 `autotune worker`s
+    started together, one or more exited 2 in 7 of 8 rounds. By the next attempt the tables are there."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            with optuna_experimental():
+                return RDBStorage(url, heartbeat_interval=heartbeat.interval_s, grace_period=heartbeat.grace_s,
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY))
+        except (IntegrityError, ProgrammingError):
+            if attempt == SCHEMA_RACE_ATTEMPTS - 1:
+                raise
+            log.info("storage schema created by another worker at the same time; opening it again")
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def has_heartbeat(storage: BaseStorage) -> bool:
-    """Whether stale trials of this storage can be detected (RDB storages only); without a heartbeat a dead worker
-    cannot be told from a slow one."""
+    """Whether this storage has Optuna's heartbeat (RDB storages only); without it, a dead worker is told from a slow
+    one by its pid alone, so only on its own host (`fail_orphaned_trials`)."""
     return isinstance(storage, RDBStorage)
 
 
@@ -342,6 +379,7 @@ def make_objective(
     """The Optuna objective of a run: suggest a candidate, evaluate it, record the outcome. A trial started beyond the
     budget is pruned before it runs anything, since several workers can start the last trial at once."""
     def objective(trial: optuna.Trial) -> list[float]:
+        trial.set_user_attr(OWNER_ATTR, f"{worker_id()}/{trial.number}")
         trial.set_user_attr(WORKER_ATTR, worker_id())
         if beyond_budget(trial.study, trial.number, budget):
             trial.set_user_attr(SURPLUS_ATTR, True)
@@ -371,8 +409,73 @@ def fail_stale_trials(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
+def seconds_running(trial: FrozenTrial) -> float:
+    """How long ago a trial started (storages keep naive local or aware UTC times)."""
+    start = trial.datetime_start
+    if start is None:
+        return 0.0
+    now = datetime.now(timezone.utc) if start.tzinfo is not None else datetime.now()
+    return (now - start).total_seconds()
+
+
+def owner_of(trial: FrozenTrial) -> tuple[str, int] | None:
+    """(host, pid) of the process that claimed this very trial, or None while none has (see OWNER_ATTR)."""
+    worker, _, number = str(trial.user_attrs.get(OWNER_ATTR, "")).rpartition("/")
+    host, _, pid = worker.rpartition(":")
+    if number != str(trial.number) or not host or not pid.isdigit():
+        return None
+    return host, int(pid)
+
+
+def judged_here(trial: FrozenTrial) -> bool:
+    """Whether this worker can tell if a RUNNING trial's worker is alive: its owner runs on this host, or none has
+    claimed it yet (then UNCLAIMED_GRACE_S decides). Another host's processes cannot be seen from here."""
+    owner = owner_of(trial)
+    return owner is None or owner[0] == socket.gethostname()
+
+
+def orphaned(trial: FrozenTrial) -> bool:
+    """Whether a RUNNING trial lost its worker: its owner is a dead process of this host, or nobody claimed it within
+    UNCLAIMED_GRACE_S of its start."""
+    owner = owner_of(trial)
+    if owner is None:
+        return seconds_running(trial) > UNCLAIMED_GRACE_S
+    return owner[0] == socket.gethostname() and owner[1] != os.getpid() and not is_alive(owner[1])
+
+
+def fail_orphaned_trials(study: optuna.Study) -> list[int]:
+    """The journal's stand-in for a heartbeat (and an RDB's for a trial killed before its first one): fail the
+    orphaned RUNNING trials (see `orphaned`) and re-enqueue them as Optuna retries a stale one. Workers racing over
+    one trial are safe: the storage lets one FAIL it, and only that one enqueues its retry. Returns the numbers of
+    the trials failed here."""
+    with optuna_experimental():
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not orphaned(trial):
+            continue
+        try:
+            frozen = study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, UpdateFinishedTrialError):
+            continue  # finished meanwhile, or failed by another worker first
+        log.warning("trial %d lost its worker (%s): failed and retried", trial.number,
+                    trial.user_attrs.get(WORKER_ATTR, "never claimed"))
+        retry(study, frozen)
+        failed.append(trial.number)
+    return failed
+
+
+def fail_lost_trials(study: optuna.Study) -> None:
+    """RUNNING trials whose worker is gone become FAIL and are re-enqueued: by Optuna's heartbeat for an RDB, and by
+    their owners' pids on every storage. An RDB needs both: Optuna never finds a trial stale that has no heartbeat
+    yet, so a worker killed between creating a trial and its first heartbeat would leave it RUNNING for good."""
+    if has_heartbeat(study._storage):  # the storage, as optuna.storages.fail_stale_trials reads it
+        fail_stale_trials(study)
+    fail_orphaned_trials(study)
+
+
 def retry_interrupted(study: optuna.Study) -> None:
-    """Re-enqueue the trials Ctrl-C stopped in this process, as Optuna retries a crashed one."""
+    """Re-enqueue the trials Ctrl-C (or a full disk) stopped in this process, as Optuna retries a crashed one."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     with optuna_experimental():
@@ -383,6 +486,30 @@ def retry_interrupted(study: optuna.Study) -> None:
             retry(study, trial)
 
 
+def stopping_on_full_disk(objective: Callable[[optuna.Trial], list[float]],
+                          stopped: list[DiskFullError]) -> Callable[[optuna.Trial], list[float]]:
+    """The objective, except that a full disk marks its trial interrupted and is kept in `stopped`: Optuna records
+    the trial FAIL as for any error, and `run` then stops, since every later trial would fail the same way."""
+    def guarded(trial: optuna.Trial) -> list[float]:
+        try:
+            return objective(trial)
+        except Exception as exc:
+            full = as_disk_full(exc)
+            if full is not None:
+                trial.set_user_attr(INTERRUPTED_ATTR, True)
+                stopped.append(full)
+            raise
+
+    return guarded
+
+
+def keeps_waiting(study: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
+    """Whether a worker with nothing left to start should wait for the running trials: with a heartbeat any of them
+    may go stale; on a journal only those whose worker this host can see may turn out orphaned."""
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    return bool(running) and (has_heartbeat(study._storage) or any(judged_here(t) for t in running))
+
+
 def run(
     study: optuna.Study, objective: Callable[[optuna.Trial], list[float]], budget: int, timeout_s: float | None,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (), poll_s: float | None = None,
@@ -390,28 +517,35 @@ def run(
     """Run trials, one at a time, until the study holds `budget` finished trials; several workers may run this
     on one study at once, and a resumed study only runs the rest.
 
-    When the rest of the budget is running in other workers, `poll_s` (given for storages with a heartbeat)
-    says how often to look again: a worker that died mid-trial goes stale, and its retry is taken here.
-    Without a heartbeat a dead worker cannot be told from a slow one, so this worker leaves them to it.
-    On Ctrl-C the trial in progress is recorded FAIL, re-enqueued for a later run, and the interrupt goes on.
+    When the rest of the budget is running in other workers, `poll_s` says how often to look again: a worker
+    that died mid-trial leaves a trial that is failed and re-enqueued (`fail_lost_trials`), and its retry is
+    taken here. Trials whose worker cannot be judged from here (another host's, on a journal) are left to it.
+    On Ctrl-C or a full disk the trial in progress is recorded FAIL, re-enqueued for a later run, and the
+    interrupt (or DiskFullError) goes on.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    stopped: list[DiskFullError] = []
+    guarded = stopping_on_full_disk(objective, stopped)
     while deadline is None or time.monotonic() < deadline:
-        fail_stale_trials(study)
-        use = budget_use(study.get_trials(deepcopy=False))
+        fail_lost_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        use = budget_use(trials)
         if use.finished >= budget:
             return
         if use.claimed >= budget and not use.waiting:
-            if poll_s is None:
+            if poll_s is None or not keeps_waiting(study, trials):
                 log.info("the study's last %d trials run in other workers", budget - use.finished)
                 return
             time.sleep(poll_s)
             continue
         try:
-            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=list(callbacks), gc_after_trial=True)
+            study.optimize(guarded, n_trials=1, catch=(Exception,), callbacks=list(callbacks), gc_after_trial=True)
         except KeyboardInterrupt:
             retry_interrupted(study)
             raise
+        if stopped:
+            retry_interrupted(study)
+            raise stopped[0]
 
 
 def view_of(study: optuna.Study, trials: Sequence[FrozenTrial]) -> optuna.Study:

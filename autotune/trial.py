@@ -24,7 +24,6 @@ student serves every bit width ("train once, quantize many"); artifacts by candi
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,10 +31,12 @@ from typing import Any, Callable
 
 from torch import nn
 
-from autotune.caches import cached_dir, cached_json, key_of, read_json
+from autotune.caches import (
+    STAGING, cached_dir_value, cached_json, key_of, load_verified_dir, owned_temporary_directory, read_json,
+)
 from autotune.compress import PruningSchedule, measured_sparsity
 from autotune.config import TrainingSpec
-from autotune.records import Stage, TrialOutcome
+from autotune.records import Stage, TrialOutcome, TrialRecord
 from autotune.runtime import Artifact, load_artifact
 from autotune.screening import LatencyScreen, predicted_size_mb
 from autotune.tasks import TaskFamily, Timing
@@ -58,6 +59,9 @@ MIN_NOISE_MARGIN = 0.05
 #: Refinement continues a trained student at this fraction of the search's learning rate.
 REFINE_LR_SCALE = 0.5
 MB = 1024 * 1024
+#: The gate's scratch directories in the system's temp root: `<prefix><host>-<pid>-...`, so that the next run
+#: removes those of a killed worker (autotune.caches.sweep_litter).
+GATE_TMP_PREFIX = "autotune-gate-"
 #: The counters a cached model moves: (cache hits, models trained), by kind.
 MODEL_COUNTERS = {"student": ("student_cache_hits", "students_trained"), "refined": ("refined_cache_hits", "students_refined")}
 
@@ -204,7 +208,7 @@ class TrialPipeline:
         """(latency and size of the candidate's stand-in, cache hit)."""
         def measure_stand_in() -> dict[str, Any]:
             task = self.ctx.task
-            with tempfile.TemporaryDirectory(prefix="autotune-gate-") as tmp:
+            with owned_temporary_directory(GATE_TMP_PREFIX) as tmp:
                 plain = task.export(task.stand_in(candidate), Path(tmp) / "fp32")
                 variant = task.quantize(plain, Path(tmp) / "variant", candidate.bits, self.ctx.recipe)
                 stats = self.measure(variant, GATE_SETTINGS)
@@ -247,13 +251,26 @@ class TrialPipeline:
         """The bits-wide artifact of a trained model, under artifacts/<name or candidate key>/ (reused if there)."""
         task = self.ctx.task
 
-        def build(staging: Path) -> None:
-            with tempfile.TemporaryDirectory(prefix=".export-", dir=staging.parent) as tmp:
-                task.quantize(task.export(model, Path(tmp) / "fp32"), staging, candidate.bits, self.ctx.recipe)
+        def build(staging: Path) -> Artifact:
+            with owned_temporary_directory(STAGING, staging.parent) as tmp:
+                task.quantize(task.export(model, tmp / "fp32"), staging, candidate.bits, self.ctx.recipe)
+            return load_artifact(staging)
 
         final = self.ctx.artifacts_dir / (name or candidate.key)
-        cached_dir(final, "artifact.json", build)
-        return load_artifact(final)
+        artifact, hit = cached_dir_value(final, build, load_artifact)
+        return artifact if hit else load_artifact(final)
+
+    def recorded_artifact(self, record: TrialRecord) -> str:
+        """The artifact a finished trial recorded, once its manifest checks out; a broken one (a resumed run's, after
+        a crash or a full disk) is discarded and deployed again from its cached student, under this run."""
+        if load_verified_dir(Path(record.artifact), load_artifact) is not None:
+            return record.artifact
+        candidate = Candidate.from_dict(record.candidate)
+        if record.stage == Stage.REFINED:
+            model = self.refine(candidate, record.epochs - self.ctx.training.epochs)[0]
+        else:
+            model = self.student(candidate)[0]
+        return str(self.deploy(candidate, model, Path(record.artifact).name).dir)
 
     def deploy_and_measure(self, candidate: Candidate, model: nn.Module, stage: Stage, seconds: dict[str, float],
                            artifact_name: str | None = None, **cache_hits: bool) -> TrialOutcome:
@@ -304,16 +321,23 @@ class TrialPipeline:
                       self.ctx.training.model_dump(exclude={"finalists", "refine_epochs"}), self.ctx.seed)
 
     def cached_model(self, key: str, kind: str, train: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
-        """(model, cache hit): the safetensors directory cached under `key`, else `train()` saved there."""
+        """(model, cache hit): the safetensors directory cached under `key`, else `train()` saved there. An entry that
+        fails its manifest or fails to load is a miss (autotune.caches), so a broken student is trained again."""
         final = self.ctx.cache_dir / "students" / key
+
         trained: list[nn.Module] = []
 
-        def build(staging: Path) -> None:
+        def build(staging: Path) -> nn.Module:
             trained.append(train())
             trained[0].save_pretrained(staging, safe_serialization=True)
+            return trained[0]
 
-        hit = cached_dir(final, "config.json", build)
+        def load(path: Path) -> nn.Module:
+            return type(self.ctx.task.teacher).from_pretrained(path, use_safetensors=True).eval()
+
+        def size_hint() -> int:  # what a full disk's message says the student needed
+            return sum(t.numel() * t.element_size() for m in trained for t in m.state_dict().values())
+
+        model, hit = cached_dir_value(final, build, load, size_hint)
         self.counters[MODEL_COUNTERS[kind][0 if hit else 1]] += 1
-        if hit:
-            return type(self.ctx.task.teacher).from_pretrained(final, use_safetensors=True).eval(), True
-        return trained[0], False
+        return model, hit

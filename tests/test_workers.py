@@ -140,7 +140,7 @@ def assert_study_complete(trials: list[FrozenTrial], budget: int) -> None:
 @pytest.mark.slow
 def test_three_postgres_workers_finish_the_budget_and_a_killed_workers_trial_is_retried(
     postgres_url: str, env: dict[str, str], tiny_bert_dir: Path, synthetic_csv: Path, tmp_path: Path,
-    capfd: pytest.CaptureFixture[str],
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     budget, name = 6, f"workers-{uuid.uuid4().hex[:8]}"
     spec = write_spec(tmp_path / "spec.yaml", tiny_bert_dir, synthetic_csv, latency_ms=GENEROUS_MS, trials=budget)
@@ -161,7 +161,10 @@ def test_three_postgres_workers_finish_the_budget_and_a_killed_workers_trial_is_
     assert len(retry) == 1 and retry[0].params == lost.params, outline(trials)
     assert len({t.user_attrs[WORKER_ATTR] for t in trials if t.state == TrialState.COMPLETE}) == 2
 
-    # The result is written by `tune --resume` on the same storage; no password anywhere a user reads.
+    # The result is written by `tune --resume` on the same storage; no password anywhere a user reads. It runs in this
+    # process, so it gets the workers' cache too: without it, it read and wrote the user's own ~/.cache/autotune, and
+    # whatever another run or version had left there decided whether this test passed.
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", env["AUTOTUNE_CACHE_DIR"])
     password = optuna_password(postgres_url)
     out = tmp_path / "result"
     capfd.readouterr()
@@ -240,6 +243,52 @@ def test_tune_resumes_after_sigint_and_after_sigkill(env: dict[str, str], tiny_b
     data = json.loads((out / "result.json").read_text())
     assert len(data["trials"]) == budget and all(t["state"] == "COMPLETE" for t in data["trials"])
     assert data["recommended"] is not None  # the same kind of answer as an uninterrupted run
+
+
+def journal_trials(path: Path, name: str) -> list[FrozenTrial]:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not path.exists():
+        return []
+    try:
+        return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path)))).get_trials(deepcopy=False)
+    except KeyError:  # the study is not there yet
+        return []
+
+
+@pytest.mark.slow
+def test_a_killed_journal_workers_trial_is_failed_and_retried_and_its_litter_removed_by_the_next_worker(
+    env: dict[str, str], tiny_bert_dir: Path, synthetic_csv: Path, tmp_path: Path
+) -> None:
+    budget, journal, scratch = 2, tmp_path / "study.log", tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**env, "TMPDIR": str(scratch)}  # where the gate's scratch directories go
+    # An impossible target: each trial is its latency gate alone, a few seconds long.
+    spec = write_spec(tmp_path / "spec.yaml", tiny_bert_dir, synthetic_csv, latency_ms=IMPOSSIBLE_MS, trials=budget)
+    args = ["worker", str(spec), "--storage", f"journal:{journal}", "--out", str(tmp_path / "run")]
+    first = Process(args, env, tmp_path / "first.log")
+
+    def running_in_first() -> FrozenTrial | None:
+        return next((t for t in journal_trials(journal, "tiny") if t.state == TrialState.RUNNING and "candidate" in t.user_attrs
+                     and str(t.user_attrs.get(WORKER_ATTR, "")).endswith(f":{first.popen.pid}")), None)
+
+    lost = wait_for("a trial running in the first worker", running_in_first)
+    first.popen.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    litter = list(scratch.glob(f"autotune-gate-*-{first.popen.pid}-*"))
+    assert litter, "precondition: killed mid-gate, the worker leaves its scratch directory"
+
+    # A journal has no heartbeat: the next worker sees that the trial's owner is dead, fails it and retries it.
+    second = Process(args, env, tmp_path / "second.log")
+    assert second.wait() == 0, second.output()[-3000:]
+    trials = journal_trials(journal, "tiny")
+    assert_study_complete(trials, budget)
+    assert next(t for t in trials if t.number == lost.number).state == TrialState.FAIL
+    retry = [t for t in retries_of(trials, lost.number) if t.state == TrialState.COMPLETE]
+    assert len(retry) == 1 and retry[0].params == lost.params, outline(trials)
+    assert f"trial {lost.number} lost its worker" in second.output()
+    assert not [path for path in litter if path.exists()]
 
 
 # -- caches under concurrent writers: never a torn file --------------------------------------------------

@@ -4,8 +4,9 @@ Training is the bottleneck of a trial on a small CPU box, so the loop is built t
 - Batches are padded per batch and grouped by length: examples are sorted by token count, cut into
   batches, and the batch order is shuffled with the seed. Padding every batch to the longest possible
   sequence would spend most FLOPs on pad tokens.
-- Teacher logits are computed once per (teacher, data) and cached to an .npy file; a trial then never runs
-  the teacher unless the hidden-state loss asks for its hidden states.
+- Teacher logits are computed once per (teacher, data) and cached to an .npy file (a cache entry of
+  autotune.caches: a header line, then the array); a trial then never runs the teacher unless the
+  hidden-state loss asks for its hidden states.
 - A fine-tuned teacher is cached as a safetensors directory, so a study fine-tunes it once.
 
 Everything is seeded: the same seed on the CPU gives bit-identical weights. The global RNG state of the
@@ -15,11 +16,9 @@ caller is left as it was (`torch.random.fork_rng`).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autotune.caches import cached_dir_value, cached_file
 from autotune.compress.pruning import PruningSchedule, apply_masks, compute_masks, measured_sparsity
 from autotune.compress.student import even_layer_indices
 from autotune.models import shape_of, state_fingerprint
@@ -113,16 +113,14 @@ def _pad_id(model: nn.Module) -> int:
     return 0 if pad is None else int(pad)
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npy_array(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 @torch.no_grad()
@@ -156,12 +154,9 @@ def teacher_logits(
     identity = teacher_fingerprint or state_fingerprint(teacher)
     key = hashlib.sha256(f"{identity}|{data.fingerprint()}".encode()).hexdigest()[:32]
     path = Path(cache_dir) / f"teacher-logits-{key}.npy"
-    if path.exists():
-        log.info("Teacher logits cache hit: %s", path)
-        return np.load(path)
-    logits = _predict(teacher, data, batch_size)
-    _atomic_save_npy(path, logits)
-    log.info("Teacher logits cached: %s", path)
+    logits, hit = cached_file(path, lambda: _predict(teacher, data, batch_size), _npy_bytes, _npy_array,
+                              valid=lambda array: array.shape[0] == len(data))
+    log.info("Teacher logits %s: %s", "cache hit" if hit else "cached", path)
     return logits
 
 
@@ -357,42 +352,30 @@ def finetune_teacher(
 
     The cache entry is `cache_dir/<key>`, a safetensors `save_pretrained` directory; the key is `cache_key`
     or a hash of the starting weights, data and hyper-parameters. It is written to a temp directory and
-    renamed into place, so a crash or a concurrent writer never leaves a half-written model to be read.
-    A hit returns the cached model without training.
+    renamed into place (autotune.caches), so a crash or a concurrent writer never leaves a half-written model
+    to be read, and an entry that fails its manifest or fails to load is trained again. A hit returns the
+    cached model without training.
     """
-    target = None
-    if cache_dir is not None:
-        key = cache_key or hashlib.sha256(
-            f"{state_fingerprint(model)}|{data.fingerprint()}|{epochs}|{lr}|{seed}|{batch_size}".encode()
-        ).hexdigest()[:32]
-        target = Path(cache_dir) / key
-        if (target / "config.json").exists():
-            log.info("Fine-tuned teacher cache hit: %s", target)
-            return type(model).from_pretrained(target, use_safetensors=True).eval()
+    def train(staging: Path | None = None) -> nn.Module:
+        def loss_fn(m: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, indices: list[int]):
+            return F.cross_entropy(m(**inputs).logits, labels)
 
-    def loss_fn(m: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, indices: list[int]):
-        return F.cross_entropy(m(**inputs).logits, labels)
+        trained = _train(model, data, loss_fn, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                         pruning_schedule=None, progress=progress).model
+        if staging is not None:
+            trained.save_pretrained(staging, safe_serialization=True)
+        return trained
 
-    result = _train(model, data, loss_fn, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                    pruning_schedule=None, progress=progress)
-    if target is not None:
-        _atomic_save_pretrained(result.model, target)
-        log.info("Fine-tuned teacher cached: %s", target)
-    return result.model
-
-
-def _atomic_save_pretrained(model: nn.Module, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-        log.info("Another process cached %s first; keeping its copy.", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if cache_dir is None:
+        return train()
+    key = cache_key or hashlib.sha256(
+        f"{state_fingerprint(model)}|{data.fingerprint()}|{epochs}|{lr}|{seed}|{batch_size}".encode()
+    ).hexdigest()[:32]
+    target = Path(cache_dir) / key
+    teacher, hit = cached_dir_value(target, train,
+                                    lambda path: type(model).from_pretrained(path, use_safetensors=True).eval())
+    log.info("Fine-tuned teacher %s: %s", "cache hit" if hit else "cached", target)
+    return teacher
 
 
 def mean_kd_loss(
