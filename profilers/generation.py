@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from profilers.latency import LatencyStats, summarize
 
@@ -126,9 +127,21 @@ def _one_run(og, model, tokens, request: GenerationRequest) -> tuple[float, list
     return ttft, decode
 
 
-def _child() -> None:
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image, so it starts afresh at exec;
+    `ru_maxrss` does not (it keeps the forking parent's peak: a child of a 3 GB process reads 3 GB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _child() -> None:
     import numpy as np
 
     request = GenerationRequest(**json.loads(sys.stdin.read()))
@@ -143,7 +156,7 @@ def _child() -> None:
             ttfts.append(ttft)
             decodes.extend(decode)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    peak = peak_rss_bytes()
     stats = {name: asdict(summarize(samples, converged=True, seconds=seconds, batch_size=1, threads=request.threads,
                                     peak_rss_delta_bytes=0))
              for name, samples in (("ttft", ttfts), ("decode", decodes))}

@@ -162,6 +162,15 @@ def test_generation_timing_reports_ttft_decode_and_memory(fp32_artifact: LMArtif
     assert (stats.prompt_len, stats.context_len) == (16, 32)
 
 
+def test_peak_memory_is_the_child_s_own_not_its_parent_s(fp32_artifact: LMArtifact) -> None:
+    # A parent holding 600 MB must not lend its peak to the child (ru_maxrss would).
+    ballast = np.ones(600 * 2**20 // 8)
+    request = GenerationRequest(str(fp32_artifact.directory), prompt_len=4, context_len=8, threads=1, vocab_size=31,
+                                runs=1, decode_tokens=1)
+    assert measure_generation(request).peak_rss_bytes < 500 * 2**20
+    del ballast
+
+
 def test_a_prompt_longer_than_the_context_is_refused() -> None:
     with pytest.raises(ValueError, match="longer than context_len"):
         GenerationRequest("unused", prompt_len=64, context_len=32, threads=1, vocab_size=31)
