@@ -300,6 +300,7 @@ _verified: set[tuple[Any, ...]] = set()
 
 
 def file_hash(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks (large weights never sit in memory whole)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -14,7 +14,6 @@ here either.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.builtin import PREFIX, resolve_model
-from autotune.caches import cache_root, cached_dir
+from autotune.caches import cache_root, cached_dir, file_hash
 from autotune.models import ModelError
 
 log = logging.getLogger(__name__)
@@ -95,20 +94,11 @@ def check_gguf_architecture(path: Path, architecture: Any) -> str:
     return GGUF_ARCHITECTURES[architecture]
 
 
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def convert_gguf(path: Path, cache_dir: Path) -> Path:
     """The cached Hugging Face directory of a GGUF file, converted (once) when absent. A cache hit costs one sha256
     pass over the file (0.1 s for SmolLM2); otherwise the header is read (3 s: the reader parses the whole vocabulary)
     and the architecture checked before the slow load."""
-    final = cache_dir / f"{file_sha256(path)[:16]}-hf"
+    final = cache_dir / f"{file_hash(path)[:16]}-hf"
     if (final / "config.json").exists():
         return final
     meta = gguf_metadata(path)
