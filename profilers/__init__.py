@@ -1,18 +1,33 @@
-"""What the machine is and how fast things run on it. Never imports `autotune` (arrows go one way)."""
+"""What the machine is and how fast things run on it. Never imports `autotune` (arrows go one way).
 
-from profilers.hardware import SCHEMA_VERSION, HardwareProfile, ProfileError, collect_profile, load_profile
-from profilers.latency import LatencyStats, MeasureSettings, measure, measure_onnx, measure_ort_session, measure_torch_module
+The names below load on first use (PEP 562): the timing children (`python -m profilers.isolated`,
+`profilers.generation`) import this package too, and the profile's modules (pydantic, onnx, scipy.stats) would
+add seconds to every measurement's start.
+"""
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "HardwareProfile",
-    "LatencyStats",
-    "MeasureSettings",
-    "ProfileError",
-    "collect_profile",
-    "load_profile",
-    "measure",
-    "measure_onnx",
-    "measure_ort_session",
-    "measure_torch_module",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SCHEMA_VERSION": "profilers.hardware",
+    "HardwareProfile": "profilers.hardware",
+    "ProfileError": "profilers.hardware",
+    "collect_profile": "profilers.hardware",
+    "load_profile": "profilers.hardware",
+    "LatencyStats": "profilers.latency",
+    "MeasureSettings": "profilers.latency",
+    "measure": "profilers.latency",
+    "measure_onnx": "profilers.latency",
+    "measure_ort_session": "profilers.latency",
+    "measure_torch_module": "profilers.latency",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'profilers' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

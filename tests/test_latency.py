@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 
-from profilers.latency import MeasureSettings, measure, measure_onnx, measure_torch_module, median_ci_rel_halfwidth, summarize
+from profilers.latency import MeasureSettings, binomial_quantile, measure, measure_onnx, measure_torch_module, median_ci_rel_halfwidth, summarize
 from profilers.microbench import matmul_model
 from profilers.ort import make_session, session_threads
 
@@ -118,3 +120,24 @@ def test_bad_arguments_are_refused() -> None:
         make_session(matmul_model(8, integer=False), threads=0)
     with pytest.raises(ValueError, match="not available here"):
         make_session(matmul_model(8, integer=False), threads=1, providers=("NoSuchExecutionProvider",))
+
+
+@pytest.mark.parametrize("level", [0.005, 0.025, 0.05, 0.95, 0.975, 0.995])
+def test_binomial_quantile_is_scipys_ppf(level: float) -> None:
+    from scipy.stats import binom
+
+    for n, p in itertools.product([1, 2, 3, 7, 20, 39, 40, 41, 100, 299, 300, 400, 1000], [0.5, 0.9, 0.95, 0.99]):
+        assert binomial_quantile(level, n, p) == int(binom.ppf(level, n, p)), (n, p)
+
+
+def test_binomial_quantile_takes_an_exact_tie_at_its_rank() -> None:
+    assert binomial_quantile(0.5, 7, 0.5) == 3  # P(X <= 3) is exactly 1/2 for 7 fair coins
+
+
+def test_a_timing_child_imports_neither_scipy_stats_nor_the_profile() -> None:
+    """Every measurement starts a child that imports profilers.isolated (or .generation): the profile's modules and
+    scipy.stats would add seconds to each one."""
+    code = ("import sys, profilers.isolated, profilers.generation, profilers.latency as l; l.percentile_bounds([1.0] * 9, 95);"
+            "print(sorted(m for m in ('scipy.stats', 'pydantic', 'onnx', 'profilers.hardware', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
