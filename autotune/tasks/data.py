@@ -31,7 +31,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -108,7 +108,7 @@ def load_labeled_texts(
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     path = Path(path)
     fmt = _resolve_format(path, fmt)
-    content = _read_utf8(path)
+    content = _read_data_file(path)
     if fmt == "jsonl":
         rows = _jsonl_records(path, content, text_column, label_column)
     else:
@@ -132,22 +132,42 @@ def _resolve_format(path: Path, fmt: str | None) -> Format:
     return _SUFFIX_FORMATS[suffix]
 
 
-def _read_utf8(path: Path) -> str:
-    """The whole file as text; files are read at once because a classification set fits in memory."""
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    if not path.is_file():
-        raise DataError(f"data file {path} is not a regular file")
-    raw = path.read_bytes()
+def read_utf8(path: Path) -> str:
+    """A file's whole text (UTF-8, a leading byte-order mark skipped); may be empty. Files are read at once because
+    a classification set or a tuning text fits in memory."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({err.strerror or err})") from None
     start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        content = raw[start:].decode("utf-8")
+        return raw[start:].decode("utf-8")
     except UnicodeDecodeError as err:
         offset = start + err.start
         raise DataError(
             f"{path} is not UTF-8: byte 0x{raw[offset]:02x} at offset {offset} cannot be decoded; "
             "re-save the file as UTF-8"
         ) from None
+
+
+def json_object(path: Path, number: int, line: str) -> dict[str, Any]:
+    """Line `number` of a JSONL file as an object, or DataError naming the line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: line {number} is a JSON {type(obj).__name__}, not an object with fields")
+    return obj
+
+
+def _read_data_file(path: Path) -> str:
+    """The labelled data file's text; a missing, irregular or empty file is one DataError."""
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"data file {path} is not a regular file")
+    content = read_utf8(path)
     if not content.strip():
         raise DataError(f"data file {path} is empty")
     return content
@@ -186,12 +206,7 @@ def _jsonl_records(path: Path, content: str, text_column: str, label_column: str
         if not line.strip():
             continue
         where = f"line {number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: {where} is not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}: {where} is a JSON {type(obj).__name__}, not an object with fields")
+        obj = json_object(path, number, line)
         for column in (text_column, label_column):
             if column not in obj:
                 raise DataError(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from autotune.builtin import SHAKESPEARE, resolve_data
-from autotune.tasks.data import DataError
+from autotune.tasks.data import DataError, json_object, read_utf8
 
 SHAKESPEARE_VALIDATION = ("the-comedy-of-errors", "henry-viii", "julius-caesar", "the-tempest")
 SHAKESPEARE_TEST = ("twelfth-night", "king-john", "measure-for-measure", "macbeth")
@@ -75,13 +74,13 @@ def read_documents(path: Path, column: str | None = None) -> list[str]:
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
     if path.is_dir():
-        documents = [read_utf8(file) for file in sorted(path.glob("*.txt"))]
+        documents = [read_text(file) for file in sorted(path.glob("*.txt"))]
         if not documents:
             raise DataError(f"data directory {path} has no .txt files")
     elif path.suffix.lower() == ".txt":
-        documents = re.split(r"\n[ \t]*\n", read_utf8(path))
+        documents = re.split(r"\n[ \t]*\n", read_text(path))
     elif path.suffix.lower() in ROW_SUFFIXES:
-        documents = row_texts(path, read_utf8(path), column)
+        documents = row_texts(path, read_text(path), column)
     else:
         raise DataError(f"{path}: text must be a .txt, .jsonl or .csv file or a directory of .txt files, "
                         f"not {path.suffix or 'a file without an extension'}")
@@ -91,14 +90,10 @@ def read_documents(path: Path, column: str | None = None) -> list[str]:
     return documents
 
 
-def read_utf8(path: Path) -> str:
-    """A text file's contents (UTF-8, a leading byte-order mark accepted, line ends made `\\n`); may be empty."""
-    try:
-        return path.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 (byte offset {err.start}); re-save the file as UTF-8") from None
-    except OSError as err:
-        raise DataError(f"{path} cannot be read ({err.strerror or err})") from None
+def read_text(path: Path) -> str:
+    """A text file's contents with every line end (`\\r\\n`, `\\r`) made `\\n`, as Python's universal newlines do
+    (paragraphs are split on blank lines); may be empty."""
+    return re.sub(r"\r\n?", "\n", read_utf8(path))
 
 
 def row_texts(path: Path, content: str, column: str | None) -> list[str]:
@@ -117,17 +112,6 @@ def row_texts(path: Path, content: str, column: str | None) -> list[str]:
     if bad is not None:
         raise DataError(f"{path}: column {column!r} holds a {type(bad).__name__} ({bad!r}), not text")
     return [text or "" for text in texts]
-
-
-def json_object(path: Path, number: int, line: str) -> dict[str, Any]:
-    """One JSONL line as an object, or DataError naming the line."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: line {number} is a JSON {type(obj).__name__}, not an object with fields")
-    return obj
 
 
 def split_documents(documents: Sequence[str], validation_fraction: float = 0.1, test_fraction: float = 0.1,
