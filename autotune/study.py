@@ -54,10 +54,12 @@ LATENCY_CONSTRAINT = "latency_ms_over_target"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 JOURNAL_PREFIX = "journal:"
 HARDWARE_ATTR = "hardware_fingerprint"
-#: Trial user attributes: which process ran it; that Ctrl-C stopped it; that it started beyond the budget.
+#: Trial user attributes: which process ran it; that Ctrl-C stopped it; that it ran nothing (started beyond the
+#: budget, or a second retry of one attempt); the error its candidate raised (a failure of its own, never retried).
 WORKER_ATTR = "worker"
 INTERRUPTED_ATTR = "interrupted"
 SURPLUS_ATTR = "surplus"
+ERROR_ATTR = "error"
 #: Trial user attribute "<host>:<pid>/<trial number>": the process that claimed this very trial. A retry copies its
 #: attributes, so the number tells a claim of the retry from its failed attempt's.
 OWNER_ATTR = "owner"
@@ -321,11 +323,25 @@ def finished_count(study: optuna.Study) -> int:
     return budget_use(study.get_trials(deepcopy=False)).finished
 
 
-def beyond_budget(study: optuna.Study, number: int, budget: int) -> bool:
-    """Whether trial `number` started after the budget was claimed by earlier trials. Two workers can both see
-    room for one more trial and both start one; trial numbers order them, so exactly the later one stops."""
-    earlier = [t for t in study.get_trials(deepcopy=False) if t.number < number]
-    return budget_use(earlier).claimed >= budget
+def retried_attempt(trial: FrozenTrial) -> int | None:
+    """The number of the failed attempt this trial retries, or None for a first attempt."""
+    history = trial.system_attrs.get("retry_history")
+    return history[-1] if history else None
+
+
+def surplus_reason(study: optuna.Study, number: int, budget: int) -> str | None:
+    """Why trial `number` must run nothing, or None. Two workers can both see room for one more trial and both start
+    one, and two can both recover one lost retry (`retry_lost_retries`); trial numbers order them, so exactly the
+    later one stops."""
+    trials = study.get_trials(deepcopy=False)
+    earlier = [t for t in trials if t.number < number]
+    this = next(t for t in trials if t.number == number)
+    attempt = retried_attempt(this)
+    if attempt is not None and any(retried_attempt(t) == attempt and not t.user_attrs.get(SURPLUS_ATTR) for t in earlier):
+        return f"trial {number} retries trial {attempt}, which an earlier trial already retries; nothing run"
+    if budget_use(earlier).claimed >= budget:
+        return f"trial {number} started beyond the budget of {budget}; nothing run"
+    return None
 
 
 def kept_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -341,7 +357,7 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
     stage = attrs.get("stage", Stage.FAILED if trial.state == TrialState.FAIL else None)
     figures = {name: attrs.get(name) for name in (
         "feasible", "macro_f1", "latency_ms", "latency", "size_mb", "achieved_sparsity", "seconds", "gate_cache_hit",
-        "student_cache_hit", "artifact", "error")}
+        "student_cache_hit", "artifact", ERROR_ATTR)}
     return TrialRecord(
         number=trial.number, state=trial.state.name, candidate=attrs.get("candidate"),
         stage=None if stage is None else Stage(stage),
@@ -381,9 +397,10 @@ def make_objective(
     def objective(trial: optuna.Trial) -> list[float]:
         trial.set_user_attr(OWNER_ATTR, f"{worker_id()}/{trial.number}")
         trial.set_user_attr(WORKER_ATTR, worker_id())
-        if beyond_budget(trial.study, trial.number, budget):
+        surplus = surplus_reason(trial.study, trial.number, budget)
+        if surplus is not None:
             trial.set_user_attr(SURPLUS_ATTR, True)
-            raise optuna.TrialPruned(f"trial {trial.number} started beyond the budget of {budget}; nothing run")
+            raise optuna.TrialPruned(surplus)
         trial.set_user_attr(HARDWARE_ATTR, fingerprint)
         candidate = suggest(trial, space)
         trial.set_user_attr("candidate", candidate.to_dict())
@@ -394,7 +411,7 @@ def make_objective(
             trial.set_user_attr(INTERRUPTED_ATTR, True)
             raise
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
             log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
             raise
         record(trial, outcome, target_ms)
@@ -465,13 +482,38 @@ def fail_orphaned_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
+def lost_retry(trial: FrozenTrial, retried: set[int]) -> bool:
+    """Whether a failed trial should have a retry and has none: it did not fail on its own (no error recorded; lost
+    to a crash, a kill or Ctrl-C) and no trial retries it."""
+    return trial.state == TrialState.FAIL and ERROR_ATTR not in trial.user_attrs and trial.number not in retried
+
+
+def retry_lost_retries(study: optuna.Study) -> list[int]:
+    """Re-enqueue the failed attempts whose retry was lost. Failing a lost trial and enqueuing its retry are two
+    writes (in Optuna's heartbeat check as in `fail_orphaned_trials`), and a worker killed between them leaves a
+    FAIL trial nothing retries, counted against the budget for good: measured, once in 111 kills of a 10-minute
+    storm. Two workers may recover one attempt at once; `surplus_reason` lets only the first retry run. The callback
+    gives up after MAX_RETRY attempts, as for any retry. Returns the numbers of the attempts re-enqueued."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    with optuna_experimental():
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    lost = [t for t in trials if lost_retry(t, retried) and len(t.system_attrs.get("retry_history", ())) < MAX_RETRY]
+    for trial in lost:
+        log.warning("trial %d failed without a retry (its worker was killed in between): retried", trial.number)
+        retry(study, trial)
+    return [t.number for t in lost]
+
+
 def fail_lost_trials(study: optuna.Study) -> None:
     """RUNNING trials whose worker is gone become FAIL and are re-enqueued: by Optuna's heartbeat for an RDB, and by
     their owners' pids on every storage. An RDB needs both: Optuna never finds a trial stale that has no heartbeat
-    yet, so a worker killed between creating a trial and its first heartbeat would leave it RUNNING for good."""
+    yet, so a worker killed between creating a trial and its first heartbeat would leave it RUNNING for good.
+    Failed attempts whose retry a kill lost are enqueued again (`retry_lost_retries`)."""
     if has_heartbeat(study._storage):  # the storage, as optuna.storages.fail_stale_trials reads it
         fail_stale_trials(study)
     fail_orphaned_trials(study)
+    retry_lost_retries(study)
 
 
 def retry_interrupted(study: optuna.Study) -> None:

@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the tests' tiny model and synthetic d
 
 from conftest import save_tiny_model, synthetic_rows, write_csv  # noqa: E402
 
-from autotune.study import MAX_RETRY, OWNER_ATTR, SURPLUS_ATTR, WORKER_ATTR, retried_numbers  # noqa: E402
+from autotune.study import ERROR_ATTR, MAX_RETRY, OWNER_ATTR, SURPLUS_ATTR, WORKER_ATTR, retried_numbers  # noqa: E402
 
 SPACE = {"layers": [1, 2], "hidden": [32], "heads": [4], "ffn": [64], "sparsity": [0.0, 0.3], "bits": [32, 8]}
 
@@ -230,11 +230,12 @@ def storm_figures(trials: list, budget: int, killed_pids: list[int]) -> dict:
     complete = [t for t in trials if t.state.name == "COMPLETE" and not t.user_attrs.get(SURPLUS_ATTR)]
     lineage = [t.system_attrs.get("retry_history", [t.number])[0] for t in complete]
     numbers = [t.number for t in trials]
-    lost = [t for t in trials if t.state.name == "FAIL" and "error" not in t.user_attrs]  # killed, not failed by its candidate
+    lost = [t for t in trials if t.state.name == "FAIL" and ERROR_ATTR not in t.user_attrs]  # killed, not failed by its candidate
     owners = {t.number: str(t.user_attrs.get(OWNER_ATTR, "")).rpartition("/")[0].rpartition(":")[2] for t in lost}
     return {
         "complete": len(complete), "budget": budget,
-        "retries": sum(1 for t in trials if t.system_attrs.get("retry_history")),
+        # a second retry of one attempt (two workers recovered its lost retry at once) runs nothing: not counted
+        "retries": sum(1 for t in trials if t.system_attrs.get("retry_history") and not t.user_attrs.get(SURPLUS_ATTR)),
         "duplicates": (len(numbers) - len(set(numbers))) + (len(lineage) - len(set(lineage))),
         "left_running": sum(1 for t in trials if t.state.name == "RUNNING"),
         "kills_mid_trial": sum(1 for t in lost if owners[t.number] in {str(pid) for pid in killed_pids}),
@@ -242,7 +243,7 @@ def storm_figures(trials: list, budget: int, killed_pids: list[int]) -> dict:
         # lost again after MAX_RETRY retries: a candidate that keeps killing its worker, as far as autotune can tell
         "retries_exhausted": sum(1 for t in lost if t.number not in retried
                                  and len(t.system_attrs.get("retry_history", [])) >= MAX_RETRY),
-        "failed_candidates": sum(1 for t in trials if t.state.name == "FAIL" and "error" in t.user_attrs),
+        "failed_candidates": sum(1 for t in trials if t.state.name == "FAIL" and ERROR_ATTR in t.user_attrs),
         "workers_seen": len({t.user_attrs.get(WORKER_ATTR) for t in complete}),
     }
 

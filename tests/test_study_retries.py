@@ -1,0 +1,66 @@
+"""Retries that a kill lost: failing a lost trial and enqueuing its retry are two writes, and a worker killed between
+them must not leave a failed attempt that nothing retries (it would count against the budget for good). Fast: real
+Optuna studies on SQLite, no model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import IntDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from autotune.study import ERROR_ATTR, MAX_RETRY, OWNER_ATTR, budget_use, retry_lost_retries, surplus_reason
+
+LAYERS = {"layers": IntDistribution(1, 4)}
+
+
+def new_study(tmp_path: Path) -> optuna.Study:
+    return optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s",
+                               directions=["maximize", "minimize"])
+
+
+def failed(study: optuna.Study, layers: int, user_attrs: dict, system_attrs: dict | None = None) -> int:
+    """A FAIL trial as a storage holds it after its worker, or its candidate, failed; its number."""
+    study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params={"layers": layers}, distributions=LAYERS,
+                                              user_attrs=user_attrs, system_attrs=system_attrs or {}))
+    return study.get_trials(deepcopy=False)[-1].number
+
+
+def test_a_failed_attempt_whose_retry_a_kill_lost_is_retried_once(tmp_path: Path) -> None:
+    study = new_study(tmp_path)
+    lost = failed(study, 2, {OWNER_ATTR: "host:1/0"})
+    failed(study, 3, {OWNER_ATTR: "host:1/1", ERROR_ATTR: "ValueError: the candidate's own failure"})
+    failed(study, 4, {OWNER_ATTR: "host:1/2"}, {"retry_history": list(range(90, 90 + MAX_RETRY))})  # retried enough
+
+    assert retry_lost_retries(study) == [lost]
+    assert retry_lost_retries(study) == []  # its retry is there now: nothing to recover twice
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert len(waiting) == 1
+    assert waiting[0].params == {"layers": 2} and waiting[0].system_attrs["retry_history"] == [lost]
+    # The lost attempt no longer uses the budget (its retry does); the failed candidate and the exhausted one do.
+    use = budget_use(study.get_trials(deepcopy=False))
+    assert (use.finished, use.waiting) == (2, 1)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_of_two_retries_of_one_attempt_only_the_first_runs(tmp_path: Path) -> None:
+    study = new_study(tmp_path)
+    lost = failed(study, 2, {OWNER_ATTR: "host:1/0"})
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    for _ in range(2):  # two workers recovering the same lost retry at once
+        retry(study, study.get_trials(deepcopy=False)[lost])
+    first, second = study.ask(), study.ask()
+    assert first.params == second.params == {"layers": 2}
+    assert surplus_reason(study, first.number, budget=10) is None
+    reason = surplus_reason(study, second.number, budget=10)
+    assert reason is not None and f"retries trial {lost}, which an earlier trial already retries" in reason
+
+
+def test_a_trial_beyond_the_budget_runs_nothing(tmp_path: Path) -> None:
+    study = new_study(tmp_path)
+    first, second = study.ask(), study.ask()
+    assert surplus_reason(study, first.number, budget=1) is None
+    assert "beyond the budget of 1" in surplus_reason(study, second.number, budget=1)
