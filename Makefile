@@ -25,9 +25,10 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 # pytest exits 5 when it collected nothing: a suite that runs no test is a failure, said plainly.
 # `make test` runs every tier; `make test-fast` leaves out the tests marked slow (end-to-end studies, worker
-# processes, whole-model exports, microbenchmarks): under 2 minutes on 2 cores.
+# processes, whole-model exports, microbenchmarks): under 2 minutes on 2 cores. `make test` lists its ten slowest
+# tests, so that the 10-minute budget is watched where it is spent.
 test: install
-	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest --durations=10 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 test-fast: install
