@@ -281,6 +281,9 @@ def build_parser() -> Parser:
     measure.add_argument("--method", choices=("rtn", "rtn-asym", "k-quant", "hqq", "gptq"), default="rtn",
                          help="int4/int8 method (gptq calibrates on the text's training split)")
     measure.add_argument("--head-bits", type=int, choices=(32, 8, 4), default=None, help="the LM head's width (default: as --bits)")
+    measure.add_argument("--sensitive-int8", action="store_true",
+                         help="with --bits 4: keep the sensitive layers (llama.cpp's mixed strategy: the first and last "
+                              "eighth of the blocks, every third block's qkv/v/down) at int8")
     measure.add_argument("--prompt-len", type=positive(int), default=128, help="prompt tokens for time to first token")
     measure.add_argument("--context-len", type=positive(int), default=256, help="context tokens at which decode is timed")
     measure.add_argument("--window", type=positive(int), default=256, help="tokens per perplexity window")
@@ -405,12 +408,13 @@ def run_measure_lm(args: argparse.Namespace) -> int:
     from autotune.lm_measure import measure_model
     from autotune.runtime.genai import WeightOnly
 
-    if args.bits == 32 and (args.head_bits is not None or args.method != "rtn"):
-        raise UsageError("--method and --head-bits quantize: give --bits 8 or 4 with them")
+    if args.bits == 32 and (args.head_bits is not None or args.method != "rtn" or args.sensitive_int8):
+        raise UsageError("--method, --head-bits and --sensitive-int8 quantize: give --bits 8 or 4 with them")
     weights = None
     if args.bits != 32:
         try:
-            weights = WeightOnly(bits=args.bits, block_size=args.block_size, method=args.method, head_bits=args.head_bits)
+            weights = WeightOnly(bits=args.bits, block_size=args.block_size, method=args.method, head_bits=args.head_bits,
+                                 sensitive_int8=args.sensitive_int8)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     rows = measure_model(args.model, args.text, weights, column=args.column, prompt_len=args.prompt_len,

@@ -63,7 +63,9 @@ def test_a_context_beyond_the_model_s_positions(tiny_llama_dir: Path, tiny_text_
 
 
 @pytest.mark.parametrize("argv, fragment", [(["--bits", "6"], "--bits"), (["--method", "hqq"], "--method"),
-                                            (["--bits", "8", "--method", "hqq"], "4 bits only")])
+                                            (["--bits", "8", "--method", "hqq"], "4 bits only"),
+                                            (["--sensitive-int8"], "--sensitive-int8"),
+                                            (["--bits", "8", "--sensitive-int8"], "in an int4 body")])
 def test_quantization_options_that_cannot_run(tiny_llama_dir: Path, tiny_text_dir: Path, capsys: pytest.CaptureFixture,
                                               argv: list[str], fragment: str) -> None:
     try:

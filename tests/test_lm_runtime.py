@@ -3,6 +3,7 @@ agreement on the artifact, and TTFT/decode timing in a child process; all on a t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from autotune.runtime.genai import ExportError, LMArtifact, WeightOnly, cache_shape, empty_cache_feeds, export_causal_lm
 from autotune.tasks.lm_quality import _session, score_lm, window_logits
 from profilers.generation import GenerationError, GenerationRequest, measure_generation
+from conftest import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,17 @@ def test_the_lm_head_has_its_own_width(tiny_llama_dir: Path, tmp_path: Path, hea
     assert {n["bits"] for name, n in nodes.items() if not name.startswith("/lm_head/")} == {4}
 
 
+def test_the_sensitive_layers_stay_at_int8_in_an_int4_body(tmp_path: Path) -> None:
+    eight_blocks = save_tiny_llama(tmp_path / "eight", layers=8)
+    artifact = export_causal_lm(eight_blocks, tmp_path / "q", WeightOnly(bits=4, sensitive_int8=True))
+    nodes = nbits_nodes(artifact)
+    int8 = [name for name, node in nodes.items() if node["bits"] == 8]
+    assert int8 and all("/layers." in name for name in int8)  # the LM head stays with the body here
+    assert {node["bits"] for name, node in nodes.items() if name not in int8} == {4}
+    assert {0, 7} <= {int(re.search(r"/layers\.(\d+)/", name).group(1)) for name in int8}  # the first and last blocks
+    assert np.isfinite(score_lm(artifact.directory, windows()).perplexity)  # ONNX Runtime loads and runs it
+
+
 def test_quantized_artifacts_are_smaller(fp32_artifact: LMArtifact, tiny_llama_dir: Path, tmp_path: Path) -> None:
     int8 = export_causal_lm(tiny_llama_dir, tmp_path / "int8", WeightOnly(bits=8))
     int4 = export_causal_lm(tiny_llama_dir, tmp_path / "int4", WeightOnly(bits=4))
@@ -92,7 +105,9 @@ def test_quantized_artifacts_are_smaller(fp32_artifact: LMArtifact, tiny_llama_d
 
 @pytest.mark.parametrize("kwargs, field", [({"bits": 3}, "bits"), ({"block_size": 48}, "block_size"),
                                            ({"method": "gptq-ish"}, "method"), ({"head_bits": 6}, "head_bits"),
-                                           ({"bits": 8, "method": "hqq"}, "hqq"), ({"accuracy_level": 7}, "accuracy_level")])
+                                           ({"bits": 8, "method": "hqq"}, "hqq"), ({"accuracy_level": 7}, "accuracy_level"),
+                                           ({"bits": 8, "sensitive_int8": True}, "sensitive_int8"),
+                                           ({"method": "hqq", "sensitive_int8": True}, "sensitive_int8")])
 def test_weight_only_rejects_what_no_kernel_runs(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         WeightOnly(**kwargs)
