@@ -264,9 +264,14 @@ def read_entry(path: Path) -> bytes:
     return payload
 
 
+def json_bytes(value: Any) -> bytes:
+    """A JSON value as a file entry's payload."""
+    return json.dumps(value, indent=2).encode("utf-8")
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write a JSON value as a file entry (see `write_entry`)."""
-    write_entry(path, json.dumps(data, indent=2).encode("utf-8"))
+    write_entry(path, json_bytes(data))
 
 
 def read_json(path: Path, valid: Callable[[Any], bool] = lambda entry: True) -> Any | None:
@@ -289,7 +294,7 @@ def cached_file(path: Path, compute: Callable[[], T], dump: Callable[[T], bytes]
 
 def cached_json(path: Path, compute: Callable[[], Any], valid: Callable[[Any], bool] = lambda entry: True) -> tuple[Any, bool]:
     """(value, cache hit): a step's JSON result cached at `path`, else `compute()` written there atomically."""
-    return cached_file(path, compute, lambda value: json.dumps(value, indent=2).encode("utf-8"), json.loads, valid)
+    return cached_file(path, compute, json_bytes, json.loads, valid)
 
 
 # -- directory entries: the files, then MANIFEST.json ------------------------------------------------------------

@@ -62,6 +62,17 @@ def save_tiny_model(directory: Path, family: str = "bert", num_labels: int = 2, 
     return directory
 
 
+def save_headless_bert(directory: Path) -> Path:
+    """A tiny BertModel saved without a classification head, so a run must fine-tune (and cache) a teacher first."""
+    import torch
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    BertModel(tiny_config("bert")).save_pretrained(directory, safe_serialization=True)
+    write_tokenizer(directory)
+    return directory
+
+
 def synthetic_rows(n: int, seed: int = 0) -> list[tuple[str, int]]:
     """Short sentences whose label is carried by the sentiment words they contain (learnable, not trivial)."""
     rng = random.Random(seed)

@@ -29,21 +29,10 @@ from autotune import session
 from autotune.caches import CACHE_ENV, MANIFEST, read_entry
 from autotune.cli import main
 from autotune.study import INTERRUPTED_ATTR
-from conftest import synthetic_rows, tiny_config, write_csv, write_tokenizer
+from conftest import save_headless_bert, synthetic_rows, write_csv
 
 GENEROUS_MS = 50.0
 SEQ_LEN = 32
-
-
-def save_headless_bert(directory: Path) -> Path:
-    """A tiny BertModel without a classification head: the run fine-tunes (and caches) a teacher."""
-    import torch
-    from transformers import BertModel
-
-    torch.manual_seed(0)
-    BertModel(tiny_config("bert")).save_pretrained(directory, safe_serialization=True)
-    write_tokenizer(directory)
-    return directory
 
 
 @pytest.fixture(scope="module", autouse=True)

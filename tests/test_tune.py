@@ -33,23 +33,12 @@ from autotune.study import LATENCY_CONSTRAINT, anchors
 from autotune.tasks.text_classification import load_splits
 from autotune.trial import TrialPipeline
 from search_spaces import Candidate, TeacherShape, preset, with_overrides
-from conftest import synthetic_rows, tiny_config, write_csv, write_tokenizer
+from conftest import save_headless_bert, synthetic_rows, tiny_config, write_csv, write_tokenizer
 
 GENEROUS_MS = 50.0
 IMPOSSIBLE_MS = 0.001
 SEQ_LEN = 32
 ONE_STUDENT_KNOBS = {"layers": [1], "hidden": [32], "heads": [4], "ffn": [64], "sparsity": [0.3], "bits": [32, 8, 4]}
-
-
-def save_headless_bert(directory: Path) -> Path:
-    """A tiny BertModel saved without a classification head, so tune() must fine-tune it first."""
-    import torch
-    from transformers import BertModel
-
-    torch.manual_seed(0)
-    BertModel(tiny_config("bert")).save_pretrained(directory, safe_serialization=True)
-    write_tokenizer(directory)
-    return directory
 
 
 @pytest.fixture(scope="module", autouse=True)
