@@ -35,8 +35,8 @@ class ModelSpec(Strict):
     """The teacher: where it comes from, its task family and label count; remote code and pickled weights are opt-in
     because either can run code on load."""
 
-    path: str = Field(description="a local model directory, or builtin:all-MiniLM-L6-v2")
-    task: Literal["text-classification"] = "text-classification"
+    path: str = Field(description="a local model directory, a .gguf file (causal LMs), or builtin:<name>")
+    task: Literal["text-classification", "causal-lm"] = "text-classification"
     num_labels: int = Field(2, ge=2)
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -69,16 +69,29 @@ class DataSpec(Strict):
     limit: int | None = Field(None, ge=20, description="use a stratified subset of this many rows (quick runs)")
 
 
+#: A causal LM's targets: per-token decode, time to first token, peak memory (beside `speedup`, on decode).
+LM_TARGETS = ("decode_ms", "ttft_ms", "peak_mb")
+
+
 class TargetSpec(Strict):
     """The latency constraint and exactly how it is measured: a latency means nothing without its percentile, batch,
-    sequence length, threads, runtime and device, so they travel with it into result.json. Exactly one of an absolute
-    `latency_ms` or a `speedup` over the baseline measured on this machine."""
+    sequence length, threads, runtime and device, so they travel with it into result.json.
+
+    An encoder classifier takes exactly one of an absolute `latency_ms` or a `speedup` over the baseline measured
+    on this machine. A causal LM takes `decode_ms` (per token, at a context of `context_len`) or `speedup` (of
+    decode), `ttft_ms` (the prefill of a `prompt_len`-token prompt), either or both, and optionally a memory budget
+    `peak_mb`; every one of them is a constraint, and decode (else TTFT) is the latency the search minimises."""
 
     latency_ms: float | None = Field(None, gt=0)
     speedup: float | None = Field(None, gt=1, description="baseline latency / speedup, resolved on this machine")
+    decode_ms: float | None = Field(None, gt=0, description="causal LMs: per-token decode latency")
+    ttft_ms: float | None = Field(None, gt=0, description="causal LMs: time to first token of a prompt_len prompt")
+    peak_mb: float | None = Field(None, gt=0, description="causal LMs: peak resident memory while generating")
     percentile: float = Field(95, gt=0, le=100)
     batch_size: int = Field(1, ge=1)
     seq_len: int = Field(64, ge=1)
+    prompt_len: int = Field(128, ge=2, description="causal LMs: the prompt TTFT is timed on")
+    context_len: int = Field(256, ge=2, description="causal LMs: the context decode is timed at")
     threads: Union[int, str] = "auto"
     runtime: str = "onnxruntime"
     device: Literal["cpu", "cuda"] = "cpu"
@@ -109,11 +122,27 @@ class TargetSpec(Strict):
             raise ValueError(f"percentile must be one of 50, 90, 95, 99 (the percentiles the harness reports), got {value}")
         return value
 
-    @model_validator(mode="after")
-    def _one_target(self) -> "TargetSpec":
-        if (self.latency_ms is None) == (self.speedup is None):
-            raise ValueError("give exactly one of latency_ms (absolute) or speedup (relative to the baseline)")
-        return self
+    def check_for(self, task: str) -> None:
+        """ValueError unless the targets given are those of `task` (an encoder's latency, a causal LM's decode, TTFT
+        and memory): a target of the other family would silently constrain nothing."""
+        given = [name for name in LM_TARGETS if getattr(self, name) is not None]
+        if task != "causal-lm":
+            if given:
+                raise ValueError(f"{given[0]} is a causal-lm target (model.task: causal-lm); a {task} model takes "
+                                 "latency_ms or speedup")
+            if (self.latency_ms is None) == (self.speedup is None):
+                raise ValueError("give exactly one of latency_ms (absolute) or speedup (relative to the baseline)")
+            return
+        if self.latency_ms is not None:
+            raise ValueError("latency_ms is an encoder's target; a causal LM takes decode_ms (per token), ttft_ms "
+                             "(first token) or speedup (of decode)")
+        if self.decode_ms is not None and self.speedup is not None:
+            raise ValueError("give at most one of decode_ms (absolute) or speedup (relative to the baseline's decode)")
+        if self.decode_ms is None and self.speedup is None and self.ttft_ms is None:
+            raise ValueError("a causal LM needs decode_ms, speedup (of decode) or ttft_ms")
+        if self.prompt_len > self.context_len:
+            raise ValueError(f"prompt_len ({self.prompt_len}) is longer than context_len ({self.context_len}): the "
+                             "prompt must fit in the context decode is timed at")
 
 
 class SpaceSpec(Strict):
@@ -181,6 +210,26 @@ class TuneSpec(Strict):
         """`space: bert-default` is shorthand for `space: {preset: bert-default}`."""
         return {"preset": value} if isinstance(value, str) else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_preset(cls, data: Any) -> Any:
+        """A causal LM searches `llama-default` unless the spec names a preset."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("model"), Mapping):
+            return data
+        if data["model"].get("task") != "causal-lm" or data.get("space") is not None and not (
+                isinstance(data["space"], Mapping) and "preset" not in data["space"]):
+            return data
+        space = data.get("space") or {}
+        return {**data, "space": {**space, "preset": "llama-default"}}
+
+    @model_validator(mode="after")
+    def _targets_of_the_task(self) -> "TuneSpec":
+        try:
+            self.target.check_for(self.model.task)
+        except ValueError as exc:
+            raise ValueError(f"target: {exc}") from None
+        return self
+
 
 TuneConfig = TuneSpec
 
@@ -211,7 +260,7 @@ def _sentence(error: Mapping[str, Any]) -> str:
     given = error.get("input")
     if error["type"] != "value_error" and not isinstance(given, (dict, list)):
         message = f"{message[0].lower() + message[1:]}, got {given!r}"
-    return f"{where}: {message}" + ("" if message.endswith(".") else ".")
+    return (f"{where}: " if loc else "") + message + ("" if message.endswith(".") else ".")
 
 
 def parse_spec(data: Any, source: str = "spec") -> TuneSpec:

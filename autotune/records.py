@@ -15,6 +15,10 @@ from typing import Any
 from search_spaces import Candidate
 
 
+#: The study's constraint on the searched latency (ms over the target); a limit's is `<figure>_over_limit`.
+LATENCY_CONSTRAINT = "latency_ms_over_target"
+
+
 class Stage(str, Enum):
     """Where a trial ended. A str, so that JSON (result.json, Optuna's user attributes) stores the value."""
 
@@ -45,6 +49,9 @@ class TrialOutcome:
     gate_cache_hit: bool = False
     student_cache_hit: bool | None = None
     artifact: str | None = None
+    #: Figures beside the searched latency and the objective, by name: the other latencies at the target
+    #: percentile (a causal LM's `ttft_ms`, `decode_ms`), `peak_mb`, and the score's own (`perplexity`, `agreement`).
+    extras: dict[str, float | None] = field(default_factory=dict)
 
     def figures(self) -> dict[str, Any]:
         """The measured figures by name (the candidate apart): what a trial stores and a record holds."""
@@ -78,6 +85,7 @@ class TrialRecord:
     worker: str | None = None
     error: str | None = None
     epochs: int | None = None
+    extras: dict[str, float | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, number: int, outcome: TrialOutcome, **context: Any) -> "TrialRecord":
@@ -85,11 +93,12 @@ class TrialRecord:
         return cls(number=number, state="COMPLETE", candidate=outcome.candidate.to_dict(), **outcome.figures(), **context)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form; `epochs` only where a refinement set it."""
+        """The JSON form; `epochs` only where a refinement set it, `extras` only where the family measured any."""
         data = asdict(self)
         data["stage"] = None if self.stage is None else self.stage.value
-        if self.epochs is None:
-            del data["epochs"]
+        for name in ("epochs", "extras"):
+            if not data[name]:
+                del data[name]
         return data
 
     def with_latency(self, latency_ms: float) -> "TrialRecord":

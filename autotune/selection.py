@@ -99,6 +99,7 @@ class Confirmation:
     measured: LatencyStats
     speedups: tuple[float, ...]  # p50 ratios, one per repeat
     tail_speedups: tuple[float, ...]  # ratios at the target percentile
+    figures: dict[str, float]  # the candidate's every figure in the median repeat (a causal LM's TTFT, peak memory)
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,15 @@ class Choice:
 def confirm(pipeline: TrialPipeline, baseline: Artifact, record: TrialRecord) -> Confirmation:
     """A candidate chosen in a batch, measured again alone with the baseline (so no third model shares the caches),
     REMEASURE_ROUNDS times."""
-    percentile = pipeline.ctx.target.percentile
-    pairs = sorted((pipeline.measure_together([baseline, load_artifact(record.artifact)]) for _ in range(REMEASURE_ROUNDS)),
-                   key=lambda pair: pair[1].percentile_ms(percentile))
+    target = pipeline.ctx.target
+    percentile = target.percentile
+    timed = sorted((pipeline.measure_together([baseline, load_artifact(record.artifact)]) for _ in range(REMEASURE_ROUNDS)),
+                   key=lambda pair: target.latency(pair[1]).percentile_ms(percentile))
+    pairs = [(target.latency(b), target.latency(m)) for b, m in timed]
     base, mine = pairs[len(pairs) // 2]
     return Confirmation(base, mine, tuple(b.p50_ms / m.p50_ms for b, m in pairs),
-                        tuple(b.percentile_ms(percentile) / m.percentile_ms(percentile) for b, m in pairs))
+                        tuple(b.percentile_ms(percentile) / m.percentile_ms(percentile) for b, m in pairs),
+                        timed[len(timed) // 2][1].figures(percentile))
 
 
 def passed(record: TrialRecord, reason: str, stats: LatencyStats | None = None, percentile: float = 95.0) -> dict[str, Any]:
@@ -177,6 +181,14 @@ def judge(stats: LatencyStats, target_ms: float, percentile: float, margin: floa
     return "over", f"re-measured at {latency:.2f} ms (upper bound {upper:.2f} ms), over the {target_ms:.2f} ms target"
 
 
+def within_limits(verdict: str, why: str, over: list[str]) -> tuple[str, str]:
+    """The verdict on the searched latency, turned "over" when a limit of the target (a causal LM's TTFT, peak
+    memory) is exceeded: a recommendation meets every target."""
+    if not over or verdict == "over":
+        return verdict, why
+    return "over", f"{why}, but {'; '.join(over)}"
+
+
 def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRecord], margin: float,
                           note: Callable[[str], None] = log.info) -> Choice:
     """The most accurate evaluated or refined candidate whose latency, re-measured alternating with the baseline's
@@ -188,12 +200,15 @@ def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: 
     fallback: TrialRecord | None = None
     for start in range(0, len(ranked), FINAL_BATCH):
         batch = ranked[start:start + FINAL_BATCH]
-        _, *stats = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
-        for record, measured in zip(batch, stats):
+        _, *timed = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
+        for record, measured_timed in zip(batch, timed):
+            measured = target.latency(measured_timed)
             verdict, why = judge(measured, target.latency_ms, target.percentile, margin)
+            verdict, why = within_limits(verdict, why, target.limits_over(measured_timed.figures(target.percentile)))
             if verdict == "meets":
                 confirmation = confirm(pipeline, baseline, record)
                 verdict, why = judge(confirmation.measured, target.latency_ms, target.percentile, margin)
+                verdict, why = within_limits(verdict, why, target.limits_over(confirmation.figures))
                 if verdict == "meets":
                     chosen = record.with_latency(confirmation.measured.percentile_ms(target.percentile))
                     return Choice(chosen, verdict, None, more_accurate(passed_over, chosen), confirmation, margin,

@@ -27,8 +27,8 @@ from autotune.screening import LatencyScreen
 from autotune.study import (
     Heartbeat, anchors, claim_hardware, enqueue_anchors, make_objective, open_storage, open_study,
 )
-from autotune.tasks import TaskFamily, Timing, family_for
-from autotune.trial import REMEASURE_ROUNDS, Target, TrialContext, TrialPipeline, time_artifact
+from autotune.tasks import TaskFamily, Timed, Timing, family_for
+from autotune.trial import REMEASURE_ROUNDS, Limit, Target, TrialContext, TrialPipeline, time_artifact
 from profilers.cpu import probe_cpu
 from profilers.hardware import HardwareProfile, collect_profile, default_threads, with_throughput
 from profilers.latency import LatencyStats
@@ -44,10 +44,12 @@ TARGET_ATTR = "target_latency_ms"
 
 @dataclass(frozen=True)
 class Baseline:
-    """The uncompressed teacher exported the standard way (fused fp32), measured in this run."""
+    """The uncompressed teacher exported the standard way (fused fp32), measured in this run: `latency` is the
+    searched one of `timed`'s latencies."""
 
     artifact: Artifact
     latency: LatencyStats
+    timed: Timed
     validation: float
     #: The relative spread (max / min - 1) of the target percentile over the baseline's measurements: this
     #: machine's noise from one measurement to the next, the default safety margin of a recommendation.
@@ -98,21 +100,46 @@ def resolved_threads(spec: TuneSpec) -> int:
     return default_threads(probe_cpu()) if spec.target.threads == "auto" else int(spec.target.threads)
 
 
-def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, out_dir: Path) -> Baseline:
+def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, measure: str, out_dir: Path) -> Baseline:
     """Export the teacher the standard way under `out_dir`/baseline and measure it: of `REMEASURE_ROUNDS`
-    measurements, the one with the median target percentile.
+    measurements, the one with the median target percentile of the searched latency (`measure`).
 
     A relative target is this figure divided by the speedup, so one unlucky measurement on a shared machine
     would move every feasibility decision of the run; the median round keeps a consistent set of percentiles.
     """
-    plain = task.export(task.teacher, out_dir / ".baseline-fp32")
     shutil.rmtree(out_dir / "baseline", ignore_errors=True)
-    artifact = task.quantize(plain, out_dir / "baseline", 32, PORTABLE)  # fp32: no recipe applies
-    shutil.rmtree(plain.dir, ignore_errors=True)
+    artifact = task.build(task.teacher, task.teacher_shape.as_candidate(32), out_dir / "baseline", PORTABLE)
     rounds = sorted((time_artifact(task, timing, artifact) for _ in range(REMEASURE_ROUNDS)),
-                    key=lambda stats: stats.percentile_ms(percentile))
-    noise = rounds[-1].percentile_ms(percentile) / rounds[0].percentile_ms(percentile) - 1
-    return Baseline(artifact, rounds[len(rounds) // 2], task.score(artifact, "validation", timing).objective, noise)
+                    key=lambda timed: timed.latencies[measure].percentile_ms(percentile))
+    first, middle, last = (rounds[i].latencies[measure] for i in (0, len(rounds) // 2, -1))
+    noise = last.percentile_ms(percentile) / first.percentile_ms(percentile) - 1
+    return Baseline(artifact, middle, rounds[len(rounds) // 2], task.score(artifact, "validation", timing).objective,
+                    noise)
+
+
+def searched_latency(spec: TuneSpec) -> str:
+    """The latency the search minimises and bounds: an encoder's forward pass; a causal LM's decode, unless only
+    its TTFT has a target."""
+    t = spec.target
+    if spec.model.task != "causal-lm":
+        return "latency"
+    return "ttft" if t.decode_ms is None and t.speedup is None else "decode"
+
+
+def limits_of(spec: TuneSpec, measure: str) -> tuple[Limit, ...]:
+    """The targets beside the searched latency: a causal LM's TTFT (when decode is searched) and peak memory."""
+    t = spec.target
+    limits = [Limit("ttft_ms", t.ttft_ms)] if t.ttft_ms is not None and measure != "ttft" else []
+    return tuple(limits + ([Limit("peak_mb", t.peak_mb)] if t.peak_mb is not None else []))
+
+
+def target_timing(spec: TuneSpec, threads: int) -> Timing:
+    """How the target is timed: an encoder at `seq_len`; a causal LM's decode at `context_len`, TTFT on
+    `prompt_len`."""
+    t = spec.target
+    if spec.model.task == "causal-lm":
+        return Timing(t.batch_size, t.context_len, threads, t.device, t.prompt_len)
+    return Timing(t.batch_size, t.seq_len, threads, t.device)
 
 
 def resolved_target_ms(study: optuna.Study, spec: TuneSpec, baseline_ms: float, progress: SilentProgress) -> float:
@@ -122,8 +149,9 @@ def resolved_target_ms(study: optuna.Study, spec: TuneSpec, baseline_ms: float, 
     against it, and a baseline re-measured on a shared machine can differ by tens of percent.
     """
     t = spec.target
-    if t.latency_ms is not None:
-        return t.latency_ms
+    absolute = t.latency_ms or t.decode_ms or (t.ttft_ms if t.speedup is None else None)
+    if absolute is not None:
+        return absolute
     stored = study.user_attrs.get(TARGET_ATTR)
     if stored is not None:
         progress.note(f"resumed study: keeping its target of {stored:.2f} ms (this run's baseline / {t.speedup:g} "
@@ -138,8 +166,8 @@ def latency_screen(spec: TuneSpec, profile: HardwareProfile, task: TaskFamily, b
     """The predictor that skips hopeless gates (CPU targets, unless the spec turns it off), seeded with the
     baseline's latency."""
     t = spec.target
-    if spec.search.skip_predicted_over is None or t.device != "cpu":
-        return None
+    if spec.search.skip_predicted_over is None or t.device != "cpu" or searched_latency(spec) != "latency":
+        return None  # the predictor models an encoder's forward pass
     screen = LatencyScreen(profile, Workload(t.batch_size, t.seq_len), t.percentile, spec.search.skip_predicted_over)
     screen.observe(task.teacher_shape.as_candidate(32), baseline.latency)
     return screen
@@ -188,11 +216,12 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
     cache = cache_root()
     task = family.prepare(loaded, spec, cache, progress, metric)
     t = spec.target
-    progress.note("measuring the baseline (teacher, fused fp32)")
-    baseline = measure_baseline(task, Timing(t.batch_size, t.seq_len, threads, t.device), t.percentile, baseline_dir)
+    timing, measure = target_timing(spec, threads), searched_latency(spec)
+    progress.note("measuring the baseline (teacher, fp32)")
+    baseline = measure_baseline(task, timing, t.percentile, measure, baseline_dir)
     baseline_ms = baseline.latency.percentile_ms(t.percentile)
     target = Target(resolved_target_ms(opened.study, spec, baseline_ms, progress), t.percentile, t.batch_size,
-                    t.seq_len, threads, t.runtime, t.device)
+                    timing.seq_len, threads, t.runtime, t.device, measure, limits_of(spec, measure), timing.prompt_len)
     ctx = TrialContext(task=task, target=target, fingerprint=profile.fingerprint, training=spec.training,
                        seed=spec.search.seed, cache_dir=cache, artifacts_dir=run_dir / "artifacts", reference_ms=baseline_ms,
                        recipe=profile.recipe)
@@ -201,14 +230,25 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
     for removal in removals:
         progress.note(f"search space: {removal.knob}={removal.value} removed: {removal.reason}")
     if opened.created or not join:
-        enqueue_anchors(opened.study, space, anchors(task.teacher_shape, space, spec.search.trials))
-    objective = make_objective(space, run_once_per_candidate(pipeline, progress), target.latency_ms, profile.fingerprint,
+        enqueue_anchors(opened.study, space, anchors(task.anchor_candidates(space), space, spec.search.trials))
+    objective = make_objective(space, run_once_per_candidate(pipeline, progress),
+                               lambda outcome: target.constraints(outcome.latency_ms, outcome.extras), profile.fingerprint,
                                spec.search.minimize_size, spec.search.trials, on_start=progress.trial_started)
-    progress.note(f"target: p{t.percentile:g} <= {target.latency_ms:.2f} ms at batch {t.batch_size}, seq {t.seq_len}, "
-                  f"{threads} threads ({t.runtime}, {t.device}); baseline p{t.percentile:g} {baseline_ms:.2f} ms")
+    progress.note(f"target: {describe_target(target)}; baseline p{t.percentile:g} {baseline_ms:.2f} ms")
     return Session(spec=spec, run_dir=run_dir, storage=opened.storage, study=opened.study, profile=profile,
                    pipeline=pipeline, baseline=baseline, space=space, removals=removals, objective=objective,
                    poll_s=opened.poll_s)
+
+
+def describe_target(target: Target) -> str:
+    """The target in words, e.g. 'p95 decode <= 7.40 ms, ttft_ms <= 450 at batch 1, context 256, prompt 128,
+    2 threads (onnxruntime, cpu)'."""
+    name = "" if target.measure == "latency" else f"{target.measure} "
+    limits = "".join(f", {limit.figure} <= {limit.value:g}" for limit in target.limits)
+    shape = (f"seq {target.seq_len}" if target.prompt_len is None
+             else f"context {target.seq_len}, prompt {target.prompt_len}")
+    return (f"p{target.percentile:g} {name}<= {target.latency_ms:.2f} ms{limits} at batch {target.batch_size}, {shape}, "
+            f"{target.threads} threads ({target.runtime}, {target.device})")
 
 
 def run_once_per_candidate(pipeline: TrialPipeline, progress: SilentProgress) -> Callable[[Candidate], TrialOutcome]:

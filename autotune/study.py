@@ -44,13 +44,12 @@ from optuna.trial import FrozenTrial, TrialState
 from autotune.caches import DiskFullError, as_disk_full, is_alive
 from autotune.config import SAMPLERS
 from autotune.records import Stage, TrialRecord
-from search_spaces import Candidate, Space, TeacherShape
+from search_spaces import Candidate, Space
 from search_spaces.knobs import Categorical, FloatRange, IntRange
 
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_ACCURACY = 0.0
-LATENCY_CONSTRAINT = "latency_ms_over_target"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 JOURNAL_PREFIX = "journal:"
 HARDWARE_ATTR = "hardware_fingerprint"
@@ -255,18 +254,11 @@ def suggest(trial: optuna.Trial, space: Space) -> Candidate:
 ANCHOR_BUDGET_SHARE = 1 / 2
 
 
-def anchors(teacher: TeacherShape, space: Space, budget: int) -> list[Candidate]:
-    """The first trials of a new study, those the space holds, at most ANCHOR_BUDGET_SHARE of `budget` (at least
-    one): the teacher and its int8 twin, then the teacher cut to each shallower depth, full width, int8, deepest
-    first.
-
-    Dropping layers while keeping every width is the strongest simple student: it keeps the teacher's attention
-    heads and FFN whole, and a sampler drawing the other knobs at random rarely proposes it. A slice too slow
-    for the target costs one gate (seconds); a fitting one is the baseline the search has to beat.
-    """
-    depths = sorted((d for d in space.knob("layers").values() if d < teacher.layers), reverse=True)
+def anchors(proposed: Sequence[Candidate], space: Space, budget: int) -> list[Candidate]:
+    """The first trials of a new study: of the task family's `proposed` anchors (most telling first), those the
+    space holds, at most ANCHOR_BUDGET_SHARE of `budget` (at least one)."""
     inside = []
-    for candidate in (teacher.as_candidate(32), teacher.as_candidate(8), *(teacher.cut_to(d, bits=8) for d in depths)):
+    for candidate in proposed:
         if space.contains(candidate):
             inside.append(candidate)
         else:
@@ -357,7 +349,7 @@ def record_of(trial: FrozenTrial) -> TrialRecord:
     stage = attrs.get("stage", Stage.FAILED if trial.state == TrialState.FAIL else None)
     figures = {name: attrs.get(name) for name in (
         "feasible", "macro_f1", "latency_ms", "latency", "size_mb", "achieved_sparsity", "seconds", "gate_cache_hit",
-        "student_cache_hit", "artifact", ERROR_ATTR)}
+        "student_cache_hit", "artifact", ERROR_ATTR)} | {"extras": attrs.get("extras") or {}}
     return TrialRecord(
         number=trial.number, state=trial.state.name, candidate=attrs.get("candidate"),
         stage=None if stage is None else Stage(stage),
@@ -375,13 +367,18 @@ def objective_values(outcome: Any, minimize_size: bool) -> list[float]:
     return values + [outcome.size_mb] if minimize_size else values
 
 
-def record(trial: optuna.Trial, outcome: Any, target_ms: float) -> None:
-    """Store the outcome on the trial: the constraint, and every measured figure for the result and report.
+#: An outcome's constraint values by name (<= 0: met): the latency's, and one per limit of the target.
+Constraints = Callable[[Any], dict[str, float]]
 
-    The constraint goes through `Trial.set_constraint` (Optuna 5), which every constraint-aware sampler and
-    `study.best_trials` read: <= 0 means the latency target is met.
+
+def record(trial: optuna.Trial, outcome: Any, constraints: Constraints) -> None:
+    """Store the outcome on the trial: the constraints, and every measured figure for the result and report.
+
+    Each constraint goes through `Trial.set_constraint` (Optuna 5), which every constraint-aware sampler and
+    `study.best_trials` read: all <= 0 means every target is met.
     """
-    trial.set_constraint(LATENCY_CONSTRAINT, outcome.latency_ms - target_ms)
+    for name, value in constraints(outcome).items():
+        trial.set_constraint(name, value)
     trial.set_user_attr("accuracy_is_placeholder", outcome.accuracy is None)
     trial.set_user_attr("candidate", outcome.candidate.to_dict())
     for name, value in outcome.figures().items():
@@ -389,7 +386,7 @@ def record(trial: optuna.Trial, outcome: Any, target_ms: float) -> None:
 
 
 def make_objective(
-    space: Space, evaluate: Callable[[Candidate], Any], target_ms: float, fingerprint: str, minimize_size: bool,
+    space: Space, evaluate: Callable[[Candidate], Any], constraints: Constraints, fingerprint: str, minimize_size: bool,
     budget: int, on_start: Callable[[int, Candidate], None] = lambda number, candidate: None,
 ) -> Callable[[optuna.Trial], list[float]]:
     """The Optuna objective of a run: suggest a candidate, evaluate it, record the outcome. A trial started beyond the
@@ -414,7 +411,7 @@ def make_objective(
             trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
             log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
             raise
-        record(trial, outcome, target_ms)
+        record(trial, outcome, constraints)
         return objective_values(outcome, minimize_size)
 
     return objective

@@ -12,9 +12,13 @@ forward_loop)`: a model or an artifact goes in, a model or an artifact comes out
    ends as `Stage.GATE`: no training is spent.
 3. **Student.** `task.make_student` initialises it from the teacher; `task.distil` trains it on the teacher's
    cached targets, along the candidate's pruning schedule. The teacher's own dense shape is the teacher.
-4. **Deploy.** `task.export` (fp32, once per student) then `task.quantize` to the candidate's bits.
-5. **Evaluate.** `task.score` on the validation split, in the target runtime, and the artifact's latency (the
+4. **Deploy.** `task.build`: the deployable artifact at the candidate's precision.
+5. **Evaluate.** `task.score` on the validation split, in the target runtime, and the artifact's latencies (the
    deployable file, not the gate's stand-in), its size on disk. The test split is never touched here.
+
+The target is one latency the study minimises (`Target.measure`: an encoder's forward pass, a causal LM's decode)
+bounded by `latency_ms`, and optional `limits` on other figures (a causal LM's TTFT, peak memory); a candidate is
+feasible when it meets all of them.
 
 Caching wraps a step rather than living inside it (autotune/caches.py): the gate by (shape, bits, runtime,
 target shape, threads, hardware fingerprint), valid while the machine runs the baseline at the speed it had;
@@ -32,17 +36,15 @@ from typing import Any, Callable
 from torch import nn
 
 from autotune.caches import (
-    STAGING, cached_dir_value, cached_json, key_of, load_verified_dir, owned_temporary_directory, read_json,
+    cached_dir_value, cached_json, key_of, load_verified_dir, owned_temporary_directory, read_json,
 )
 from autotune.compress import PruningSchedule, measured_sparsity
 from autotune.config import TrainingSpec
-from autotune.records import Stage, TrialOutcome, TrialRecord
+from autotune.records import LATENCY_CONSTRAINT, Stage, TrialOutcome, TrialRecord
 from autotune.runtime import Artifact, load_artifact
 from autotune.screening import LatencyScreen, predicted_size_mb
-from autotune.tasks import TaskFamily, Timing
-from profilers.isolated import measure_onnx_interleaved, measure_onnx_isolated
+from autotune.tasks import TaskFamily, Timed, Timing
 from profilers.latency import LatencyStats, MeasureSettings
-from profilers.ort import providers_for
 from profilers.recipes import PORTABLE, Recipe
 from search_spaces import Candidate
 
@@ -71,8 +73,26 @@ Steps = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
+class Limit:
+    """A bound on a measured figure other than the searched latency, by its name in `Timed.figures`: a causal LM's
+    `ttft_ms` beside a decode target, or `peak_mb`."""
+
+    figure: str
+    value: float
+
+    def over(self, figures: dict[str, float], allowance: float = 0.0) -> bool:
+        """Whether the figure exceeds the bound by more than `allowance` (a fraction)."""
+        return figures[self.figure] > self.value * (1.0 + allowance)
+
+    def describe(self, figures: dict[str, float]) -> str:
+        """e.g. 'ttft_ms 512.3 over its 450 limit'."""
+        return f"{self.figure} {figures[self.figure]:.1f} over its {self.value:g} limit"
+
+
+@dataclass(frozen=True)
 class Target:
-    """The latency constraint and exactly how it is measured."""
+    """The latency constraint and exactly how it is measured: the latency named `measure` (of `Timed.latencies`)
+    at `percentile` within `latency_ms`, and every limit met."""
 
     latency_ms: float
     percentile: float
@@ -81,6 +101,9 @@ class Target:
     threads: int
     runtime: str
     device: str
+    measure: str = "latency"
+    limits: tuple[Limit, ...] = ()
+    prompt_len: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form result.json keeps."""
@@ -89,7 +112,22 @@ class Target:
     @property
     def timing(self) -> Timing:
         """How a task family times an artifact for this target."""
-        return Timing(self.batch_size, self.seq_len, self.threads, self.device)
+        return Timing(self.batch_size, self.seq_len, self.threads, self.device, self.prompt_len)
+
+    def latency(self, timed: Timed) -> LatencyStats:
+        """The searched latency of a measurement."""
+        return timed.latencies[self.measure]
+
+    def limits_over(self, figures: dict[str, float]) -> list[str]:
+        """Each limit the figures (of `Timed.figures` at the target percentile) exceed, in words (empty: all met)."""
+        return [limit.describe(figures) for limit in self.limits if limit.over(figures)]
+
+    def constraints(self, latency_ms: float, figures: dict[str, float]) -> dict[str, float]:
+        """Optuna's constraint values (<= 0: met): the latency over its target in ms, each limit's figure over its
+        bound as a fraction of it."""
+        return {LATENCY_CONSTRAINT: latency_ms - self.latency_ms} | {
+            f"{limit.figure}_over_limit": figures[limit.figure] / limit.value - 1.0 if limit.figure in figures else 0.0
+            for limit in self.limits}
 
 
 def pruning_schedule(candidate: Candidate, held: bool = False) -> PruningSchedule | None:
@@ -110,21 +148,36 @@ def noise_margin(stats: LatencyStats) -> float:
     return max(MIN_NOISE_MARGIN, 2.0 * stats.median_ci_rel_halfwidth)
 
 
-def clearly_over(stats: LatencyStats, target: Target) -> bool:
-    """Over the target beyond the noise: only then may the gate reject without training. The percentile's own
-    lower confidence bound must clear the target by the drift allowance (MIN_NOISE_MARGIN): a short gate
+def latency_clearly_over(stats: LatencyStats, percentile: float, bound_ms: float) -> bool:
+    """Over `bound_ms` beyond the noise: only then may the gate reject without training. The percentile's own
+    lower confidence bound must clear the bound by the drift allowance (MIN_NOISE_MARGIN): a short gate
     measurement's p95 is near its sample maximum, so one slow run alone never rejects. Measurements stored
     without bounds fall back to the median's interval."""
-    bounds = stats.bounds_ms(target.percentile)
+    bounds = stats.bounds_ms(percentile)
     if bounds is None:
-        return stats.percentile_ms(target.percentile) > target.latency_ms * (1.0 + noise_margin(stats))
-    return bounds[0] > target.latency_ms * (1.0 + MIN_NOISE_MARGIN)
+        return stats.percentile_ms(percentile) > bound_ms * (1.0 + noise_margin(stats))
+    return bounds[0] > bound_ms * (1.0 + MIN_NOISE_MARGIN)
+
+
+def clearly_over(timed: Timed, target: Target) -> bool:
+    """The searched latency clearly over the target, or a limit: a latency limit clearly over (as above), a memory
+    limit over by more than MIN_NOISE_MARGIN (a stand-in's peak memory is the deployed model's)."""
+    if latency_clearly_over(target.latency(timed), target.percentile, target.latency_ms):
+        return True
+    for limit in target.limits:
+        name = limit.figure.removesuffix("_ms")
+        if limit.figure.endswith("_ms") and name in timed.latencies:
+            if latency_clearly_over(timed.latencies[name], target.percentile, limit.value):
+                return True
+        elif limit.over(timed.figures(target.percentile), MIN_NOISE_MARGIN):
+            return True
+    return False
 
 
 def time_artifact(task: TaskFamily, timing: Timing, artifact: Artifact,
-                  settings: MeasureSettings = EVALUATE_SETTINGS) -> LatencyStats:
-    """Latency of an artifact at the target's shape and threads, timed in a fresh child process."""
-    return measure_onnx_isolated(task.timing(artifact, timing, providers_for(timing.device)), settings)
+                  settings: MeasureSettings = EVALUATE_SETTINGS) -> Timed:
+    """Latencies of an artifact at the target's shape and threads, timed in a fresh child process."""
+    return task.time(artifact, timing, settings)
 
 
 @dataclass(frozen=True)
@@ -147,9 +200,9 @@ class TrialContext:
 
 @dataclass(frozen=True)
 class GateResult:
-    """The gate's measurement of a candidate's shape: latency, and the size its artifact will have."""
+    """The gate's measurement of a candidate's shape: latencies, and the size its artifact will have."""
 
-    latency: LatencyStats
+    timed: Timed
     size_mb: float
 
 
@@ -175,12 +228,13 @@ class TrialPipeline:
         start = time.perf_counter()
         gate, gate_hit = self.gate(candidate)
         seconds = {"gate": time.perf_counter() - start}
+        latency = target.latency(gate.timed)
         if self.screen is not None:
-            self.screen.observe(candidate, gate.latency)
-        if clearly_over(gate.latency, target):
-            return TrialOutcome(candidate=candidate, stage=Stage.GATE, feasible=False, latency=gate.latency.to_dict(),
-                                latency_ms=gate.latency.percentile_ms(target.percentile), size_mb=gate.size_mb,
-                                seconds=seconds, gate_cache_hit=gate_hit)
+            self.screen.observe(candidate, latency)
+        if clearly_over(gate.timed, target):
+            return TrialOutcome(candidate=candidate, stage=Stage.GATE, feasible=False, latency=latency.to_dict(),
+                                latency_ms=latency.percentile_ms(target.percentile), size_mb=gate.size_mb,
+                                seconds=seconds, gate_cache_hit=gate_hit, extras=gate.timed.figures(target.percentile))
         on_step_name("training")
         start = time.perf_counter()
         model, student_hit = self.student(candidate, on_step)
@@ -209,17 +263,16 @@ class TrialPipeline:
         def measure_stand_in() -> dict[str, Any]:
             task = self.ctx.task
             with owned_temporary_directory(GATE_TMP_PREFIX) as tmp:
-                plain = task.export(task.stand_in(candidate), Path(tmp) / "fp32")
-                variant = task.quantize(plain, Path(tmp) / "variant", candidate.bits, self.ctx.recipe)
-                stats = self.measure(variant, GATE_SETTINGS)
+                variant = task.build(task.stand_in(candidate), candidate, Path(tmp) / "variant", self.ctx.recipe)
+                timed = self.measure(variant, GATE_SETTINGS)
                 size_mb = task.deployed_size_bytes(variant) / MB
             self.counters["gates_measured"] += 1
-            return {"latency": stats.to_dict(), "size_mb": size_mb, "candidate": candidate.to_dict(),
+            return {"timed": timed.to_dict(), "size_mb": size_mb, "candidate": candidate.to_dict(),
                     "reference_ms": self.ctx.reference_ms}
 
         entry, hit = cached_json(self.gate_path(candidate), measure_stand_in, self.same_machine_speed)
         self.counters["gate_cache_hits"] += hit
-        return GateResult(LatencyStats(**entry["latency"]), entry["size_mb"]), hit
+        return GateResult(Timed.from_dict(entry["timed"]), entry["size_mb"]), hit
 
     def student(self, candidate: Candidate, on_step: Steps | None = None) -> tuple[nn.Module, bool]:
         """(the candidate's student, made from the teacher and distilled along its pruning schedule, cache hit);
@@ -228,7 +281,7 @@ class TrialPipeline:
         if task.is_teacher(candidate):
             return task.teacher, True
         return self.cached_model(self.student_key(candidate), "student", lambda: task.distil(
-            task.make_student(candidate), epochs=training.epochs, lr=training.lr, seed=self.ctx.seed,
+            task.make_student(candidate), candidate, epochs=training.epochs, lr=training.lr, seed=self.ctx.seed,
             pruning=pruning_schedule(candidate), on_step=on_step))
 
     def refine(self, candidate: Candidate, epochs: int, on_step: Steps | None = None) -> tuple[nn.Module, bool]:
@@ -244,7 +297,7 @@ class TrialPipeline:
             raise ValueError("the teacher's own dense shape has no student to refine")
         key = key_of("refined", self.student_key(candidate), epochs, REFINE_LR_SCALE)
         return self.cached_model(key, "refined", lambda: task.distil(
-            self.student(candidate)[0], epochs=epochs, lr=training.lr * REFINE_LR_SCALE, seed=self.ctx.seed + 1,
+            self.student(candidate)[0], candidate, epochs=epochs, lr=training.lr * REFINE_LR_SCALE, seed=self.ctx.seed + 1,
             pruning=pruning_schedule(candidate, held=True), on_step=on_step))
 
     def deploy(self, candidate: Candidate, model: nn.Module, name: str | None = None) -> Artifact:
@@ -252,8 +305,7 @@ class TrialPipeline:
         task = self.ctx.task
 
         def build(staging: Path) -> Artifact:
-            with owned_temporary_directory(STAGING, staging.parent) as tmp:
-                task.quantize(task.export(model, tmp / "fp32"), staging, candidate.bits, self.ctx.recipe)
+            task.build(model, candidate, staging, self.ctx.recipe)
             return load_artifact(staging)
 
         final = self.ctx.artifacts_dir / (name or candidate.key)
@@ -279,39 +331,43 @@ class TrialPipeline:
         start = time.perf_counter()
         artifact = self.deploy(candidate, model, artifact_name)
         score = self.ctx.task.score(artifact, "validation", target.timing)
-        stats = self.measure(artifact)
+        timed = self.measure(artifact)
+        stats = target.latency(timed)
         latency_ms = stats.percentile_ms(target.percentile)
+        extras = {name: value for name, value in score.extras.items() if name != "macro_f1"}
         return TrialOutcome(
-            candidate=candidate, stage=stage, feasible=latency_ms <= target.latency_ms, latency=stats.to_dict(),
-            latency_ms=latency_ms, size_mb=artifact.size_bytes / MB, accuracy=score.objective,
+            candidate=candidate, stage=stage, feasible=latency_ms <= target.latency_ms and not target.limits_over(timed.figures(target.percentile)),
+            latency=stats.to_dict(), latency_ms=latency_ms, size_mb=artifact.size_bytes / MB, accuracy=score.objective,
             macro_f1=score.extras.get("macro_f1"), achieved_sparsity=measured_sparsity(model),
-            seconds=seconds | {"evaluate": time.perf_counter() - start}, artifact=str(artifact.dir), **cache_hits,
+            seconds=seconds | {"evaluate": time.perf_counter() - start}, artifact=str(artifact.dir),
+            extras=timed.figures(target.percentile) | extras, **cache_hits,
         )
 
     # -- measurement and caches -----------------------------------------------------------------------------
 
-    def measure(self, artifact: Artifact, settings: MeasureSettings | None = None) -> LatencyStats:
-        """Latency of an artifact at the target, timed in a fresh child process."""
+    def measure(self, artifact: Artifact, settings: MeasureSettings | None = None) -> Timed:
+        """Latencies of an artifact at the target, timed in a fresh child process."""
         return time_artifact(self.ctx.task, self.ctx.target.timing, artifact, settings or self.ctx.measure_settings)
 
-    def measure_together(self, artifacts: list[Artifact]) -> list[LatencyStats]:
-        """Latencies of several artifacts at the target, alternating in one child process (see
-        profilers.isolated.measure_onnx_interleaved): figures whose ratios mean something on a shared host."""
-        timing = self.ctx.target.timing
-        return measure_onnx_interleaved([self.ctx.task.timing(a, timing, providers_for(timing.device)) for a in artifacts])
+    def measure_together(self, artifacts: list[Artifact]) -> list[Timed]:
+        """Latencies of several artifacts at the target in the same minutes (the task family alternates them where it
+        can): figures whose ratios mean something on a shared host."""
+        return self.ctx.task.time_together(artifacts, self.ctx.target.timing)
 
     def gate_path(self, candidate: Candidate) -> Path:
         """Where the gate's measurement of a shape is cached: keyed by everything its latency depends on (shape, bits,
         stand-in, quantization recipe, runtime, target shape, threads, hardware) and by nothing trained."""
         t, task = self.ctx.target, self.ctx.task
         key = key_of("gate", candidate.shape_key, type(task.teacher).__name__, *task.stand_in_identity,
-                     self.ctx.recipe.to_dict(), t.runtime, t.device, t.batch_size, t.seq_len, t.threads, self.ctx.fingerprint)
+                     self.ctx.recipe.to_dict(), t.runtime, t.device, t.batch_size, t.seq_len, t.prompt_len, t.threads,
+                     self.ctx.fingerprint)
         return self.ctx.cache_dir / "gate" / f"{key}.json"
 
     def same_machine_speed(self, entry: dict[str, Any]) -> bool:
-        """Whether a cached gate entry was measured while the baseline ran as fast as it does now."""
+        """Whether a cached gate entry was measured while the baseline ran as fast as it does now (and holds every
+        latency by name: an entry of one latency only, written before causal LMs, is measured again)."""
         cached = entry.get("reference_ms")
-        return cached is not None and abs(cached / self.ctx.reference_ms - 1.0) <= GATE_CACHE_DRIFT
+        return cached is not None and "timed" in entry and abs(cached / self.ctx.reference_ms - 1.0) <= GATE_CACHE_DRIFT
 
     def student_key(self, candidate: Candidate) -> str:
         """The cache key of a candidate's trained student: everything its weights depend on (teacher, data,

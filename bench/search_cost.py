@@ -111,10 +111,10 @@ def stand_in_p50_ratio(pipeline: TrialPipeline, candidates: tuple[Candidate, ...
         builds = {}
         for name, vocab in (("stand-in", task.gate_vocab()), ("full", None)):
             model = shaped_like(task.teacher, c.layers, c.hidden, c.heads, c.ffn, vocab_size=vocab)
-            builds[name] = task.quantize(task.export(model, tmp / f"{c.key}-{name}"), tmp / f"{c.key}-{name}-{c.bits}", c.bits,
-                                         pipeline.ctx.recipe)
+            builds[name] = task.build(model, c, tmp / f"{c.key}-{name}-{c.bits}", pipeline.ctx.recipe)
         for _ in range(rounds):
-            ratios.append(pipeline.measure(builds["stand-in"]).p50_ms / pipeline.measure(builds["full"]).p50_ms)
+            stand_in, full = (pipeline.ctx.target.latency(pipeline.measure(builds[n])) for n in ("stand-in", "full"))
+            ratios.append(stand_in.p50_ms / full.p50_ms)
     return median(ratios)
 
 
@@ -150,7 +150,8 @@ def run(spec_data: dict[str, Any], tmp: Path, target_fraction: float) -> int:
     task = TextClassification.prepare(replace(loaded, new_head=False), spec, cache_root(), SilentProgress())
     print(f"teacher logits on the training split: {time.perf_counter() - start:.1f} s (once per run, cached)")
     t = spec.target
-    baseline = measure_baseline(task, Timing(t.batch_size, t.seq_len, threads, t.device), t.percentile, tmp / "run")
+    baseline = measure_baseline(task, Timing(t.batch_size, t.seq_len, threads, t.device), t.percentile, "latency",
+                                tmp / "run")
     baseline_p95 = baseline.latency.p95_ms
     target = Target(target_fraction * baseline_p95, t.percentile, t.batch_size, t.seq_len, threads, t.runtime, t.device)
     pipeline = TrialPipeline(TrialContext(task=task, target=target, fingerprint=profile.fingerprint, training=spec.training,

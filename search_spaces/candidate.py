@@ -3,6 +3,11 @@
 Two derived keys matter for cost: `shape_key` (what latency depends on: architecture and bits, not trained
 weights) keys the latency gate cache, and `student_key` (architecture and sparsity, not bits) keys the trained
 student cache, because bit widths are applied after training: one trained student serves every bit width.
+
+A causal LM's candidate uses the same architecture fields (`layers` are the decoder blocks kept, `ffn` the FFN
+width; hidden and heads stay the teacher's) and adds its own (`WEIGHT_ONLY_FIELDS`, `heal_tokens`). They are None
+for an encoder, and a None field is left out of every key and of the stored form, so an encoder's keys, and so its
+caches, are what they were before causal LMs came.
 """
 
 from __future__ import annotations
@@ -15,6 +20,14 @@ from typing import Any, Mapping
 BIT_WIDTHS = (32, 16, 8, 4)
 SPARSITY_PATTERNS = ("unstructured", "2:4")
 BITS_NAMES = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
+#: How a causal LM's weights are quantized (see autotune.runtime.genai.WeightOnly): they mean nothing at fp32.
+WEIGHT_ONLY_FIELDS = ("block_size", "method", "head_bits", "sensitive_int8")
+LM_FIELDS = WEIGHT_ONLY_FIELDS + ("heal_tokens",)
+#: Weight-only quantization of a causal LM: round-to-nearest (symmetric, the builder's default), asymmetric,
+#: k-quant (the builder's), HQQ and GPTQ (ONNX Runtime's quantizer); block sizes; widths of the linears and LM head.
+LM_METHODS = ("rtn", "rtn-asym", "k-quant", "hqq", "gptq")
+LM_BLOCK_SIZES = (16, 32, 64, 128, 256)
+LM_WEIGHT_BITS = (4, 8, 32)
 
 
 def _digest(payload: Mapping[str, Any]) -> str:
@@ -37,6 +50,13 @@ class Candidate:
     sparsity_pattern: str = "unstructured"
     bits: int = 32
     threads: int | None = None
+    #: Causal LMs only (None elsewhere): int4/int8 block size, quantization method, LM head bits, whether the
+    #: sensitive layers stay int8 in an int4 body, and the tokens of distillation that heal a student.
+    block_size: int | None = None
+    method: str | None = None
+    head_bits: int | None = None
+    sensitive_int8: bool | None = None
+    heal_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "ffn"):
@@ -55,6 +75,14 @@ class Candidate:
             raise ValueError(f"candidate bits must be one of {list(BIT_WIDTHS)}, got {self.bits!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"candidate threads must be >= 1, got {self.threads}")
+        if self.heal_tokens is not None and (not isinstance(self.heal_tokens, int) or self.heal_tokens < 0):
+            raise ValueError(f"candidate heal_tokens must be an integer >= 0, got {self.heal_tokens!r}")
+        if self.head_bits is not None and self.head_bits not in LM_WEIGHT_BITS:
+            raise ValueError(f"candidate head_bits must be one of {list(LM_WEIGHT_BITS)}, got {self.head_bits!r}")
+        if self.block_size is not None and self.block_size not in LM_BLOCK_SIZES:
+            raise ValueError(f"candidate block_size must be one of {list(LM_BLOCK_SIZES)}, got {self.block_size!r}")
+        if self.method is not None and self.method not in LM_METHODS:
+            raise ValueError(f"candidate method must be one of {list(LM_METHODS)}, got {self.method!r}")
 
     @classmethod
     def canonical(cls, **params: Any) -> "Candidate":
@@ -62,6 +90,8 @@ class Candidate:
 
         Dense weights have no pattern (sparsity 0 -> 'unstructured'), and 2:4 means exactly 50%, so a sampler
         that proposes (2:4, 0.3) and (2:4, 0.7) gets the same candidate, and the same cache entries.
+        A causal LM's weight-only fields mean nothing at fp32 (they are dropped), and `sensitive_int8` only in an
+        int4 body (False elsewhere).
         """
         sparsity = float(params.get("sparsity", 0.0))
         pattern = params.get("sparsity_pattern", "unstructured")
@@ -69,7 +99,12 @@ class Candidate:
             pattern = "unstructured"
         elif pattern == "2:4":
             sparsity = 0.5
-        return cls(**{**params, "sparsity": sparsity, "sparsity_pattern": pattern})
+        folded: dict[str, Any] = {"sparsity": sparsity, "sparsity_pattern": pattern}
+        if params.get("bits", 32) == 32:
+            folded |= dict.fromkeys(WEIGHT_ONLY_FIELDS)
+        elif params.get("bits") != 4 and params.get("sensitive_int8") is not None:
+            folded["sensitive_int8"] = False
+        return cls(**{**params, **folded})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Candidate":
@@ -82,8 +117,12 @@ class Candidate:
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field as plain data, for result.json and for hashing into `key`."""
-        return asdict(self)
+        """Every field as plain data, for result.json and for hashing into `key`; a causal LM's fields only where set."""
+        return {name: value for name, value in asdict(self).items() if value is not None or name not in LM_FIELDS}
+
+    def lm_fields(self, *names: str) -> dict[str, Any]:
+        """The named causal-LM fields that are set, for the keys (empty for an encoder, whose keys stay as they were)."""
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     @property
     def key(self) -> str:
@@ -96,19 +135,38 @@ class Candidate:
         """Latency depends on shape, bits and threads, not on trained weights. Unstructured zeros run through
         the same dense kernels, so their amount is left out; a 2:4 pattern can select sparse kernels, so it is in."""
         return _digest({"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "ffn": self.ffn,
-                        "bits": self.bits, "threads": self.threads, "semi_structured": self.sparsity_pattern == "2:4"})
+                        "bits": self.bits, "threads": self.threads, "semi_structured": self.sparsity_pattern == "2:4",
+                        **self.lm_fields(*WEIGHT_ONLY_FIELDS)})
 
     @property
     def student_key(self) -> str:
         """Everything training depends on; bits are post-training, so they are left out."""
         return _digest({"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "ffn": self.ffn,
-                        "sparsity": self.sparsity, "sparsity_pattern": self.sparsity_pattern})
+                        "sparsity": self.sparsity, "sparsity_pattern": self.sparsity_pattern,
+                        **self.lm_fields("heal_tokens")})
 
     def describe(self) -> str:
-        """In words, e.g. '4 layers x 384 hidden (12 heads, FFN 1536), 50% unstructured sparsity, int8'."""
+        """In words, e.g. '4 layers x 384 hidden (12 heads, FFN 1536), 50% unstructured sparsity, int8', or for a
+        causal LM '24 blocks, FFN 1152, int4 rtn block 32 (sensitive layers int8), LM head int8, healed 65,536 tokens'."""
+        if self.method is not None or self.heal_tokens is not None:
+            return self.describe_decoder()
         sparsity = "dense" if self.sparsity == 0 else f"{self.sparsity:.0%} {self.sparsity_pattern} sparsity"
         threads = f", {self.threads} threads" if self.threads else ""
         heads = f"{self.heads} head" + ("s" if self.heads != 1 else "")
         layers = f"{self.layers} layer" + ("s" if self.layers != 1 else "")
         return (f"{layers} x {self.hidden} hidden ({heads}, FFN {self.ffn}), "
                 f"{sparsity}, {BITS_NAMES[self.bits]}{threads}")
+
+    def describe_decoder(self) -> str:
+        """A causal LM candidate in words (see `describe`)."""
+        parts = [f"{self.layers} block" + ("s" if self.layers != 1 else ""), f"FFN {self.ffn}"]
+        if self.bits == 32:
+            parts.append("fp32")
+        else:
+            mixed = " (sensitive layers int8)" if self.sensitive_int8 else ""
+            parts.append(f"{BITS_NAMES[self.bits]} {self.method} block {self.block_size}{mixed}")
+            if self.head_bits is not None and self.head_bits != self.bits:
+                parts.append(f"LM head {BITS_NAMES[self.head_bits]}")
+        if self.heal_tokens:
+            parts.append(f"healed {self.heal_tokens:,} tokens")
+        return ", ".join(parts)

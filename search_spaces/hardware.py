@@ -27,6 +27,9 @@ def unsupported_values(profile: HardwareProfile, runtime: str, device: str) -> l
     flags = set(profile.cpu.flags)
     out: list[tuple[str, object, str]] = []
     if runtime == "onnxruntime":
+        if device == "cpu":
+            out.append(("method", "hqq", "stores float zero points, which ONNX Runtime's CPU MatMulNBits kernels run "
+                                         "about 7x slower than fp32 (bench/llm_operators.py), so it cannot buy speed"))
         out.append(("sparsity_pattern", "2:4", "has no sparse kernel in ONNX Runtime's CPU or CUDA provider, so it would cost accuracy for no speed"))
         native = profile.software.onnxruntime_cpu_fp16
         if device == "cpu" and native is False:
@@ -52,7 +55,7 @@ def restrict_to_hardware(space: Space, profile: HardwareProfile, runtime: str, d
         raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
     removals = []
     for knob, value, reason in unsupported_values(profile, runtime, device):
-        if value in space.knob(knob).values():
+        if space.has(knob) and value in space.knob(knob).values():
             space, removal = space.without(knob, value, reason)
             log.info("search space: %s=%s removed: %s", knob, value, reason)
             removals.append(removal)

@@ -61,7 +61,46 @@ def quantize_only(teacher: TeacherShape) -> Space:
     )
 
 
-PRESETS: dict[str, Callable[[TeacherShape], Space]] = {"bert-default": bert_default, "quantize-only": quantize_only}
+#: A causal LM's depth as fractions of its blocks: dropping more than a quarter has not healed within a CPU budget
+#: (SmolLM2, 18 of 30 blocks healed on 32k tokens: +256% perplexity, bench/llm_operators.py).
+BLOCK_FRACTIONS = (1.0, 0.875, 0.75)
+#: Tokens of distillation that heal a student (blocks dropped, FFN narrowed): a few minutes each on 2 cores.
+HEAL_TOKENS = (32_768, 131_072)
+
+
+def llama_default(teacher: TeacherShape) -> Space:
+    """A llama-family causal LM: blocks kept (all, 7/8, 3/4 of them, chosen by importance), FFN at 100/75%, linears
+    at fp32, int8 or int4, int4 in blocks of 32-128 by round-to-nearest, the sensitive layers kept int8 or not, the
+    LM head at int4 or int8, and a healing budget for students. Hidden size and heads stay the teacher's (the KV
+    cache and attention kernels are shaped by them); no sparsity (no sparse CPU kernel in ONNX Runtime).
+
+    k-quant is left to the user (`knobs: {method: [rtn, k-quant]}`): on SmolLM2 it decoded 1.5x slower than RTN
+    for no better perplexity (bench/llm_operators.py), and ONNX Runtime packs it only where every input splits into
+    an even number of blocks (576 wide: block 32 only)."""
+    layers = tuple(sorted({max(1, round(teacher.layers * f)) for f in BLOCK_FRACTIONS}, reverse=True))
+    ffn = tuple(sorted({_scaled(teacher.ffn, f, 8 if teacher.ffn >= 32 else 1) for f in (1.0, 0.75)}, reverse=True))
+    return Space(
+        knobs=(
+            Categorical("layers", layers),
+            Categorical("hidden", (teacher.hidden,)),
+            Categorical("heads", (teacher.heads,)),
+            Categorical("ffn", ffn),
+            Categorical("sparsity", (0.0,)),
+            Categorical("sparsity_pattern", ("unstructured",)),
+            Categorical("bits", (32, 8, 4)),
+            Categorical("block_size", (32, 64, 128)),
+            Categorical("method", ("rtn",)),
+            Categorical("sensitive_int8", (False, True)),
+            Categorical("head_bits", (4, 8)),
+            Categorical("heal_tokens", HEAL_TOKENS),
+        ),
+        teacher=teacher,
+    )
+
+
+PRESETS: dict[str, Callable[[TeacherShape], Space]] = {
+    "bert-default": bert_default, "quantize-only": quantize_only, "llama-default": llama_default,
+}
 
 
 def preset(name: str, teacher: TeacherShape) -> Space:

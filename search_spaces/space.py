@@ -13,11 +13,14 @@ import itertools
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from search_spaces.candidate import BIT_WIDTHS, SPARSITY_PATTERNS, Candidate
+from search_spaces.candidate import (
+    BIT_WIDTHS, LM_BLOCK_SIZES, LM_FIELDS, LM_METHODS, LM_WEIGHT_BITS, SPARSITY_PATTERNS, Candidate,
+)
 from search_spaces.knobs import Categorical, FloatRange, IntRange, Knob
 
 REQUIRED_KNOBS = ("layers", "hidden", "heads", "ffn", "sparsity", "sparsity_pattern", "bits")
-OPTIONAL_KNOBS = ("threads",)
+#: `threads`, and a causal LM's own knobs (see search_spaces.candidate); a candidate leaves those not searched None.
+OPTIONAL_KNOBS = ("threads",) + LM_FIELDS
 KNOB_NAMES = REQUIRED_KNOBS + OPTIONAL_KNOBS
 
 
@@ -88,7 +91,24 @@ class Space:
         hashable like its parts; this is the lookup that costs."""
         return next(k for k in self.knobs if k.name == name)
 
+    def has(self, name: str) -> bool:
+        """Whether the space searches the knob `name` (the optional ones may be absent)."""
+        return any(k.name == name for k in self.knobs)
+
+    def _check_lm_values(self) -> None:
+        accepted = {"block_size": LM_BLOCK_SIZES, "method": LM_METHODS, "head_bits": LM_WEIGHT_BITS,
+                    "sensitive_int8": (False, True)}
+        for name, options in accepted.items():
+            bad = [v for v in self.knob(name).values() if v not in options] if self.has(name) else []
+            if bad:
+                raise SpaceError(f"knob {name!r} has values {bad}; accepted: {list(options)}")
+        heal = self.knob("heal_tokens").values() if self.has("heal_tokens") else ()
+        bad_heal = [v for v in heal if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+        if bad_heal:
+            raise SpaceError(f"knob 'heal_tokens' has values {bad_heal}; accepted: integers >= 0 (training tokens)")
+
     def _check_values(self) -> None:
+        self._check_lm_values()
         limits = {"layers": self.teacher.layers, "hidden": self.teacher.hidden, "heads": self.teacher.heads, "ffn": self.teacher.ffn}
         for name, limit in limits.items():
             values = self.knob(name).values()
@@ -114,8 +134,13 @@ class Space:
             )
 
     def candidate(self, params: Mapping[str, Any]) -> Candidate:
-        """The canonical candidate for sampled knob values (see Candidate.canonical)."""
-        return Candidate.canonical(**dict(params))
+        """The canonical candidate for sampled knob values (see Candidate.canonical); the teacher's own depth and
+        widths have nothing to heal, so their healing budget folds to 0."""
+        params = dict(params)
+        t = self.teacher
+        if params.get("heal_tokens") and (params["layers"], params["ffn"]) == (t.layers, t.ffn):
+            params["heal_tokens"] = 0
+        return Candidate.canonical(**params)
 
     def contains(self, candidate: Candidate) -> bool:
         """Whether every knob admits the candidate's value (a knob the candidate leaves None, like threads, is not

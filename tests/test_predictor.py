@@ -173,7 +173,7 @@ def test_screen_skips_only_far_over_target_once_calibrated(profile: HardwareProf
 def screened_pipeline(profile: HardwareProfile, cache_dir: Path) -> TrialPipeline:
     """A pipeline whose only real parts are the screen and the gate cache: a 0.01 ms target nothing meets."""
     target = SimpleNamespace(latency_ms=0.01, percentile=95.0, runtime="onnxruntime", device="cpu", batch_size=1,
-                             seq_len=64, threads=2)
+                             seq_len=64, threads=2, prompt_len=None)
     task = SimpleNamespace(teacher=SimpleNamespace(config=SimpleNamespace(vocab_size=100)), stand_in_identity=(100,))
     ctx = SimpleNamespace(target=target, task=task, cache_dir=cache_dir, fingerprint="machine", reference_ms=10.0,
                           recipe=PORTABLE)
@@ -250,6 +250,7 @@ def test_plan_refuses_a_corrupt_profile_in_one_sentence(tmp_path: Path, content:
 
 def test_a_cached_gate_measurement_is_used_before_any_prediction(profile: HardwareProfile, tmp_path: Path) -> None:
     from autotune.caches import write_json_atomic
+    from autotune.tasks import Timed
     from profilers.latency import LatencyStats
 
     measured = LatencyStats(p50_ms=20.0, p90_ms=21.0, p95_ms=22.0, p99_ms=23.0, mean_ms=20.0, stdev_ms=1.0, min_ms=19.0,
@@ -257,7 +258,7 @@ def test_a_cached_gate_measurement_is_used_before_any_prediction(profile: Hardwa
                             threads=2, throughput_items_per_s=50.0, peak_rss_delta_bytes=0)
     pipeline = screened_pipeline(profile, tmp_path)
     candidate = Candidate(layers=6, hidden=384, heads=12, ffn=1536)
-    write_json_atomic(pipeline.gate_path(candidate), {"latency": measured.to_dict(), "size_mb": 10.0,
+    write_json_atomic(pipeline.gate_path(candidate), {"timed": Timed({"latency": measured}).to_dict(), "size_mb": 10.0,
                                                       "candidate": candidate.to_dict(), "reference_ms": 10.0})
     outcome = pipeline.run(candidate)
     assert outcome.stage == Stage.GATE and outcome.gate_cache_hit and outcome.latency_ms == 22.0

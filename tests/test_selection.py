@@ -12,6 +12,7 @@ import pytest
 
 from autotune.records import Stage, TrialRecord
 from autotune.selection import choose_recommendation, judge
+from autotune.tasks import Timed
 from autotune.trial import Target, TrialPipeline
 from profilers.isolated import OnnxRequest, measure_onnx_interleaved
 from profilers.latency import summarize
@@ -70,7 +71,10 @@ def test_the_more_accurate_but_slower_candidate_is_passed_over_with_its_reason(t
     target_ms = math.sqrt(probe[0].p95_ms * probe[1].p95_ms)  # binds: between the two, far from both
     assert probe[1].p95_ms < target_ms < probe[0].p95_ms
     target = Target(target_ms, 95, 1, 64, 1, "onnxruntime", "cpu")
-    ctx = SimpleNamespace(target=target, task=SimpleNamespace(timing=timing, objective_name="accuracy"))
+    def time_together(artifacts, t) -> list[Timed]:
+        return [Timed({"latency": stats}) for stats in measure_onnx_interleaved([timing(a, t, ()) for a in artifacts])]
+
+    ctx = SimpleNamespace(target=target, task=SimpleNamespace(time_together=time_together, objective_name="accuracy"))
     pipeline = TrialPipeline(ctx)
     records = [TrialRecord(number=n, state="COMPLETE", candidate=None, stage=Stage.EVALUATED, accuracy=accuracy,
                            latency_ms=target_ms * 0.9, artifact=str(artifact.dir))  # both looked feasible in the search

@@ -29,8 +29,9 @@ from autotune.config import load_spec
 from autotune.predict import load_model
 from autotune.runtime import OrtRuntime, load_artifact
 from autotune.tasks import evaluate, predict_logits
-from autotune.study import LATENCY_CONSTRAINT, anchors
-from autotune.tasks.text_classification import load_splits
+from autotune.records import LATENCY_CONSTRAINT
+from autotune.study import anchors
+from autotune.tasks.text_classification import encoder_anchors, load_splits
 from autotune.trial import TrialPipeline
 from search_spaces import Candidate, TeacherShape, preset, with_overrides
 from conftest import save_headless_bert, synthetic_rows, tiny_config, write_csv, write_tokenizer
@@ -263,15 +264,15 @@ def test_same_shape_candidates_share_one_student_and_later_runs_hit_the_gate_cac
 def test_anchors_are_the_teacher_then_its_layer_dropped_slices_deepest_first() -> None:
     teacher = TeacherShape(layers=6, hidden=384, heads=12, ffn=1536)
     space = with_overrides(preset("bert-default", teacher), {"layers": [1, 2, 4, 6], "hidden": [384, 192]})
-    found = anchors(teacher, space, budget=16)
+    found = anchors(encoder_anchors(teacher, space), space, budget=16)
     assert found[:2] == [teacher.as_candidate(32), teacher.as_candidate(8)]
     assert [(c.layers, c.hidden, c.heads, c.ffn, c.bits) for c in found[2:]] == [
         (4, 384, 12, 1536, 8), (2, 384, 12, 1536, 8), (1, 384, 12, 1536, 8)]
-    assert anchors(teacher, space, budget=6) == found[:3]  # half the budget: room for sampler and retries
-    assert anchors(teacher, space, budget=3) == found[:1]
+    assert anchors(encoder_anchors(teacher, space), space, budget=6) == found[:3]  # half the budget: room for sampler and retries
+    assert anchors(encoder_anchors(teacher, space), space, budget=3) == found[:1]
     shallow = with_overrides(space, {"layers": [1, 2, 4]})  # the teacher itself is outside: slices only
-    assert [c.layers for c in anchors(teacher, shallow, budget=16)] == [4, 2, 1]
-    assert anchors(teacher, with_overrides(space, {"hidden": [192]}), budget=16) == []  # full width is outside
+    assert [c.layers for c in anchors(encoder_anchors(teacher, shallow), shallow, budget=16)] == [4, 2, 1]
+    assert anchors(encoder_anchors(teacher, space), with_overrides(space, {"hidden": [192]}), budget=16) == []  # full width is outside
 
 
 def test_a_cached_gate_is_trusted_only_at_the_same_machine_speed() -> None:
@@ -279,9 +280,13 @@ def test_a_cached_gate_is_trusted_only_at_the_same_machine_speed() -> None:
 
     pipeline = TrialPipeline.__new__(TrialPipeline)
     pipeline.ctx = SimpleNamespace(reference_ms=10.0)
-    assert pipeline.same_machine_speed({"reference_ms": 10.5}) and pipeline.same_machine_speed({"reference_ms": 9.2})
-    assert not pipeline.same_machine_speed({"reference_ms": 12.0}) and not pipeline.same_machine_speed({"reference_ms": 8.0})
-    assert not pipeline.same_machine_speed({})  # an entry without a reference cannot be checked
+    def entry(reference_ms: float) -> dict:
+        return {"timed": {}, "reference_ms": reference_ms}
+
+    assert pipeline.same_machine_speed(entry(10.5)) and pipeline.same_machine_speed(entry(9.2))
+    assert not pipeline.same_machine_speed(entry(12.0)) and not pipeline.same_machine_speed(entry(8.0))
+    assert not pipeline.same_machine_speed({"timed": {}})  # an entry without a reference cannot be checked
+    assert not pipeline.same_machine_speed({"reference_ms": 10.0})  # one latency only: written before causal LMs
 
 
 @pytest.mark.parametrize("bits", [32, 8])

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from search_spaces.candidate import LM_BLOCK_SIZES, LM_METHODS, LM_WEIGHT_BITS
+
 log = logging.getLogger(__name__)
 
 #: Weight-only methods: round-to-nearest, symmetric (the builder's default) or asymmetric (uint zero points);
@@ -31,14 +33,14 @@ log = logging.getLogger(__name__)
 #: optimisation, Badri & Shaji 2023; its zero points are floats) and GPTQ (Frantar et al. 2023: each column's
 #: rounding error compensated on the columns not yet quantized, through the inverse Hessian of the layer's inputs
 #: on calibration text; symmetric), both from ONNX Runtime's quantizer.
-METHODS = ("rtn", "rtn-asym", "k-quant", "hqq", "gptq")
+METHODS = LM_METHODS
 #: Methods that quantize the builder's fp32 graph with ONNX Runtime's quantizer rather than inside the builder.
 ONNX_METHODS = ("hqq", "gptq")
 #: Methods that need calibration text.
 CALIBRATED = ("gptq",)
-BLOCK_SIZES = (16, 32, 64, 128, 256)
+BLOCK_SIZES = LM_BLOCK_SIZES
 #: Widths of the decoder's linear layers and of the LM head: 32 is fp32 (not quantized).
-WEIGHT_BITS = (4, 8, 32)
+WEIGHT_BITS = LM_WEIGHT_BITS
 LM_HEAD = "/lm_head/MatMul"
 
 

@@ -9,7 +9,7 @@ the first.
   `run(feeds) -> logits`.
 """
 
-from autotune.tasks.base import Score, TaskFamily, Timing
+from autotune.tasks.base import Score, TaskFamily, Timed, Timing
 from autotune.tasks.data import DataError, LabeledTexts, Splits, load_labeled_texts, split, subsample
 from autotune.tasks.metrics import accuracy, macro_f1
 from autotune.tasks.encoding import (
@@ -44,6 +44,7 @@ __all__ = [
     "TASKS",
     "TaskFamily",
     "TextClassification",
+    "Timed",
     "Timing",
     "family_for",
     "Splits",

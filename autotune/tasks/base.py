@@ -10,8 +10,8 @@ The life of a task family in a run, in the order the calls come:
    cached on disk. The family instance it returns is the run's: frozen facts plus what trials read.
 3. Per trial, `TrialPipeline` calls `stand_in` (the candidate's shape with random weights, for the gate),
    `make_student` and `distil` (the student, initialised from the teacher and trained on its targets),
-   `export` and `quantize` (the deployable artifact), `timing` (how the artifact is timed in a child process)
-   and `score` (what "accuracy" means, measured on the artifact in the target runtime).
+   `build` (the deployable artifact at the candidate's precision), `time` (its latencies, in a clean child
+   process) and `score` (what "accuracy" means, measured on the artifact in the target runtime).
 
 `autotune.tasks.family_for(model.task)` chooses the family class.
 """
@@ -21,12 +21,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 from torch import nn
 
 from autotune.runtime import Artifact
-from profilers.isolated import OnnxRequest
+from profilers.latency import LatencyStats, MeasureSettings
 from profilers.recipes import Recipe
 from search_spaces import Candidate, Space, TeacherShape
 
@@ -50,12 +50,37 @@ class Score:
 
 @dataclass(frozen=True)
 class Timing:
-    """How an artifact is timed: the batch, sequence length, threads and device of the target."""
+    """How an artifact is timed: the batch, sequence length, threads and device of the target. For a causal LM,
+    `seq_len` is the context decode is timed at and `prompt_len` the prompt TTFT is timed on."""
 
     batch_size: int
     seq_len: int
     threads: int
     device: str
+    prompt_len: int | None = None
+
+
+@dataclass(frozen=True)
+class Timed:
+    """An artifact's measured latencies by name ("latency": one forward pass; "decode" and "ttft" for a causal LM)
+    and, where the family measures it, the peak resident memory of the process that ran it."""
+
+    latencies: Mapping[str, LatencyStats]
+    peak_mb: float | None = None
+
+    def figures(self, percentile: float) -> dict[str, float]:
+        """Each latency at `percentile` as `<name>_ms`, and `peak_mb` where measured: the figures a limit bounds."""
+        out = {f"{name}_ms": stats.percentile_ms(percentile) for name, stats in self.latencies.items()}
+        return out if self.peak_mb is None else out | {"peak_mb": self.peak_mb}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (gate cache entries)."""
+        return {"latencies": {name: stats.to_dict() for name, stats in self.latencies.items()}, "peak_mb": self.peak_mb}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Timed":
+        """Inverse of to_dict."""
+        return cls({name: LatencyStats(**stats) for name, stats in data["latencies"].items()}, data.get("peak_mb"))
 
 
 class TaskFamily(ABC):
@@ -109,6 +134,11 @@ class TaskFamily(ABC):
     def objective_name(self) -> str:
         """What the objective is called in reports: the task's metric, or the user's metric's name."""
 
+    @abstractmethod
+    def anchor_candidates(self, space: Space) -> list[Candidate]:
+        """The candidates a new study tries first, most telling first (the study keeps those the space holds, within
+        a share of the budget): the simple compressions a random sampler would rarely propose."""
+
     def is_teacher(self, candidate: Candidate) -> bool:
         """Whether the candidate is the teacher's own shape, dense: nothing to train."""
         s = self.teacher_shape
@@ -135,21 +165,24 @@ class TaskFamily(ABC):
         """The candidate's student, initialised from the teacher (layers and widths kept by importance)."""
 
     @abstractmethod
-    def distil(self, student: nn.Module, *, epochs: int, lr: float, seed: int, pruning: PruningSchedule | None,
-               on_step: Steps | None = None) -> nn.Module:
-        """`student` trained on the teacher's targets, sparsified along `pruning` (None: kept dense)."""
+    def distil(self, student: nn.Module, candidate: Candidate, *, epochs: int, lr: float, seed: int,
+               pruning: PruningSchedule | None, on_step: Steps | None = None) -> nn.Module:
+        """`student` (the candidate's) trained on the teacher's targets for `epochs` of its budget, sparsified along
+        `pruning` (None: kept dense)."""
 
     @abstractmethod
-    def export(self, model: nn.Module, out_dir: Path) -> Artifact:
-        """The model as a plain fp32 ONNX artifact directory (what every bit width is derived from)."""
+    def build(self, model: nn.Module, candidate: Candidate, out_dir: Path, recipe: Recipe) -> Artifact:
+        """The deployable artifact of a trained `model` in `out_dir`, at the candidate's precision (bits, and a causal
+        LM's weight-only scheme), int8/int4 built as this CPU's `recipe` says."""
 
     @abstractmethod
-    def quantize(self, plain: Artifact, out_dir: Path, bits: int, recipe: Recipe) -> Artifact:
-        """The deployable `bits`-wide artifact of a plain export, int8/int4 built as this CPU's `recipe` says."""
+    def time(self, artifact: Artifact, timing: Timing, settings: MeasureSettings) -> Timed:
+        """The artifact's latencies at the target's shape, measured in a fresh child process where nothing else runs."""
 
     @abstractmethod
-    def timing(self, artifact: Artifact, timing: Timing, providers: tuple[str, ...]) -> OnnxRequest:
-        """How the artifact is timed in a child process at the target's shape."""
+    def time_together(self, artifacts: list[Artifact], timing: Timing) -> list[Timed]:
+        """Latencies of several artifacts measured in the same minutes, alternating where the family can (ratios
+        between them then mean something on a shared host)."""
 
     @abstractmethod
     def split_size(self, split: str) -> int:

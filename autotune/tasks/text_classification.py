@@ -25,10 +25,13 @@ from autotune.compress.quantization import quantize_artifact
 from autotune.config import TuneSpec
 from autotune.models import load_classifier, shape_of, state_fingerprint
 from autotune.runtime import Artifact, OrtRuntime, export_artifact
-from autotune.tasks.base import Score, Steps, TaskFamily, Timing
+from autotune.caches import STAGING, owned_temporary_directory
+from autotune.tasks.base import Score, Steps, TaskFamily, Timed, Timing
 from autotune.tasks.data import LabeledTexts, Splits, load_labeled_texts, split, subsample
 from autotune.tasks.encoding import evaluate, predict_logits
-from profilers.isolated import OnnxRequest
+from profilers.isolated import OnnxRequest, measure_onnx_interleaved, measure_onnx_isolated
+from profilers.latency import MeasureSettings
+from profilers.ort import providers_for
 from profilers.recipes import Recipe
 from search_spaces import Candidate, Space, TeacherShape, preset, with_overrides
 
@@ -93,6 +96,18 @@ def load_teacher(spec: TuneSpec) -> tuple[nn.Module, Any, bool]:
         loaded = load_classifier(resolve_model(model_spec.path), model_spec.num_labels,
                                  trust_remote_code=model_spec.trust_remote_code, allow_pickle=model_spec.allow_pickle)
     return loaded.model, loaded.tokenizer, loaded.new_head
+
+
+def encoder_anchors(teacher: TeacherShape, space: Space) -> list[Candidate]:
+    """The teacher and its int8 twin, then the teacher cut to each shallower depth of the space, full width, int8,
+    deepest first.
+
+    Dropping layers while keeping every width is the strongest simple student: it keeps the teacher's attention
+    heads and FFN whole, and a sampler drawing the other knobs at random rarely proposes it. A slice too slow
+    for the target costs one gate (seconds); a fitting one is the baseline the search has to beat.
+    """
+    depths = sorted((d for d in space.knob("layers").values() if d < teacher.layers), reverse=True)
+    return [teacher.as_candidate(32), teacher.as_candidate(8), *(teacher.cut_to(d, bits=8) for d in depths)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,6 +182,10 @@ class TextClassification(TaskFamily):
         """The family's metric (accuracy), or the user metric's function name."""
         return self.metric_name if self.metric is None else getattr(self.metric, "__name__", "custom metric")
 
+    def anchor_candidates(self, space: Space) -> list[Candidate]:
+        """The teacher, then its layer-dropped slices (see `encoder_anchors`)."""
+        return encoder_anchors(self.teacher_shape, space)
+
     # -- the steps of a trial -------------------------------------------------------------------------------
 
     def gate_vocab(self) -> int:
@@ -192,8 +211,8 @@ class TextClassification(TaskFamily):
         """The student sliced from the teacher's weights (autotune.compress.student)."""
         return make_student(self.model, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
 
-    def distil(self, student: nn.Module, *, epochs: int, lr: float, seed: int, pruning: PruningSchedule | None,
-               on_step: Steps | None = None) -> nn.Module:
+    def distil(self, student: nn.Module, candidate: Candidate, *, epochs: int, lr: float, seed: int,
+               pruning: PruningSchedule | None, on_step: Steps | None = None) -> nn.Module:
         """KD on the cached teacher logits plus the labels, sparsified along `pruning`."""
         training = self.spec.training
         return distill(
@@ -210,11 +229,26 @@ class TextClassification(TaskFamily):
         """ORT's transformer fusion, then the bit width (profilers/recipes.py says how on this CPU)."""
         return quantize_artifact(plain, out_dir, bits=bits, recipe=recipe)
 
-    def timing(self, artifact: Artifact, timing: Timing, providers: tuple[str, ...]) -> OnnxRequest:
+    def build(self, model: nn.Module, candidate: Candidate, out_dir: Path, recipe: Recipe) -> Artifact:
+        """The fp32 export (in a scratch directory beside `out_dir`), then fusion and the candidate's bit width."""
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with owned_temporary_directory(STAGING, out_dir.parent) as tmp:
+            return self.quantize(self.export(model, tmp / "fp32"), out_dir, candidate.bits, recipe)
+
+    def request(self, artifact: Artifact, timing: Timing) -> OnnxRequest:
         """One forward pass of synthetic token ids at the target's batch and sequence length."""
         return OnnxRequest(onnx_path=str(artifact.onnx_path), input_names=artifact.input_names,
                            batch_size=timing.batch_size, seq_len=timing.seq_len, vocab_size=artifact.vocab_size,
-                           threads=timing.threads, providers=providers)
+                           threads=timing.threads, providers=providers_for(timing.device))
+
+    def time(self, artifact: Artifact, timing: Timing, settings: MeasureSettings) -> Timed:
+        """The forward pass's latency ("latency"), in a fresh child process."""
+        return Timed({"latency": measure_onnx_isolated(self.request(artifact, timing), settings)})
+
+    def time_together(self, artifacts: list[Artifact], timing: Timing) -> list[Timed]:
+        """The forward passes alternating in one child process (profilers.isolated.measure_onnx_interleaved)."""
+        stats = measure_onnx_interleaved([self.request(a, timing) for a in artifacts])
+        return [Timed({"latency": s}) for s in stats]
 
     def split_size(self, split: str) -> int:
         """The number of labelled texts in that split."""
