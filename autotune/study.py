@@ -30,7 +30,7 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -270,9 +270,8 @@ def enqueue_anchors(study: optuna.Study, space: Space, chosen: Sequence[Candidat
     """Enqueue the given candidates of the space (`anchors` chooses them) as the first trials, once per study."""
     if study.trials:
         return
-    names = [k.name for k in space.knobs]
     for anchor in chosen:
-        study.enqueue_trial({n: v for n, v in asdict(anchor).items() if n in names}, skip_if_exists=True)
+        study.enqueue_trial(space.params_of(anchor), skip_if_exists=True)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from torch import nn
 from autotune.caches import (
     cached_dir_value, cached_json, key_of, load_verified_dir, owned_temporary_directory, read_json,
 )
-from autotune.compress import PruningSchedule, measured_sparsity
+from autotune.compress import PruningSchedule
 from autotune.config import TrainingSpec
 from autotune.records import LATENCY_CONSTRAINT, Stage, TrialOutcome, TrialRecord
 from autotune.runtime import Artifact, load_artifact
@@ -338,7 +338,7 @@ class TrialPipeline:
         return TrialOutcome(
             candidate=candidate, stage=stage, feasible=latency_ms <= target.latency_ms and not target.limits_over(timed.figures(target.percentile)),
             latency=stats.to_dict(), latency_ms=latency_ms, size_mb=artifact.size_bytes / MB, accuracy=score.objective,
-            macro_f1=score.extras.get("macro_f1"), achieved_sparsity=measured_sparsity(model),
+            macro_f1=score.extras.get("macro_f1"), achieved_sparsity=self.ctx.task.achieved_sparsity(model),
             seconds=seconds | {"evaluate": time.perf_counter() - start}, artifact=str(artifact.dir),
             extras=timed.figures(target.percentile) | extras, **cache_hits,
         )

@@ -46,9 +46,8 @@ from autotune.compress.decoder import (  # noqa: E402
 )
 from autotune.compress.healing import TeacherTargets, heal, teacher_targets  # noqa: E402
 from autotune.caches import cache_root, key_of  # noqa: E402
-from autotune.lm_measure import (  # noqa: E402
-    LMMeasurement, LMShape, accuracy_level_here, cached_causal_lm, cached_export, measure_artifact, weights_identity,
-)
+from autotune.lm_measure import LMMeasurement, accuracy_level_here, measure_artifact  # noqa: E402
+from autotune.tasks.lm_exports import LMShape, cached_causal_lm, cached_export, weights_identity  # noqa: E402
 from autotune.runtime.genai import ExportError, LMArtifact, WeightOnly, check_k_quant_blocks  # noqa: E402
 from autotune.tasks.lm_models import prepare_causal_lm  # noqa: E402
 from autotune.tasks.lm_text import load_text, token_windows  # noqa: E402

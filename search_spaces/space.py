@@ -142,11 +142,22 @@ class Space:
             params["heal_tokens"] = 0
         return Candidate.canonical(**params)
 
-    def contains(self, candidate: Candidate) -> bool:
-        """Whether every knob admits the candidate's value (a knob the candidate leaves None, like threads, is not
-        checked): lets hand-picked candidates such as the teacher's cuts be tried only when the space allows them."""
+    def params_of(self, candidate: Candidate) -> dict[str, Any]:
+        """The knob values that sample `candidate` (the inverse of `candidate`, for enqueueing hand-picked ones): a
+        knob the candidate leaves None, like threads, is left out, and the teacher shape's folded healing budget
+        of 0 is sampled as the knob's first value."""
         values = candidate.to_dict()
-        return all(k.contains(values[k.name]) for k in self.knobs if values.get(k.name) is not None)
+        params = {k.name: values[k.name] for k in self.knobs if values.get(k.name) is not None}
+        t = self.teacher
+        if params.get("heal_tokens") == 0 and (candidate.layers, candidate.ffn) == (t.layers, t.ffn):
+            params["heal_tokens"] = self.knob("heal_tokens").values()[0]
+        return params
+
+    def contains(self, candidate: Candidate) -> bool:
+        """Whether every knob admits the candidate's value: lets hand-picked candidates such as the teacher's cuts be
+        tried only when the space allows them."""
+        params = self.params_of(candidate)
+        return all(k.contains(params[k.name]) for k in self.knobs if k.name in params)
 
     def without(self, knob_name: str, value: Any, reason: str) -> tuple["Space", Removal]:
         """The space with one categorical value removed; refusing to empty the knob."""

@@ -18,7 +18,7 @@ from autotune.plan import plan_for
 from autotune.records import Stage
 from profilers.recipes import PORTABLE
 from autotune.screening import LatencyScreen
-from autotune.trial import TrialPipeline
+from autotune.trial import Target, TrialPipeline
 from profilers.hardware import HardwareProfile
 from profilers.latency import summarize
 from profilers.predictor import (
@@ -172,8 +172,8 @@ def test_screen_skips_only_far_over_target_once_calibrated(profile: HardwareProf
 
 def screened_pipeline(profile: HardwareProfile, cache_dir: Path) -> TrialPipeline:
     """A pipeline whose only real parts are the screen and the gate cache: a 0.01 ms target nothing meets."""
-    target = SimpleNamespace(latency_ms=0.01, percentile=95.0, runtime="onnxruntime", device="cpu", batch_size=1,
-                             seq_len=64, threads=2, prompt_len=None)
+    target = Target(latency_ms=0.01, percentile=95.0, batch_size=1, seq_len=64, threads=2, runtime="onnxruntime",
+                    device="cpu")
     task = SimpleNamespace(teacher=SimpleNamespace(config=SimpleNamespace(vocab_size=100)), stand_in_identity=(100,))
     ctx = SimpleNamespace(target=target, task=task, cache_dir=cache_dir, fingerprint="machine", reference_ms=10.0,
                           recipe=PORTABLE)

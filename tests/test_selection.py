@@ -4,7 +4,6 @@ process alternating with the baseline, judged by the upper confidence bound of t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,8 +67,10 @@ def test_the_more_accurate_but_slower_candidate_is_passed_over_with_its_reason(t
         return OnnxRequest(str(artifact.onnx_path), artifact.input_names, t.batch_size, t.seq_len, artifact.vocab_size, t.threads)
 
     probe = measure_onnx_interleaved([timing(a, SimpleNamespace(batch_size=1, seq_len=64, threads=1), ()) for a in (slow, fast)])
-    target_ms = math.sqrt(probe[0].p95_ms * probe[1].p95_ms)  # binds: between the two, far from both
-    assert probe[1].p95_ms < target_ms < probe[0].p95_ms
+    # Binds, far from both: half the slow one's p95 and, on any host, several times the fast one's (a shared CI
+    # host once put the fast one's upper bound within 5% of a geometric-mean target).
+    target_ms = probe[0].p95_ms / 2
+    assert probe[1].p95_ms < target_ms / 3
     target = Target(target_ms, 95, 1, 64, 1, "onnxruntime", "cpu")
     def time_together(artifacts, t) -> list[Timed]:
         return [Timed({"latency": stats}) for stats in measure_onnx_interleaved([timing(a, t, ()) for a in artifacts])]

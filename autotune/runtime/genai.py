@@ -277,3 +277,20 @@ def quantize_exported(plain: LMArtifact, out_dir: Path, weights: WeightOnly, cal
     onnx.save(quantizer.model.model, str(out_dir / "model.onnx"), save_as_external_data=True,
               location="model.onnx.data")
     return LMArtifact(out_dir, weights)
+
+
+def greedy_continuation(model_dir: Path, prompt: str, new_tokens: int) -> str:
+    """The GenAI model's greedy continuation of `prompt` (up to `new_tokens` tokens), decoded: what a reader compares
+    between a teacher and its compressed model to see what a perplexity figure means."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    tokenizer = og.Tokenizer(model)
+    ids = tokenizer.encode(prompt)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return tokenizer.decode(generator.get_sequence(0)[len(ids):])

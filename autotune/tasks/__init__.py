@@ -1,8 +1,9 @@
-"""Task families behind one interface (`base.TaskFamily`), chosen by `model.task`. Text classification is
-the first.
+"""Task families behind one interface (`base.TaskFamily`), chosen by `model.task`: text classification and causal
+language models.
 
 - `base`: the interface, and the values it returns (`Score`, `Timing`).
 - `text_classification`: the encoder-classifier family.
+- `causal_lm`: the causal-LM family (llama-family decoders, perplexity, generation latencies).
 - `data`: labelled text files -> `LabeledTexts`; seeded stratified `split` and `subsample`.
 - `metrics`: `accuracy`, `macro_f1` in numpy.
 - `encoding`: per-batch padded `encode_batches`; `predict` / `evaluate` through any runtime's
@@ -22,9 +23,10 @@ from autotune.tasks.encoding import (
     predict_logits,
 )
 from autotune.tasks.text_classification import TextClassification
+from autotune.tasks.causal_lm import CausalLM
 
 #: Task families by `model.task`.
-TASKS: dict[str, type[TaskFamily]] = {TextClassification.name: TextClassification}
+TASKS: dict[str, type[TaskFamily]] = {TextClassification.name: TextClassification, CausalLM.name: CausalLM}
 
 
 def family_for(task: str) -> type[TaskFamily]:
@@ -35,6 +37,7 @@ def family_for(task: str) -> type[TaskFamily]:
 
 
 __all__ = [
+    "CausalLM",
     "DataError",
     "EncodedBatch",
     "EvalResult",

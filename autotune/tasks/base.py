@@ -171,6 +171,10 @@ class TaskFamily(ABC):
         `pruning` (None: kept dense)."""
 
     @abstractmethod
+    def achieved_sparsity(self, model: nn.Module) -> float:
+        """The fraction of zeros a trained model holds in the weights its family sparsifies (0.0 where none are)."""
+
+    @abstractmethod
     def build(self, model: nn.Module, candidate: Candidate, out_dir: Path, recipe: Recipe) -> Artifact:
         """The deployable artifact of a trained `model` in `out_dir`, at the candidate's precision (bits, and a causal
         LM's weight-only scheme), int8/int4 built as this CPU's `recipe` says."""
@@ -183,6 +187,11 @@ class TaskFamily(ABC):
     def time_together(self, artifacts: list[Artifact], timing: Timing) -> list[Timed]:
         """Latencies of several artifacts measured in the same minutes, alternating where the family can (ratios
         between them then mean something on a shared host)."""
+
+    def sample_outputs(self, artifacts: Mapping[str, Artifact]) -> dict[str, Any] | None:
+        """What the report shows of named artifacts' outputs side by side (a causal LM's generations of one prompt);
+        None where a family has nothing to show."""
+        return None
 
     @abstractmethod
     def split_size(self, split: str) -> int:

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from autotune.builtin import resolve_data, resolve_model
-from autotune.compress import PruningSchedule, distill, finetune_teacher, make_student, shaped_like, teacher_logits, tokenize
+from autotune.compress import (
+    PruningSchedule, distill, finetune_teacher, make_student, measured_sparsity, shaped_like, teacher_logits, tokenize,
+)
 from autotune.compress.distillation import TokenizedData
 from autotune.compress.quantization import quantize_artifact
 from autotune.config import TuneSpec
@@ -228,6 +230,10 @@ class TextClassification(TaskFamily):
     def quantize(self, plain: Artifact, out_dir: Path, bits: int, recipe: Recipe) -> Artifact:
         """ORT's transformer fusion, then the bit width (profilers/recipes.py says how on this CPU)."""
         return quantize_artifact(plain, out_dir, bits=bits, recipe=recipe)
+
+    def achieved_sparsity(self, model: nn.Module) -> float:
+        """The zeros among the encoder's prunable weights (what its students are sparsified in)."""
+        return measured_sparsity(model)
 
     def build(self, model: nn.Module, candidate: Candidate, out_dir: Path, recipe: Recipe) -> Artifact:
         """The fp32 export (in a scratch directory beside `out_dir`), then fusion and the candidate's bit width."""
