@@ -25,6 +25,7 @@ from autotune.runtime import load_artifact
 from autotune.runtime.export import write_artifact_json
 from autotune.selection import Choice, choose_recommendation, refine_finalists
 from autotune.session import Session, start_session
+from autotune.tasks import Score
 from autotune.study import (
     HARDWARE_ATTR, WORKER_ATTR, finished_count, importances, kept_trials, pareto_numbers, record_of, redact,
     run as run_study, worker_id,
@@ -151,18 +152,28 @@ def tune(
         other_hardware_trials=[record_of(t) for t in trials if t.number not in here_numbers],
         pareto=pareto_numbers(session.study, here), importances=importances(session.study, here),
         baseline_test=score_on_test(session, session.baseline.artifact.dir),
-        recommended=None if choice.recommended is None else deploy_recommendation(session, choice),
+        recommended=(recommended := None if choice.recommended is None else deploy_recommendation(session, choice)),
+        samples=side_by_side(session, recommended),
         seconds=time.perf_counter() - started))  # keyword arguments are evaluated in order: this one last
     result.save(run_dir)
     write_report(result.data, run_dir)
     return result
 
 
-def score_on_test(session: Session, artifact_dir: Path) -> float | None:
-    """The artifact's objective on the test split (None when the split is empty): read only for the final answer."""
+def score_on_test(session: Session, artifact_dir: Path) -> Score | None:
+    """The artifact's score on the test split (None when the split is empty): read only for the final answer."""
     if session.task.split_size("test") == 0:
         return None
-    return session.task.score(load_artifact(artifact_dir), "test", session.target.timing).objective
+    return session.task.score(load_artifact(artifact_dir), "test", session.target.timing)
+
+
+def side_by_side(session: Session, recommended: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the task family shows of the teacher's and the recommendation's outputs side by side (a causal LM's
+    greedy generations of one test prompt); None without a recommendation or where a family shows nothing."""
+    if recommended is None:
+        return None
+    return session.task.sample_outputs({"teacher": session.baseline.artifact,
+                                        "recommended": load_artifact(Path(recommended["artifact"]))})
 
 
 def deploy_recommendation(session: Session, choice: Choice) -> dict[str, Any]:
@@ -172,7 +183,9 @@ def deploy_recommendation(session: Session, choice: Choice) -> dict[str, Any]:
     shutil.copytree(choice.recommended.artifact, model_dir, ignore=shutil.ignore_patterns(MANIFEST))  # a cache's, not the model's
     t = session.target
     write_artifact_json(replace(load_artifact(model_dir), measured={
-        "percentile": t.percentile, "latency_ms": choice.recommended.latency_ms, "batch_size": t.batch_size,
-        "seq_len": t.seq_len, "threads": t.threads, "device": t.device, "max_length": session.spec.data.max_length,
-        "hardware_fingerprint": session.profile.fingerprint, "recipe": session.pipeline.ctx.recipe.to_dict()}))
+        "percentile": t.percentile, "latency_ms": choice.recommended.latency_ms, "measure": t.measure,
+        "figures": choice.confirmation.figures, "batch_size": t.batch_size, "seq_len": t.seq_len,
+        "prompt_len": t.prompt_len, "threads": t.threads, "device": t.device,
+        "max_length": session.spec.data.max_length, "hardware_fingerprint": session.profile.fingerprint,
+        "recipe": session.pipeline.ctx.recipe.to_dict()}))
     return recommended_entry(session, choice, model_dir, score_on_test(session, model_dir))

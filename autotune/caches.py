@@ -318,7 +318,10 @@ def write_manifest(directory: Path) -> None:
     files = sorted(f for f in directory.rglob("*") if f.is_file() and f.name != MANIFEST)
     manifest = {"format": CACHE_FORMAT, "files": {
         f.relative_to(directory).as_posix(): {"size": f.stat().st_size, "sha256": file_hash(f)} for f in files}}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    # A new file, renamed over the old: a manifest hard-linked from another entry (a copied export) stays intact.
+    staged = directory / f"{STAGING}{owner_tag()}{MANIFEST}"
+    staged.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    os.replace(staged, directory / MANIFEST)
 
 
 def verify_dir(directory: Path) -> None:

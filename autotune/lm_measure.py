@@ -48,15 +48,6 @@ def measure_artifact(name: str, artifact: LMArtifact, windows: np.ndarray, shape
     return LMMeasurement(name, score, measure_generation(request), artifact.size_bytes)
 
 
-def accuracy_level_here() -> int:
-    """MatMulNBits' compute type on this CPU, as the hardware recipe says (int8 activations where int8 dot
-    products exist, fp32 otherwise)."""
-    from profilers.cpu import probe_cpu
-    from profilers.recipes import recipe_for
-
-    return recipe_for(probe_cpu().flags).int4_accuracy_level
-
-
 #: Windows of training text GPTQ calibrates on.
 CALIBRATION_WINDOWS = 16
 
@@ -77,8 +68,6 @@ def measure_model(model: str, text: str, weights: WeightOnly | None, *, column: 
     """The fp32 model's row and, given `weights`, the quantized variant's (its accuracy level set by this CPU's
     recipe), each scored on the validation split and timed in a child process. Every user mistake (model, text,
     lengths) surfaces before the first export."""
-    import dataclasses
-
     from autotune.tasks.lm_models import prepare_causal_lm
 
     progress(f"preparing {model}")
@@ -92,7 +81,6 @@ def measure_model(model: str, text: str, weights: WeightOnly | None, *, column: 
     teacher = measure_artifact("teacher-fp32", cached_export(hf_dir, None), data, shape, threads, vocab_size)
     if weights is None:
         return [teacher]
-    weights = dataclasses.replace(weights, accuracy_level=accuracy_level_here())
     progress(f"exporting {weights.name} (accuracy level {weights.accuracy_level})")
     variant = measure_artifact(weights.name, cached_export(hf_dir, weights, calibration), data, shape, threads,
                                vocab_size, reference=teacher.score.predictions)

@@ -106,6 +106,13 @@ class TrialRecord:
         return replace(self, latency_ms=latency_ms)
 
 
+def with_final_latencies(trials: list[dict[str, Any]], passed_over: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials (as result.json records them) with the latency the final measurement found where a candidate was
+    re-measured: the search's figure, taken minutes earlier, may have been under the target."""
+    final = {p["artifact"]: p["latency_ms"] for p in passed_over if p.get("latency_upper_ms") is not None}
+    return [t | {"latency_ms": final[t["artifact"]]} if t.get("artifact") in final else t for t in trials]
+
+
 def closest_measured(trials: list[dict[str, Any]], count: int = 3) -> list[dict[str, Any]]:
     """The `count` trials (as result.json records them) with the lowest measured latency, predicted skips excluded:
     the nearest misses when nothing met the target, for the selection's reason and the report alike."""

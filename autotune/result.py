@@ -2,10 +2,13 @@
 
 Schema (version 1): name, target (resolved latency_ms and how it is measured), hardware (profile with its
 fingerprint), space (knobs searched and values removed for this machine), baseline (the uncompressed model
-exported the same way: accuracy {validation, test}, latency_ms {p50, p90, p95, p99, ...}, size_mb), trials
-[{number, state, candidate, stage, feasible, accuracy, latency_ms, size_mb, seconds, error, ...}], pareto
-[trial numbers], recommended {number, candidate, accuracy {validation, test}, latency_ms, size_mb, speedup,
-artifact} or null with `reason`, plus the study's storage (password redacted) and cache counters.
+exported the same way: accuracy {validation, test}, extras {validation, test} (figures scored beside the objective,
+such as a causal LM's perplexity), latency_ms {p50, p90, p95, p99, ...}, figures (every latency at the target
+percentile as `<name>_ms`, and peak_mb where measured), size_mb), trials [{number, state, candidate, stage,
+feasible, accuracy, latency_ms, size_mb, seconds, error, extras, ...}], pareto [trial numbers], recommended
+{number, candidate, accuracy {validation, test}, extras, latency_ms, figures, size_mb, speedup, artifact} or null
+with `reason`, samples (the teacher's and the recommendation's outputs side by side, where the task family shows
+some) or null, plus the study's storage (password redacted) and cache counters.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from search_spaces import Candidate
 if TYPE_CHECKING:
     from autotune.selection import Choice
     from autotune.session import Session
+    from autotune.tasks import Score
 
 RESULT_SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
@@ -105,7 +109,7 @@ def latency_summary(stats: LatencyStats) -> dict[str, float]:
             "stdev": stats.stdev_ms, "runs": stats.runs, "converged": stats.converged}
 
 
-def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: float | None) -> dict[str, Any]:
+def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: Score | None) -> dict[str, Any]:
     """The recommendation as result.json keeps it: its artifact copied to `model_dir`; its latency and speedup from
     the confirmation alternating it with the baseline, with the latency's confidence interval, the speedup's
     spread over the repeats, and the verdict."""
@@ -115,8 +119,10 @@ def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: f
         "number": record.number,
         "candidate": record.candidate,
         "description": Candidate.from_dict(record.candidate).describe(),
-        "accuracy": {"validation": record.accuracy, "test": test},
+        "accuracy": {"validation": record.accuracy, "test": None if test is None else test.objective},
+        "extras": {"validation": record.extras, "test": None if test is None else test.extras},
         "latency_ms": record.latency_ms,
+        "figures": confirmation.figures,
         "latency_interval_ms": None if bounds is None else list(bounds),
         "verdict": choice.verdict,
         "margin": choice.margin,
@@ -136,8 +142,9 @@ def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: f
 def result_document(session: Session, records: list[TrialRecord], **found: Any) -> dict[str, Any]:
     """result.json's content: the run's facts from `session`, its trials, and what the selection `found`
     (other_hardware_trials, refined, pareto, recommended, reason, passed_over, importances, baseline_test, command,
-    seconds)."""
+    samples, seconds)."""
     spec, baseline, storage = session.spec, session.baseline, redact(session.storage)
+    test = found["baseline_test"]
     return {
         "schema_version": RESULT_SCHEMA_VERSION,
         "name": spec.name,
@@ -150,8 +157,10 @@ def result_document(session: Session, records: list[TrialRecord], **found: Any) 
         "space": {"preset": spec.space.preset, "knobs": session.space.describe(),
                   "removed": [{"knob": r.knob, "value": r.value, "reason": r.reason} for r in session.removals]},
         "baseline": {
-            "accuracy": {"validation": baseline.validation, "test": found["baseline_test"]},
+            "accuracy": {"validation": baseline.validation.objective, "test": test and test.objective},
+            "extras": {"validation": baseline.validation.extras, "test": test and test.extras},
             "latency_ms": latency_summary(baseline.latency),
+            "figures": baseline.timed.figures(session.target.percentile),
             "size_mb": baseline.artifact.size_bytes / MB,
             "artifact": str(baseline.artifact.dir),
             "teacher_fine_tuned": session.task.teacher_fine_tuned,
@@ -164,6 +173,7 @@ def result_document(session: Session, records: list[TrialRecord], **found: Any) 
         "recommended": found["recommended"],
         "reason": found["reason"],
         "passed_over": found["passed_over"],
+        "samples": found["samples"],
         "metric": session.task.objective_name,
         "importances": found["importances"],
         "counters": session.pipeline.counters,

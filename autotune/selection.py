@@ -21,7 +21,7 @@ from statistics import median
 from typing import Any, Callable
 
 from autotune.progress import SilentProgress
-from autotune.records import Stage, TrialRecord, closest_measured
+from autotune.records import Stage, TrialRecord, closest_measured, with_final_latencies
 from autotune.runtime import Artifact, load_artifact
 from autotune.trial import REMEASURE_ROUNDS, TrialPipeline, noise_margin
 from profilers.latency import LatencyStats
@@ -224,8 +224,8 @@ def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: 
         chosen = fallback.with_latency(confirmation.measured.percentile_ms(target.percentile))
         return Choice(chosen, "meets within noise", None, more_accurate(passed_over, chosen), confirmation, margin,
                       target.percentile)
-    return Choice(None, None, no_recommendation_reason(records, target.latency_ms), tuple(passed_over), None,
-                  margin, target.percentile)
+    return Choice(None, None, no_recommendation_reason(records, passed_over, target.latency_ms), tuple(passed_over),
+                  None, margin, target.percentile)
 
 
 def more_accurate(passed_over: list[dict[str, Any]], chosen: TrialRecord) -> tuple[dict[str, Any], ...]:
@@ -235,10 +235,12 @@ def more_accurate(passed_over: list[dict[str, Any]], chosen: TrialRecord) -> tup
                  and p["artifact"] != chosen.artifact)
 
 
-def no_recommendation_reason(records: list[TrialRecord], target_ms: float) -> str:
-    """Why nothing is recommended, naming the closest candidates measured and by how much they miss."""
-    misses = closest_measured([r.to_dict() for r in records])
+def no_recommendation_reason(records: list[TrialRecord], passed_over: list[dict[str, Any]], target_ms: float) -> str:
+    """Why nothing is recommended, naming the closest candidates measured (re-measured, where they were) and by how
+    much they miss."""
+    misses = closest_measured(with_final_latencies([r.to_dict() for r in records], passed_over))
     if not misses:
         return "no trial finished"
-    closest = ", ".join(f"trial {r['number']} at {r['latency_ms']:.2f} ms (+{r['latency_ms'] / target_ms - 1:.0%})" for r in misses)
+    closest = ", ".join(f"trial {r['number']} at {r['latency_ms']:.2f} ms ({r['latency_ms'] / target_ms - 1:+.0%})"
+                        for r in misses)
     return f"no candidate met the {target_ms:.2f} ms target; closest: {closest}"

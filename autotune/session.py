@@ -27,7 +27,7 @@ from autotune.screening import LatencyScreen
 from autotune.study import (
     Heartbeat, anchors, claim_hardware, enqueue_anchors, make_objective, open_storage, open_study,
 )
-from autotune.tasks import TaskFamily, Timed, Timing, family_for
+from autotune.tasks import Score, TaskFamily, Timed, Timing, family_for
 from autotune.trial import REMEASURE_ROUNDS, Limit, Target, TrialContext, TrialPipeline, time_artifact
 from profilers.cpu import probe_cpu
 from profilers.hardware import HardwareProfile, collect_profile, default_threads, with_throughput
@@ -50,7 +50,8 @@ class Baseline:
     artifact: Artifact
     latency: LatencyStats
     timed: Timed
-    validation: float
+    #: Its score on the validation split (the objective and the figures beside it, such as its perplexity).
+    validation: Score
     #: The relative spread (max / min - 1) of the target percentile over the baseline's measurements: this
     #: machine's noise from one measurement to the next, the default safety margin of a recommendation.
     noise: float
@@ -113,8 +114,7 @@ def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, measur
                     key=lambda timed: timed.latencies[measure].percentile_ms(percentile))
     first, middle, last = (rounds[i].latencies[measure] for i in (0, len(rounds) // 2, -1))
     noise = last.percentile_ms(percentile) / first.percentile_ms(percentile) - 1
-    return Baseline(artifact, middle, rounds[len(rounds) // 2], task.score(artifact, "validation", timing).objective,
-                    noise)
+    return Baseline(artifact, middle, rounds[len(rounds) // 2], task.score(artifact, "validation", timing), noise)
 
 
 def searched_latency(spec: TuneSpec) -> str:

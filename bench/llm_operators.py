@@ -9,7 +9,7 @@ Rows:
 - `builder-int4-rtn`: what a user would build by hand, the builder's int4 (symmetric round-to-nearest, block 32,
   accuracy level 4): the reference the tuner must beat;
 - `int8-rtn-b32`, and `int4-<method>-b<block>` for each method (rtn, rtn-asym, k-quant, hqq) and block size
-  (32, 64, 128) with this CPU's accuracy level (k-quant only where ONNX Runtime can pack its zero points);
+  (32, 64, 128), int8 compute (accuracy level 4; k-quant only where ONNX Runtime can pack its zero points);
   `int4-...-head8`: the LM head at int8;
 - `drop20` / `drop40`: 20% / 40% of the decoder blocks removed by angular-distance importance on training text,
   `-healed` after distillation from the teacher (top-32 logits) for `--heal-tokens` training tokens;
@@ -46,9 +46,9 @@ from autotune.compress.decoder import (  # noqa: E402
 )
 from autotune.compress.healing import TeacherTargets, heal, teacher_targets  # noqa: E402
 from autotune.caches import cache_root, key_of  # noqa: E402
-from autotune.lm_measure import LMMeasurement, accuracy_level_here, measure_artifact  # noqa: E402
+from autotune.lm_measure import LMMeasurement, measure_artifact  # noqa: E402
 from autotune.tasks.lm_exports import LMShape, cached_causal_lm, cached_export, weights_identity  # noqa: E402
-from autotune.runtime.genai import ExportError, LMArtifact, WeightOnly, check_k_quant_blocks  # noqa: E402
+from autotune.runtime.genai import DECODE_ACCURACY_LEVEL, ExportError, LMArtifact, WeightOnly, check_k_quant_blocks  # noqa: E402
 from autotune.tasks.lm_models import prepare_causal_lm  # noqa: E402
 from autotune.tasks.lm_text import load_text, token_windows  # noqa: E402
 from profilers.cpu import probe_cpu  # noqa: E402
@@ -61,7 +61,7 @@ SHAPE = LMShape(prompt_len=128, context_len=256, window=256)
 #: than 6 minutes on 2 cores without finishing, more than this whole table's other exports together.
 METHODS = ("rtn", "rtn-asym", "k-quant", "hqq")
 BLOCKS = (32, 64, 128)
-REFERENCE = WeightOnly(bits=4, block_size=32, method="rtn", accuracy_level=4)
+REFERENCE = WeightOnly(bits=4, block_size=32, method="rtn")
 CALIBRATION_WINDOWS = 16
 TARGET_TOP_K = 32
 log = logging.getLogger("bench.llm_operators")
@@ -137,14 +137,13 @@ def students(hf_dir: Path, train: torch.Tensor, heal_tokens: int, quick: bool) -
     return made
 
 
-def artifacts(hf_dir: Path, student_dirs: dict[str, Path], level: int, quick: bool,
-              calibration: np.ndarray) -> dict[str, LMArtifact]:
+def artifacts(hf_dir: Path, student_dirs: dict[str, Path], quick: bool, calibration: np.ndarray) -> dict[str, LMArtifact]:
     """Every row's ONNX artifact, exported (or reused from the cache) before anything is timed."""
     rows = {"teacher-fp32": (hf_dir, None), "builder-int4-rtn": (hf_dir, REFERENCE),
-            "int8-rtn-b32": (hf_dir, WeightOnly(bits=8, block_size=32, accuracy_level=level))}
+            "int8-rtn-b32": (hf_dir, WeightOnly(bits=8, block_size=32))}
     for method in METHODS:
         for block in ((32,) if quick else BLOCKS):
-            weights = WeightOnly(bits=4, block_size=block, method=method, accuracy_level=level)
+            weights = WeightOnly(bits=4, block_size=block, method=method)
             if method == "k-quant":
                 try:
                     check_k_quant_blocks(hf_dir, block)
@@ -153,11 +152,11 @@ def artifacts(hf_dir: Path, student_dirs: dict[str, Path], level: int, quick: bo
                     continue
             rows[weights.name] = (hf_dir, weights)
     for method in ("rtn", "k-quant"):
-        weights = WeightOnly(bits=4, block_size=32, method=method, head_bits=8, accuracy_level=level)
+        weights = WeightOnly(bits=4, block_size=32, method=method, head_bits=8)
         rows[weights.name] = (hf_dir, weights)
     rows |= {name: (directory, None) for name, directory in student_dirs.items()}
     if "drop40-healed" in student_dirs:
-        weights = WeightOnly(bits=4, block_size=32, method="k-quant", head_bits=8, accuracy_level=level)
+        weights = WeightOnly(bits=4, block_size=32, method="k-quant", head_bits=8)
         rows[f"drop40-healed-{weights.name}"] = (student_dirs["drop40-healed"], weights)
     built = {}
     for name, (source, weights) in rows.items():
@@ -216,11 +215,10 @@ def main() -> None:
 
     hf_dir = prepare_causal_lm(MODEL)
     validation, train = data(hf_dir, args.windows, args.train_windows)
-    level = accuracy_level_here()
     cpu = probe_cpu()
-    say(f"{cpu.model_name}, {args.threads} threads, accuracy level {level}; {validation.size} validation tokens")
+    say(f"{cpu.model_name}, {args.threads} threads, accuracy level {DECODE_ACCURACY_LEVEL}; {validation.size} validation tokens")
     student_dirs = students(hf_dir, train, args.heal_tokens, args.quick)
-    built = artifacts(hf_dir, student_dirs, level, args.quick, train[:CALIBRATION_WINDOWS].numpy())
+    built = artifacts(hf_dir, student_dirs, args.quick, train[:CALIBRATION_WINDOWS].numpy())
     torch.set_num_threads(1)  # nothing trains from here on; timing runs in child processes
 
     vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]

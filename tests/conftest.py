@@ -129,23 +129,23 @@ def write_lm_tokenizer(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def tiny_llama_config(layers: int = 2):
-    """A llama of `layers` blocks, hidden 32, 2 heads over 1 KV head (grouped-query attention), FFN 64. Heads are
-    16 wide: ONNX Runtime's CPU GroupQueryAttention needs head sizes that are multiples of 16."""
+def tiny_llama_config(layers: int = 2, hidden: int = 32, ffn: int = 64):
+    """A llama of `layers` blocks, `hidden` wide in heads of 16 over 1 KV head (grouped-query attention), FFN `ffn`.
+    Heads are 16 wide: ONNX Runtime's CPU GroupQueryAttention needs head sizes that are multiples of 16."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=len(LM_SPECIAL) + len(LM_WORDS), hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+    return LlamaConfig(vocab_size=len(LM_SPECIAL) + len(LM_WORDS), hidden_size=hidden, intermediate_size=ffn,
+                       num_hidden_layers=layers, num_attention_heads=hidden // 16, num_key_value_heads=1,
                        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
 
 
-def save_tiny_llama(directory: Path, layers: int = 2, seed: int = 0) -> Path:
+def save_tiny_llama(directory: Path, layers: int = 2, seed: int = 0, hidden: int = 32, ffn: int = 64) -> Path:
     """Save a randomly initialised tiny llama (safetensors) plus its tokenizer into `directory`."""
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(layers))
+    model = LlamaForCausalLM(tiny_llama_config(layers, hidden, ffn))
     model.save_pretrained(directory, safe_serialization=True)
     write_lm_tokenizer(directory)
     return directory

@@ -230,3 +230,21 @@ def test_the_gate_names_its_scratch_directory_for_its_owner() -> None:
         assert scratch.name.startswith(f"autotune-gate-{host_tag()}-{os.getpid()}-")
         assert scratch.is_dir()
     assert not scratch.exists()
+
+
+def test_a_copy_by_hard_links_gets_its_own_manifest_and_leaves_the_source_entry_valid(tmp_path: Path) -> None:
+    """A causal LM's teacher artifact is its cached export hard-linked into the run: writing the copy's manifest must
+    not rewrite the source's (a shared inode written in place did, and the export was rebuilt on every run)."""
+    from autotune.caches import MANIFEST, load_verified_dir, write_manifest
+
+    source, copy = tmp_path / "export", tmp_path / "copy"
+    source.mkdir()
+    (source / "model.onnx").write_bytes(b"weights")
+    write_manifest(source)
+    copy.mkdir()
+    for name in ("model.onnx", MANIFEST):
+        os.link(source / name, copy / name)
+    (copy / "artifact.json").write_text("{}")
+    write_manifest(copy)
+    assert load_verified_dir(source, lambda path: path) == source
+    assert load_verified_dir(copy, lambda path: path) == copy

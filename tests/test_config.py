@@ -95,3 +95,32 @@ def test_yaml_is_read_safely(tmp_path: Path) -> None:
     evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="YAML syntax error"):
         load_spec(evil)
+
+
+LM = {"name": "lm", "model": {"path": "m", "task": "causal-lm"}, "data": {"path": "plays"}}
+
+
+@pytest.mark.parametrize(
+    ("model", "target", "fragment"),
+    [
+        ({"path": "m"}, {"decode_ms": 5}, "decode_ms is a causal-lm target (model.task: causal-lm)"),
+        ({"path": "m"}, {"speedup": 2, "peak_mb": 500}, "peak_mb is a causal-lm target"),
+        (LM["model"], {"latency_ms": 5}, "latency_ms is an encoder's target; a causal LM takes decode_ms"),
+        (LM["model"], {"decode_ms": 5, "speedup": 3}, "at most one of decode_ms (absolute) or speedup"),
+        (LM["model"], {"peak_mb": 500}, "a causal LM needs decode_ms, speedup (of decode) or ttft_ms"),
+        (LM["model"], {"speedup": 3, "prompt_len": 300, "context_len": 256}, "prompt_len (300) is longer than context_len (256)"),
+        (LM["model"], {"decode_ms": -1}, "target.decode_ms"),
+        ({"path": "m", "task": "translation"}, {"speedup": 2}, "model.task"),
+    ],
+)
+def test_a_target_of_the_other_task_family_is_one_sentence(model: dict, target: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_spec({**LM, "model": model, "target": target})
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_causal_lm_spec_defaults_to_the_llama_preset_and_a_256_token_context() -> None:
+    spec = parse_spec({**LM, "target": {"decode_ms": 8, "ttft_ms": 300, "peak_mb": 400}})
+    t = spec.target
+    assert spec.space.preset == "llama-default" and (t.prompt_len, t.context_len) == (128, 256)
+    assert (t.decode_ms, t.ttft_ms, t.peak_mb, t.latency_ms) == (8, 300, 400, None)

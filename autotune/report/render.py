@@ -13,7 +13,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from autotune.records import closest_measured
+from autotune.records import closest_measured, with_final_latencies
 from autotune.report import summary
 from autotune.report.predicted import predicted_sections
 from autotune.report.sections import Report, Section, Table
@@ -31,7 +31,7 @@ def _acc(value: float | None) -> str:
 
 
 def _hardware_section(result: dict[str, Any]) -> Section:
-    hw, target = result["hardware"], result["target"]
+    hw = result["hardware"]
     cpu, bench = hw["cpu"], hw.get("microbench") or {}
     rows = (
         ("fingerprint", hw["fingerprint"]),
@@ -46,11 +46,22 @@ def _hardware_section(result: dict[str, Any]) -> Section:
                                 f"{bench.get('small_op_us') or '-'} us; activations {bench.get('elementwise_gbps') or '-'} GB/s"),
         ("software", f"onnxruntime {hw['software']['onnxruntime']}, torch {hw['software']['torch']}, optuna {hw['software']['optuna']}"),
         ("quantization recipe", "; ".join((result.get("recipe") or {}).get("reasons") or ["not recorded (an older result)"])),
-        ("measurement", f"{summary.percentile_name(result)} latency at batch {target['batch_size']}, sequence length {target['seq_len']}, "
-                        f"{target['threads']} threads, {target['runtime']} on {target['device']}; each figure timed in a fresh "
-                        "process until the median's 95% interval is within 2% (or a 3 s cap)"),
+        ("measurement", _measurement_text(result)),
     )
     return Section("Hardware and measurement settings", table=Table(("", ""), rows))
+
+
+def _measurement_text(result: dict[str, Any]) -> str:
+    """How every latency of the run was measured, in one sentence."""
+    target, pct = result["target"], summary.percentile_name(result)
+    if summary.is_causal_lm(result):
+        return (f"{pct} per-token decode at a context of {target['seq_len']} tokens and {pct} time to first token of a "
+                f"{target.get('prompt_len')}-token prompt, batch 1, {target['threads']} threads, ONNX Runtime GenAI on "
+                f"{target['device']}; each artifact generating in a fresh process, and the searched latency is "
+                f"{summary.latency_label(result)}")
+    return (f"{pct} latency at batch {target['batch_size']}, sequence length {target['seq_len']}, {target['threads']} "
+            f"threads, {target['runtime']} on {target['device']}; each figure timed in a fresh process until the median's "
+            "95% interval is within 2% (or a 3 s cap)")
 
 
 def _other_hardware_section(result: dict[str, Any]) -> Section | None:
@@ -70,8 +81,24 @@ def _other_hardware_section(result: dict[str, Any]) -> Section | None:
         Table(("hardware fingerprint", "trials", "fastest latency ms"), rows))
 
 
+def _lm_pareto_table(result: dict[str, Any]) -> Table:
+    """A causal LM's front: configuration, perplexity, decode and TTFT, size and peak memory, speedup."""
+    pct = summary.percentile_name(result)
+    rows = tuple(
+        (str(t["number"]), summary.describe(t["candidate"]), _acc(summary.trial_perplexity(t)),
+         _ms((t.get("extras") or {}).get("decode_ms")), _ms((t.get("extras") or {}).get("ttft_ms")), f"{t['size_mb']:.0f}",
+         f"{(t.get('extras') or {}).get('peak_mb') or 0:.0f}", f"{summary.speedup(result, t):.2f}x")
+        for t in summary.pareto_trials(result))
+    return Table(("trial", "configuration", "val. perplexity", f"decode {pct} ms/token", f"TTFT {pct} ms", "size MB",
+                  "peak MB", f"{summary.latency_label(result)} speedup"), rows)
+
+
 def _pareto_section(result: dict[str, Any]) -> Section:
     pct = summary.percentile_name(result)
+    if summary.is_causal_lm(result):
+        table = _lm_pareto_table(result)
+        note = () if table.rows else ("No evaluated trial met the target, so the feasible Pareto front is empty.",)
+        return Section("Pareto front (feasible, perplexity down, latency down)", note, table)
     rows = tuple(
         (str(t["number"]), summary.architecture(t["candidate"]), summary.sparsity_text(t["candidate"]),
          str(t["candidate"]["bits"]), _acc(t["accuracy"]), _ms(t["latency"]["p50_ms"]), _ms(t["latency"][f"{pct}_ms"]),
@@ -106,12 +133,38 @@ def _use_section(result: dict[str, Any]) -> Section | None:
     if rec is None:
         return None
     model = rec["artifact"]
+    if summary.is_causal_lm(result):
+        code = ("import onnxruntime_genai as og\n"
+                f'model = og.Model("{model}")\ntokenizer = og.Tokenizer(model)\n'
+                "params = og.GeneratorParams(model)\nparams.set_search_options(max_length=256)\n"
+                "generator = og.Generator(model, params)\n"
+                'generator.append_tokens(tokenizer.encode("To be, or not to be"))\n'
+                "while not generator.is_done():\n    generator.generate_next_token()\n"
+                "print(tokenizer.decode(generator.get_sequence(0)))")
+        return Section("Use the model", (
+            f"{model} is an ONNX Runtime GenAI model (model.onnx with its KV cache, genai_config.json, the tokenizer) "
+            "and artifact.json (bits and the figures it was measured at). Generate with onnxruntime-genai:",), code=code)
     code = (f'autotune predict {model} "a gripping, funny film"\n\n'
             f'from autotune import load_model\nmodel = load_model("{model}")\n'
             'print(model.predict(["a gripping, funny film"]))')
     return Section("Use the model", (
         f"{model} holds model.onnx, the tokenizer, config.json (with the label names) and artifact.json (bits, "
         "recipe, and the latency it was measured at). Label texts from the command line, or from Python:",), code=code)
+
+
+def _samples_section(result: dict[str, Any]) -> Section | None:
+    """The teacher's and the recommendation's outputs for one prompt side by side, so a reader sees what the quality
+    figure means (a causal LM's greedy continuations of a test-split prompt)."""
+    samples = result.get("samples")
+    if not samples:
+        return None
+    def one_line(text: str) -> str:  # a table cell holds one line: line breaks shown as " / "
+        return " / ".join(line.strip() for line in text.splitlines() if line.strip())
+
+    rows = tuple((name, one_line(text)) for name, text in samples["outputs"].items())
+    return Section("Sample generations (greedy, same prompt)", (
+        "A prompt from the test split, continued greedily by the fp32 teacher and by the recommended model (line "
+        "breaks shown as /).", f"Prompt: {one_line(samples['prompt'])}"), Table(("model", "continuation"), rows))
 
 
 def _passed_over_section(result: dict[str, Any]) -> Section | None:
@@ -145,15 +198,18 @@ def _capacity_section(result: dict[str, Any]) -> Section:
     rows = []
     for trial in summary.pareto_trials(result):
         cap = summary.capacity(result, trial)
-        rows.append((str(trial["number"]), summary.architecture(trial["candidate"]) + f", {trial['candidate']['bits']} bits",
+        rows.append((str(trial["number"]), summary.describe(trial["candidate"]),
                      f"{cap.throughput_per_instance:.0f}", f"{cap.memory_per_instance_mb:.0f}",
                      f"{cap.instances} ({cap.limited_by})", f"{cap.requests_per_s:.0f}"))
     threads = result["target"]["threads"]
+    lm = summary.is_causal_lm(result)
+    memory = "peak resident memory measured while generating" if lm else "model file + peak resident growth measured while serving"
     return Section(
         "Capacity of this machine",
         (f"Each instance runs with {threads} threads; instances are limited by physical cores and available memory "
-         "(model file + peak resident growth measured while serving).",),
-        Table(("trial", "configuration", "items/s per instance", "MB per instance", "instances", "requests/s at target"), tuple(rows)),
+         f"({memory}).",),
+        Table(("trial", "configuration", "tokens/s per instance (decode)" if lm else "items/s per instance",
+               "MB per instance", "instances", "tokens/s in all" if lm else "requests/s at target"), tuple(rows)),
     )
 
 
@@ -177,7 +233,8 @@ def build_report(result: dict[str, Any]) -> Report:
     sections = [
         _use_section(result),
         _hardware_section(result),
-        Section("Accuracy vs latency", (
+        _samples_section(result),
+        Section("Perplexity vs decode latency" if summary.is_causal_lm(result) else "Accuracy vs latency", (
             "Every evaluated trial; the Pareto front; trials rejected by the latency gate (never trained) on the floor "
             "at their measured latency; the dashed line is the target.",), plot=True),
         _pareto_section(result),
@@ -190,9 +247,9 @@ def build_report(result: dict[str, Any]) -> Report:
     ]
     sections = [section for section in sections if section is not None]
     if result["recommended"] is None:
-        closest = closest_measured(result["trials"])
+        closest = closest_measured(with_final_latencies(result["trials"], result.get("passed_over") or []))
         rows = tuple((str(t["number"]), summary.describe(t["candidate"]), _ms(t["latency_ms"]),
-                      f"+{t['latency_ms'] / result['target']['latency_ms'] - 1:.0%}") for t in closest)
+                      f"{t['latency_ms'] / result['target']['latency_ms'] - 1:+.0%}") for t in closest)
         fastest = closest[0]["latency_ms"] if closest else None
         advice = (f"A target of {fastest:.2f} ms or more would be met by the fastest candidate measured; or widen the "
                   "space (fewer layers, narrower hidden, lower bits)." if fastest else "No trial finished.")

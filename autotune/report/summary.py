@@ -45,13 +45,68 @@ def percentile_name(result: dict[str, Any]) -> str:
     return f"p{result['target']['percentile']:g}"
 
 
+def is_causal_lm(result: dict[str, Any]) -> bool:
+    """Whether the run tuned a causal LM (its latencies are decode and TTFT, its quality perplexity)."""
+    return result["spec"]["model"].get("task") == "causal-lm"
+
+
+def latency_label(result: dict[str, Any]) -> str:
+    """What the searched latency is, in words: "latency", or a causal LM's "decode" (per token) or "TTFT"."""
+    measure = result["target"].get("measure", "latency")
+    return {"decode": "decode", "ttft": "TTFT"}.get(measure, "latency")
+
+
+def trial_perplexity(trial: dict[str, Any]) -> float | None:
+    """A causal LM trial's validation perplexity as the search measured it (None before evaluation)."""
+    return (trial.get("extras") or {}).get("perplexity")
+
+
+def split_perplexity(entry: dict[str, Any], split: str) -> float | None:
+    """The baseline's or the recommendation's perplexity on `split` ("validation" or "test")."""
+    return (((entry.get("extras") or {}).get(split)) or {}).get("perplexity")
+
+
+def lm_answer(result: dict[str, Any]) -> str:
+    """A causal LM's recommendation in words: decode and TTFT against their targets, perplexity against the teacher's
+    (validation and test), speedup, size and peak memory."""
+    target, rec, base = result["target"], result["recommended"], result["baseline"]
+    pct = percentile_name(result)
+    spec_target = result["spec"]["target"]
+    figures, base_figures = rec.get("figures") or {}, base.get("figures") or {}
+
+    def against(name: str, label: str, unit: str) -> str:
+        value, bound = figures.get(f"{name}_ms"), spec_target.get(f"{name}_ms")
+        if name == target.get("measure"):
+            bound = target["latency_ms"]
+        text = f"{label} {pct} {value:.2f} {unit}" if value is not None else f"{label} not measured"
+        return text + (f" vs target {bound:.2f}" if bound is not None and value is not None else "")
+
+    parts = [against("decode", "decode", "ms/token"),
+             against("ttft", f"TTFT ({target.get('prompt_len')}-token prompt)", "ms")]
+    quality = []
+    for split in ("validation", "test"):
+        mine, teacher = split_perplexity(rec, split), split_perplexity(base, split)
+        if mine is not None and teacher:
+            quality.append(f"{split} {mine:.2f} vs {teacher:.2f} ({mine / teacher - 1:+.1%})")
+    memory = f", peak memory {figures['peak_mb']:.0f} MB vs {base_figures.get('peak_mb', float('nan')):.0f} MB" \
+        if "peak_mb" in figures else ""
+    caveat = " It meets the target only within noise." if rec.get("verdict") == "meets within noise" else ""
+    return (f"Deploy {describe(rec['candidate'])}: {'; '.join(parts)} (context {target['seq_len']}, {target['threads']} "
+            f"threads); perplexity {', '.join(quality) or 'not measured'} against the fp32 teacher; "
+            f"{rec['speedup']:.2f}x faster {latency_label(result)}; {rec['size_mb']:.0f} MB vs {base['size_mb']:.0f} MB on "
+            f"disk{memory}.{caveat}")
+
+
 def one_line_answer(result: dict[str, Any]) -> str:
     """The recommendation in words with its latency vs the target, accuracy vs the teacher, speedup and size."""
     target = result["target"]
     pct = percentile_name(result)
     rec = result["recommended"]
     if rec is None:
-        return f"No configuration met {pct} <= {target['latency_ms']:.2f} ms on this machine: {result['reason']}."
+        return (f"No configuration met {pct} {latency_label(result)} <= {target['latency_ms']:.2f} ms on this machine: "
+                f"{result['reason']}.")
+    if is_causal_lm(result):
+        return lm_answer(result)
     base = result["baseline"]
     headroom = 1 - rec["latency_ms"] / target["latency_ms"]
     val, test = rec["accuracy"]["validation"], rec["accuracy"]["test"]
@@ -123,15 +178,17 @@ class Capacity:
 def capacity(result: dict[str, Any], trial: dict[str, Any]) -> Capacity:
     """How many instances of one configuration this machine holds, and the requests/s they serve together.
 
-    An instance uses `threads` cores; its memory is its model file plus the peak resident growth measured
-    while it ran (both measured). The smaller of the two limits wins.
+    An instance uses `threads` cores; its memory is the peak resident memory of a process running it where measured
+    (a causal LM's), else its model file plus the peak resident growth measured while it ran. The smaller of the two
+    limits wins.
     """
     hardware = result["hardware"]
     target = result["target"]
     latency = trial["latency"]
     throughput = target["batch_size"] * 1000.0 / latency["p50_ms"]
     by_cores = max(1, hardware["cpu"]["physical_cores"] // target["threads"])
-    memory_mb = trial["size_mb"] + latency.get("peak_rss_delta_bytes", 0) / 2**20
+    peak_mb = (trial.get("extras") or {}).get("peak_mb")  # a whole generating process, where the family measures it
+    memory_mb = peak_mb if peak_mb is not None else trial["size_mb"] + latency.get("peak_rss_delta_bytes", 0) / 2**20
     by_memory = int(hardware["memory"]["available_bytes"] / 2**20 // max(memory_mb, 1e-6))
     instances = max(1, min(by_cores, by_memory))
     return Capacity(trial, throughput, instances, "cores" if by_cores <= by_memory else "memory",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autotune.caches import STAGING, cached_dir, key_of, owned_temporary_directory
+from autotune.caches import MANIFEST, STAGING, cached_dir, key_of, owned_temporary_directory
 from autotune.compress import PruningSchedule
 from autotune.config import TuneSpec
 from autotune.runtime import Artifact
@@ -126,17 +126,16 @@ def teacher_shape_of(config: Any) -> TeacherShape:
                         int(config.intermediate_size))
 
 
-def weight_only(candidate: Candidate, recipe: Recipe) -> WeightOnly | None:
+def weight_only(candidate: Candidate) -> WeightOnly | None:
     """The candidate's weight-only scheme (None at fp32); a knob the space does not search takes the builder's
-    default (round-to-nearest, block 32, the LM head at the body's width, no int8 layers), and MatMulNBits
-    computes as this CPU's recipe says (int8 activations where int8 dot products exist)."""
+    default (round-to-nearest, block 32, the LM head at the body's width, no int8 layers). MatMulNBits computes
+    with int8 activations on every CPU (DECODE_ACCURACY_LEVEL says why), whatever an encoder's recipe chose."""
     if candidate.bits == 32:
         return None
     if candidate.bits not in (4, 8):
         raise ValueError(f"a causal LM's linears are fp32, int8 or int4, not {candidate.bits} bits")
     return WeightOnly(bits=candidate.bits, block_size=candidate.block_size or 32, method=candidate.method or "rtn",
-                      head_bits=candidate.head_bits, accuracy_level=recipe.int4_accuracy_level,
-                      sensitive_int8=bool(candidate.sensitive_int8))
+                      head_bits=candidate.head_bits, sensitive_int8=bool(candidate.sensitive_int8))
 
 
 def artifact_of(directory: Path, config: Any, bits: int) -> Artifact:
@@ -157,14 +156,15 @@ def artifact_of(directory: Path, config: Any, bits: int) -> Artifact:
 
 
 def link_tree(source: Path, target: Path) -> None:
-    """`source` copied to `target`, by hard links where the file system allows (exports are hundreds of MB)."""
+    """`source` copied to `target`, by hard links where the file system allows (exports are hundreds of MB), without
+    its cache manifest (the copy gets its own)."""
     def link_or_copy(src: str, dst: str) -> None:
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(source, target, copy_function=link_or_copy, dirs_exist_ok=True)
+    shutil.copytree(source, target, copy_function=link_or_copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
 
 
 @dataclass(frozen=True, eq=False)
@@ -275,7 +275,10 @@ class CausalLM(TaskFamily):
 
     def stand_in(self, candidate: Candidate) -> nn.Module:
         """The teacher's architecture with the candidate's blocks and FFN width, random weights (full vocabulary:
-        the LM head is most of a small model's decode)."""
+        the LM head is most of a small model's decode); at the teacher's own shape, the teacher: its export at the
+        candidate's precision is cached per machine, so the gate builds what the trial then deploys."""
+        if (candidate.layers, candidate.ffn) == (self.teacher_shape.layers, self.teacher_shape.ffn):
+            return self.model
         config = copy.deepcopy(self.model.config)
         config.num_hidden_layers, config.intermediate_size = candidate.layers, candidate.ffn
         if getattr(config, "layer_types", None):
@@ -360,7 +363,7 @@ class CausalLM(TaskFamily):
         machine (autotune.lm_measure), a student is saved beside `out_dir` first."""
         from autotune.tasks.lm_exports import cached_export, save_causal_lm
 
-        weights = weight_only(candidate, recipe)
+        weights = weight_only(candidate)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         if model is self.model:
             link_tree(cached_export(self.hf_dir, weights).directory, out_dir)
@@ -417,6 +420,7 @@ class CausalLM(TaskFamily):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
-        prompt = tokenizer.decode(self.windows.test[0][:SAMPLE_PROMPT_TOKENS].tolist())
-        return {"prompt": prompt, "outputs": {name: greedy_continuation(artifact.dir, prompt, SAMPLE_NEW_TOKENS)
-                                              for name, artifact in artifacts.items()}}
+        prompt = self.windows.test[0][:SAMPLE_PROMPT_TOKENS].tolist()
+        return {"prompt": tokenizer.decode(prompt), "outputs": {
+            name: tokenizer.decode(greedy_continuation(artifact.dir, prompt, SAMPLE_NEW_TOKENS))
+            for name, artifact in artifacts.items()}}
