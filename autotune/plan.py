@@ -108,6 +108,10 @@ def planned_trials(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def plan_for(result: dict[str, Any], profile: HardwareProfile, source: str, target_ms: float | None = None) -> MachinePlan:
     """Predicted latency of the run's configurations on `profile`, calibrated on the run's own measurements."""
+    if result["spec"]["model"].get("task") == "causal-lm":
+        raise PredictionError("autotune plan predicts encoder runs only: the latency model has no decode or TTFT yet, "
+                              "so a causal LM's configurations are not predicted on other machines; run `autotune tune` "
+                              "(or a worker) on each machine instead")
     run_machine, points = calibration_from_result(result)
     target = result["target"]
     predictor = Predictor.calibrate(run_machine, points, target["percentile"])

@@ -45,10 +45,18 @@ def _hardware_section(result: dict[str, Any]) -> Section:
                                 f"int4 {bench.get('int4_chain_gflops') or '-'} GFLOP/s; one small operator "
                                 f"{bench.get('small_op_us') or '-'} us; activations {bench.get('elementwise_gbps') or '-'} GB/s"),
         ("software", f"onnxruntime {hw['software']['onnxruntime']}, torch {hw['software']['torch']}, optuna {hw['software']['optuna']}"),
-        ("quantization recipe", "; ".join((result.get("recipe") or {}).get("reasons") or ["not recorded (an older result)"])),
+        ("quantization recipe", _recipe_text(result)),
         ("measurement", _measurement_text(result)),
     )
     return Section("Hardware and measurement settings", table=Table(("", ""), rows))
+
+
+def _recipe_text(result: dict[str, Any]) -> str:
+    """How the run's int8 and int4 were built, and why."""
+    if summary.is_causal_lm(result):
+        return ("weight-only int8/int4 (MatMulNBits) computing with int8 activations (accuracy level 4) on every CPU: "
+                "decode is matrix-vector products, and the fp32-compute path dequantizes every block on every call")
+    return "; ".join((result.get("recipe") or {}).get("reasons") or ["not recorded (an older result)"])
 
 
 def _measurement_text(result: dict[str, Any]) -> str:
@@ -85,7 +93,7 @@ def _lm_pareto_table(result: dict[str, Any]) -> Table:
     """A causal LM's front: configuration, perplexity, decode and TTFT, size and peak memory, speedup."""
     pct = summary.percentile_name(result)
     rows = tuple(
-        (str(t["number"]), summary.describe(t["candidate"]), _acc(summary.trial_perplexity(t)),
+        (str(t["number"]), summary.describe(t["candidate"]), _ms(summary.trial_perplexity(t)),
          _ms((t.get("extras") or {}).get("decode_ms")), _ms((t.get("extras") or {}).get("ttft_ms")), f"{t['size_mb']:.0f}",
          f"{(t.get('extras') or {}).get('peak_mb') or 0:.0f}", f"{summary.speedup(result, t):.2f}x")
         for t in summary.pareto_trials(result))
