@@ -7,12 +7,15 @@ stand in for a measurement.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.screening import model_shape
+from profilers.decode_predictor import DecoderConfig, DecoderFit
 from profilers.hardware import HardwareProfile
-from profilers.predictor import CalibrationPoint, Prediction, PredictionError, Predictor, Throughput, Workload
+from profilers.predictor import (
+    INTERVAL_LEVEL, CalibrationPoint, Prediction, PredictionError, Predictor, Throughput, Workload,
+)
 from search_spaces import Candidate
 
 
@@ -41,6 +44,9 @@ class PlannedConfig:
     accuracy: float | None
     prediction: Prediction | None  # None: bits not modelled on that machine
     target_ms: float
+    #: Other latencies predicted beside the searched one (a causal LM's TTFT when decode is searched), by figure
+    #: name ("ttft_ms"): predicted ms at the target percentile with its interval.
+    others: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
@@ -93,8 +99,8 @@ class MachinePlan:
             "same_machine": self.same_machine, "predicted": True,
             "recommended_trial": None if self.recommended is None else self.recommended.trial,
             "configs": [{"trial": c.trial, "candidate": c.candidate, "accuracy": c.accuracy, "verdict": c.verdict,
-                         "headroom": c.headroom, "prediction": None if c.prediction is None else c.prediction.to_dict()}
-                        for c in self.configs],
+                         "headroom": c.headroom, "prediction": None if c.prediction is None else c.prediction.to_dict(),
+                         "others": c.others} for c in self.configs],
         }
 
 
@@ -109,9 +115,7 @@ def planned_trials(result: dict[str, Any]) -> list[dict[str, Any]]:
 def plan_for(result: dict[str, Any], profile: HardwareProfile, source: str, target_ms: float | None = None) -> MachinePlan:
     """Predicted latency of the run's configurations on `profile`, calibrated on the run's own measurements."""
     if result["spec"]["model"].get("task") == "causal-lm":
-        raise PredictionError("autotune plan predicts encoder runs only: the latency model has no decode or TTFT yet, "
-                              "so a causal LM's configurations are not predicted on other machines; run `autotune tune` "
-                              "(or a worker) on each machine instead")
+        return decoder_plan_for(result, profile, source, target_ms)
     run_machine, points = calibration_from_result(result)
     target = result["target"]
     predictor = Predictor.calibrate(run_machine, points, target["percentile"])
@@ -128,3 +132,46 @@ def plan_for(result: dict[str, Any], profile: HardwareProfile, source: str, targ
         configs.append(PlannedConfig(trial["number"], trial["candidate"], trial["accuracy"], prediction, limit))
     return MachinePlan(source, profile.fingerprint, profile.cpu.model_name, profile.threads, target["percentile"], limit,
                        predictor.calibration_points, machine.fingerprint == run_machine.fingerprint, tuple(configs))
+
+
+def decoder_config(trial: dict[str, Any], prompt_len: int) -> DecoderConfig:
+    """A causal LM trial as the decode predictor sees it: the bytes its artifact reads per token, blocks, bits."""
+    candidate = trial["candidate"]
+    return DecoderConfig(trial["size_mb"] * 2**20, candidate["layers"], candidate["bits"], prompt_len)
+
+
+def decoder_plan_for(result: dict[str, Any], profile: HardwareProfile, source: str,
+                     target_ms: float | None = None) -> MachinePlan:
+    """A causal LM run's configurations predicted on `profile`: the searched latency (decode, or TTFT) at p50 and
+    the target percentile, and the other one at the percentile, each fitted on what the run measured
+    (`profilers.decode_predictor`)."""
+    target = result["target"]
+    searched, other = ("decode", "ttft") if target.get("measure", "decode") == "decode" else ("ttft", "decode")
+    measured = [t for t in result["trials"] if all((t.get("extras") or {}).get(f"{name}_ms") for name in (searched, other))
+                and t.get("size_mb") and t.get("latency") and not t["latency"].get("predicted")]
+    run_machine = Throughput.of(HardwareProfile.from_dict(result["hardware"], source="the run's hardware profile"))
+    prompt_len = target.get("prompt_len") or target["seq_len"]
+    configs = [decoder_config(t, prompt_len) for t in measured]
+
+    def fit(latency: str, values: list[float]) -> DecoderFit:
+        return DecoderFit.calibrate(run_machine, configs, values, latency)
+
+    searched_p50 = fit(searched, [t["latency"]["p50_ms"] for t in measured])
+    searched_tail = fit(searched, [t["extras"][f"{searched}_ms"] for t in measured])
+    other_tail = fit(other, [t["extras"][f"{other}_ms"] for t in measured])
+    machine = Throughput.of(profile)
+    limit = float(target_ms if target_ms is not None else target["latency_ms"])
+    same = machine.fingerprint == run_machine.fingerprint
+    planned = []
+    for trial in planned_trials(result):
+        config = decoder_config(trial, prompt_len)
+        p50, p50_low, p50_high = searched_p50.predict(config, machine)
+        tail, low, high = searched_tail.predict(config, machine)
+        prediction = Prediction(p50, p50_low, p50_high, target["percentile"], max(tail, p50), max(low, p50_low),
+                                max(high, p50_high), INTERVAL_LEVEL, len(measured), same, machine.fingerprint)
+        value, other_low, other_high = other_tail.predict(config, machine)
+        planned.append(PlannedConfig(trial["number"], trial["candidate"], trial["accuracy"], prediction, limit,
+                                     {f"{other}_ms": {"latency_ms": value, "low_ms": other_low, "high_ms": other_high}}))
+    return MachinePlan(source, profile.fingerprint, profile.cpu.model_name, profile.threads, target["percentile"], limit,
+                       len(measured), same, tuple(planned))
+

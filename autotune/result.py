@@ -157,8 +157,8 @@ def result_document(session: Session, records: list[TrialRecord], **found: Any) 
         "space": {"preset": spec.space.preset, "knobs": session.space.describe(),
                   "removed": [{"knob": r.knob, "value": r.value, "reason": r.reason} for r in session.removals]},
         "baseline": {
-            "accuracy": {"validation": baseline.validation.objective, "test": test and test.objective},
-            "extras": {"validation": baseline.validation.extras, "test": test and test.extras},
+            "accuracy": {"validation": baseline.validation.objective, "test": None if test is None else test.objective},
+            "extras": {"validation": baseline.validation.extras, "test": None if test is None else test.extras},
             "latency_ms": latency_summary(baseline.latency),
             "figures": baseline.timed.figures(session.target.percentile),
             "size_mb": baseline.artifact.size_bytes / MB,

@@ -14,8 +14,10 @@ import pytest
 
 from autotune import api
 from autotune.config import ConfigError
+from autotune.plan import plan_for
 from autotune.records import Stage
 from conftest import save_tiny_llama
+from profilers.hardware import HardwareProfile
 
 SHAPE = {"prompt_len": 32, "context_len": 64, "threads": 1}
 
@@ -82,6 +84,12 @@ def test_a_binding_decode_target_recommends_the_most_accurate_feasible_candidate
     assert "Sample generations (greedy, same prompt)" in report and "Perplexity vs decode latency" in report
     artifact = json.loads((tmp_path / "run" / "model" / "artifact.json").read_text())
     assert artifact["measured"]["measure"] == "decode" and artifact["measured"]["prompt_len"] == 32
+    plan = plan_for(result, HardwareProfile.from_dict(result["hardware"], source="the run"), "here.json")
+    assert plan.same_machine and plan.configs
+    for config in plan.configs:  # decode predicted at p50 and p95, TTFT beside it, each with an interval
+        p, ttft = config.prediction, config.others["ttft_ms"]
+        assert 0 < p.p50_ms <= p.latency_ms and p.low_ms <= p.latency_ms <= p.high_ms
+        assert ttft["low_ms"] <= ttft["latency_ms"] <= ttft["high_ms"]
 
 
 @pytest.mark.slow

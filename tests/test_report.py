@@ -161,12 +161,3 @@ def test_browser_renders_the_report_without_errors(result: dict, tmp_path: Path)
     histogram = image.histogram()
     assert sum(histogram[:200]) > 0.01 * sum(histogram), "almost nothing but background was drawn"
 
-
-def test_plan_refuses_a_causal_lm_run_in_one_sentence(result: dict) -> None:
-    from autotune.plan import plan_for
-    from profilers.hardware import HardwareProfile
-    from profilers.predictor import PredictionError
-
-    lm = {**result, "spec": {**result["spec"], "model": {**result["spec"]["model"], "task": "causal-lm"}}}
-    with pytest.raises(PredictionError, match="causal LM"):
-        plan_for(lm, HardwareProfile.from_dict(result["hardware"], source="test"), "box.json")

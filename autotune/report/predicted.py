@@ -31,16 +31,19 @@ def _interval(prediction: dict[str, Any]) -> str:
     return f"{prediction['low_ms']:.2f}-{prediction['high_ms']:.2f}"
 
 
-def _row(config: dict[str, Any]) -> tuple[str, ...]:
+def _row(config: dict[str, Any], others: tuple[str, ...]) -> tuple[str, ...]:
     p = config["prediction"]
     accuracy = "-" if config["accuracy"] is None else f"{config['accuracy']:.4f}"
+    extra = tuple(f"{o['latency_ms']:.2f} ({_interval(o)})" if (o := (config.get("others") or {}).get(name)) else "-"
+                  for name in others)
     if p is None:
-        return (str(config["trial"]), summary.describe(config["candidate"]), accuracy, "-", "-", "-", "-", VERDICTS["unknown"])
+        return (str(config["trial"]), summary.describe(config["candidate"]), accuracy, "-", "-", "-", *extra, "-",
+                VERDICTS["unknown"])
     return (str(config["trial"]), summary.describe(config["candidate"]), accuracy, f"{p['p50_ms']:.2f}", f"{p['latency_ms']:.2f}",
-            _interval(p), f"{config['headroom']:+.0%}", VERDICTS[config["verdict"]])
+            _interval(p), *extra, f"{config['headroom']:+.0%}", VERDICTS[config["verdict"]])
 
 
-def machine_section(entry: dict[str, Any], metric: str) -> Section:
+def machine_section(entry: dict[str, Any], metric: str, latency: str = "latency") -> Section:
     """One machine's section: its predicted answer, what the prediction rests on, and a table whose every header says
     predicted, so no reader takes it for a measurement."""
     pct = f"p{entry['percentile']:g}"
@@ -58,12 +61,17 @@ def machine_section(entry: dict[str, Any], metric: str) -> Section:
              f"{entry['machine']}, {threads_text(entry['threads'])})"
              + ("; this is the run's own machine." if entry["same_machine"] else
                 "; the interval includes an assumed +-25% for transferring the calibration to another machine."))
-    headers = ("trial", "configuration", f"val. {metric} (measured in this run)", "predicted p50 ms", f"predicted {pct} ms",
-               f"predicted {pct} interval ms", "predicted headroom", "verdict (predicted)")
+    others = tuple(sorted({name for c in entry["configs"] for name in c.get("others") or {}}))
+    label = "" if latency == "latency" else f"{latency} "
+    headers = ("trial", "configuration", f"val. {metric} (measured in this run)", f"predicted {label}p50 ms",
+               f"predicted {label}{pct} ms", f"predicted {label}{pct} interval ms",
+               *(f"predicted {name.removesuffix('_ms').replace('ttft', 'TTFT')} {pct} ms (interval)" for name in others),
+               "predicted headroom", "verdict (predicted)")
     return Section(f"Predicted (not measured) on {entry['machine']}, {threads_text(entry['threads'])} [{entry['fingerprint']}]",
-                   (answer, basis), Table(headers, tuple(_row(c) for c in entry["configs"])))
+                   (answer, basis), Table(headers, tuple(_row(c, others) for c in entry["configs"])))
 
 
 def predicted_sections(result: dict[str, Any]) -> list[Section]:
     """A section per `autotune plan` entry in the result (none before a plan), placed after the measured sections."""
-    return [machine_section(entry, summary.metric_name(result)) for entry in result.get("plans") or []]
+    return [machine_section(entry, summary.metric_name(result), summary.latency_label(result))
+            for entry in result.get("plans") or []]
