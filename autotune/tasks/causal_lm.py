@@ -57,6 +57,9 @@ TOP_K = 32
 HEAL_BATCH = 4
 #: Generation runs per timing: `settings.min_runs` divided by this (each run is a prefill and 16 decoded tokens).
 RUNS_PER_SAMPLE = 4
+#: Generation runs per artifact when several are timed in the same minutes (the selection's re-measurements, three
+#: rounds for a candidate it confirms): 6 runs of 16 decoded tokens each; a SmolLM2 fp32 run takes about a second.
+TOGETHER_RUNS = 6
 #: Tokens of the prompt and of the continuation in the report's sample generations.
 SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS = 48, 48
 MB = 1024 * 1024
@@ -385,8 +388,9 @@ class CausalLM(TaskFamily):
 
     def time_together(self, artifacts: list[Artifact], timing: Timing) -> list[Timed]:
         """Each artifact generating in its own child process, one after the other in the same minutes (generation has
-        no interleaved harness: a KV cache per model would share the caches of the CPU anyway)."""
-        settings = MeasureSettings(min_runs=10 * RUNS_PER_SAMPLE)
+        no interleaved harness: a KV cache per model would share the caches of the CPU anyway). TOGETHER_RUNS runs
+        each: the selection repeats these measurements, so each can be shorter than a trial's."""
+        settings = MeasureSettings(min_runs=TOGETHER_RUNS * RUNS_PER_SAMPLE)
         return [self.time(artifact, timing, settings) for artifact in artifacts]
 
     def split_size(self, split: str) -> int:
