@@ -171,3 +171,29 @@ def test_knob_types_validate_themselves() -> None:
     assert FloatRange("sparsity", 0.0, 0.6, step=0.2).values() == (0.0, 0.2, 0.4, 0.6)
     with pytest.raises(ValueError, match="continuous"):
         FloatRange("sparsity", 0.0, 0.6).values()
+
+
+SMOLLM2 = TeacherShape(layers=30, hidden=576, heads=9, ffn=1536)
+
+
+def test_the_llama_preset_is_derived_from_the_teacher_and_its_teacher_shape_heals_nothing() -> None:
+    space = preset("llama-default", SMOLLM2)
+    assert space.knob("layers").values() == (30, 26, 22) and space.knob("ffn").values() == (1536, 1152)
+    assert space.knob("hidden").values() == (576,) and space.knob("bits").values() == (32, 8, 4)
+    params = {k.name: k.values()[-1] for k in space.knobs} | {"layers": 30, "ffn": 1536, "bits": 4}
+    teacher_int4 = space.candidate(params)
+    assert teacher_int4.heal_tokens == 0 and space.contains(teacher_int4)  # nothing to heal at the teacher's shape
+    assert space.params_of(teacher_int4)["heal_tokens"] in space.knob("heal_tokens").values()  # enqueueable
+    assert space.candidate(space.params_of(teacher_int4)) == teacher_int4
+    student = space.candidate(params | {"layers": 26})
+    assert student.heal_tokens == params["heal_tokens"] and "healed" in student.describe()
+
+
+def test_a_causal_lm_candidate_folds_what_its_precision_does_not_use() -> None:
+    fp32 = Candidate.canonical(layers=30, hidden=576, heads=9, ffn=1536, bits=32, block_size=64, method="rtn",
+                               head_bits=4, sensitive_int8=True, heal_tokens=0)
+    int8 = Candidate.canonical(layers=30, hidden=576, heads=9, ffn=1536, bits=8, block_size=64, method="rtn",
+                               head_bits=4, sensitive_int8=True, heal_tokens=0)
+    assert fp32.block_size is None and fp32.head_bits is None and not fp32.sensitive_int8  # fp32 has no scheme
+    assert int8.block_size == 64 and not int8.sensitive_int8  # int8 layers in an int8 body mean nothing
+    assert fp32.key != int8.key and fp32.student_key == int8.student_key  # one student serves every precision
