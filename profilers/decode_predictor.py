@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from profilers.predictor import (
-    INTERVAL_LEVEL, TRANSFER_LOG_HALFWIDTH, UNCALIBRATED_LOG_HALFWIDTH, PredictionError, Throughput,
+    TRANSFER_LOG_HALFWIDTH, UNCALIBRATED_LOG_HALFWIDTH, PredictionError, Throughput,
     conformal_halfwidth, operator_overhead_ms,
 )
 
@@ -97,8 +97,3 @@ class DecoderFit:
         value = float(components(config, machine, self.latency) @ np.asarray(self.coefficients))
         width = math.hypot(self.log_halfwidth, 0.0 if machine.fingerprint == self.fingerprint else TRANSFER_LOG_HALFWIDTH)
         return value, value * math.exp(-width), value * math.exp(width)
-
-    @property
-    def level(self) -> float:
-        """The interval's nominal coverage."""
-        return INTERVAL_LEVEL

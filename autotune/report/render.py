@@ -93,29 +93,32 @@ def _lm_pareto_table(result: dict[str, Any]) -> Table:
     """A causal LM's front: configuration, perplexity, decode and TTFT, size and peak memory, speedup."""
     pct = summary.percentile_name(result)
     rows = tuple(
-        (str(t["number"]), summary.describe(t["candidate"]), _ms(summary.trial_perplexity(t)),
-         _ms((t.get("extras") or {}).get("decode_ms")), _ms((t.get("extras") or {}).get("ttft_ms")), f"{t['size_mb']:.0f}",
-         f"{(t.get('extras') or {}).get('peak_mb') or 0:.0f}", f"{summary.speedup(result, t):.2f}x")
-        for t in summary.pareto_trials(result))
+        (str(t["number"]), summary.describe(t["candidate"]), _ms(summary.trial_perplexity(t)), _ms(figures.get("decode_ms")),
+         _ms(figures.get("ttft_ms")), f"{t['size_mb']:.0f}", f"{figures.get('peak_mb') or 0:.0f}",
+         f"{summary.speedup(result, t):.2f}x")
+        for t in summary.pareto_trials(result) for figures in (t.get("extras") or {},))
     return Table(("trial", "configuration", "val. perplexity", f"decode {pct} ms/token", f"TTFT {pct} ms", "size MB",
                   "peak MB", f"{summary.latency_label(result)} speedup"), rows)
 
 
-def _pareto_section(result: dict[str, Any]) -> Section:
+def _encoder_pareto_table(result: dict[str, Any]) -> Table:
+    """An encoder's front: architecture, sparsity, bits, the objective, p50 and target-percentile latency, size, speedup."""
     pct = summary.percentile_name(result)
-    if summary.is_causal_lm(result):
-        table = _lm_pareto_table(result)
-        note = () if table.rows else ("No evaluated trial met the target, so the feasible Pareto front is empty.",)
-        return Section("Pareto front (feasible, perplexity down, latency down)", note, table)
     rows = tuple(
         (str(t["number"]), summary.architecture(t["candidate"]), summary.sparsity_text(t["candidate"]),
          str(t["candidate"]["bits"]), _acc(t["accuracy"]), _ms(t["latency"]["p50_ms"]), _ms(t["latency"][f"{pct}_ms"]),
          f"{t['size_mb']:.1f}", f"{summary.speedup(result, t):.2f}x")
         for t in summary.pareto_trials(result)
     )
-    table = Table(("trial", "architecture", "sparsity", "bits", f"val. {summary.metric_name(result)}", "p50 ms", f"{pct} ms", "size MB", "speedup"), rows)
-    note = () if rows else ("No evaluated trial met the target, so the feasible Pareto front is empty.",)
-    return Section("Pareto front (feasible, accuracy up, latency down)", note, table)
+    return Table(("trial", "architecture", "sparsity", "bits", f"val. {summary.metric_name(result)}", "p50 ms", f"{pct} ms",
+                  "size MB", "speedup"), rows)
+
+
+def _pareto_section(result: dict[str, Any]) -> Section:
+    lm = summary.is_causal_lm(result)
+    table = _lm_pareto_table(result) if lm else _encoder_pareto_table(result)
+    note = () if table.rows else ("No evaluated trial met the target, so the feasible Pareto front is empty.",)
+    return Section(f"Pareto front (feasible, {'perplexity down' if lm else 'accuracy up'}, latency down)", note, table)
 
 
 def _refined_section(result: dict[str, Any]) -> Section | None:
@@ -242,7 +245,7 @@ def build_report(result: dict[str, Any]) -> Report:
         _use_section(result),
         _hardware_section(result),
         _samples_section(result),
-        Section("Perplexity vs decode latency" if summary.is_causal_lm(result) else "Accuracy vs latency", (
+        Section(f"Perplexity vs {summary.latency_label(result)} latency" if summary.is_causal_lm(result) else "Accuracy vs latency", (
             "Every evaluated trial; the Pareto front; trials rejected by the latency gate (never trained) on the floor "
             "at their measured latency; the dashed line is the target.",), plot=True),
         _pareto_section(result),
