@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.screening import model_shape
-from profilers.decode_predictor import DecoderConfig, DecoderFit
+from profilers.decode_predictor import DecoderConfig, DecoderFit, DecoderPredictor
 from profilers.hardware import HardwareProfile
 from profilers.predictor import (
-    INTERVAL_LEVEL, CalibrationPoint, Prediction, PredictionError, Predictor, Throughput, Workload,
+    CalibrationPoint, Prediction, PredictionError, Predictor, Throughput, Workload,
 )
 from search_spaces import Candidate
 
@@ -153,25 +153,19 @@ def decoder_plan_for(result: dict[str, Any], profile: HardwareProfile, source: s
     prompt_len = target.get("prompt_len") or target["seq_len"]
     configs = [decoder_config(t, prompt_len) for t in measured]
 
-    def fit(latency: str, values: list[float]) -> DecoderFit:
-        return DecoderFit.calibrate(run_machine, configs, values, latency)
-
-    searched_p50 = fit(searched, [t["latency"]["p50_ms"] for t in measured])
-    searched_tail = fit(searched, [t["extras"][f"{searched}_ms"] for t in measured])
-    other_tail = fit(other, [t["extras"][f"{other}_ms"] for t in measured])
+    searched_fit = DecoderPredictor.calibrate(run_machine, configs, [t["latency"]["p50_ms"] for t in measured],
+                                              [t["extras"][f"{searched}_ms"] for t in measured], searched,
+                                              target["percentile"])
+    other_tail = DecoderFit.calibrate(run_machine, configs, [t["extras"][f"{other}_ms"] for t in measured], other)
     machine = Throughput.of(profile)
     limit = float(target_ms if target_ms is not None else target["latency_ms"])
-    same = machine.fingerprint == run_machine.fingerprint
     planned = []
     for trial in planned_trials(result):
         config = decoder_config(trial, prompt_len)
-        p50, p50_low, p50_high = searched_p50.predict(config, machine)
-        tail, low, high = searched_tail.predict(config, machine)
-        prediction = Prediction(p50, p50_low, p50_high, target["percentile"], max(tail, p50), max(low, p50_low),
-                                max(high, p50_high), INTERVAL_LEVEL, len(measured), same, machine.fingerprint)
         value, other_low, other_high = other_tail.predict(config, machine)
-        planned.append(PlannedConfig(trial["number"], trial["candidate"], trial["accuracy"], prediction, limit,
+        planned.append(PlannedConfig(trial["number"], trial["candidate"], trial["accuracy"],
+                                     searched_fit.predict(config, machine), limit,
                                      {f"{other}_ms": {"latency_ms": value, "low_ms": other_low, "high_ms": other_high}}))
     return MachinePlan(source, profile.fingerprint, profile.cpu.model_name, profile.threads, target["percentile"], limit,
-                       len(measured), same, tuple(planned))
+                       len(measured), machine.fingerprint == run_machine.fingerprint, tuple(planned))
 

@@ -23,11 +23,11 @@ from autotune.config import TuneSpec
 from autotune.progress import SilentProgress
 from autotune.records import TrialOutcome
 from autotune.runtime import Artifact
-from autotune.screening import LatencyScreen
+from autotune.screening import DecodeScreen, LatencyScreen, Screen
 from autotune.study import (
     Heartbeat, anchors, claim_hardware, enqueue_anchors, make_objective, open_storage, open_study,
 )
-from autotune.tasks import Score, TaskFamily, Timed, Timing, family_for
+from autotune.tasks import CausalLM, Score, TaskFamily, Timed, Timing, family_for
 from autotune.trial import REMEASURE_ROUNDS, Limit, Target, TrialContext, TrialPipeline, time_artifact
 from profilers.cpu import probe_cpu
 from profilers.hardware import HardwareProfile, collect_profile, default_threads, with_throughput
@@ -162,13 +162,20 @@ def resolved_target_ms(study: optuna.Study, spec: TuneSpec, baseline_ms: float, 
     return target_ms
 
 
-def latency_screen(spec: TuneSpec, profile: HardwareProfile, task: TaskFamily, baseline: Baseline) -> LatencyScreen | None:
+def latency_screen(spec: TuneSpec, profile: HardwareProfile, task: TaskFamily, baseline: Baseline) -> Screen | None:
     """The predictor that skips hopeless gates (CPU targets, unless the spec turns it off), seeded with the
-    baseline's latency."""
+    baseline's latency: an encoder's forward pass, or a causal LM's searched decode or TTFT."""
     t = spec.target
-    if spec.search.skip_predicted_over is None or t.device != "cpu" or searched_latency(spec) != "latency":
-        return None  # the predictor models an encoder's forward pass
-    screen = LatencyScreen(profile, Workload(t.batch_size, t.seq_len), t.percentile, spec.search.skip_predicted_over)
+    if spec.search.skip_predicted_over is None or t.device != "cpu":
+        return None
+    measure = searched_latency(spec)
+    screen: Screen
+    if isinstance(task, CausalLM):
+        screen = DecodeScreen(profile, measure, t.percentile, functools.partial(task.decoder_config, prompt_len=t.prompt_len),
+                              spec.search.skip_predicted_over)
+    else:
+        screen = LatencyScreen(profile, Workload(t.batch_size, t.seq_len), t.percentile, task.teacher.config.vocab_size,
+                               spec.search.skip_predicted_over)
     screen.observe(task.teacher_shape.as_candidate(32), baseline.latency)
     return screen
 

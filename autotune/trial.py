@@ -42,7 +42,7 @@ from autotune.compress import PruningSchedule
 from autotune.config import TrainingSpec
 from autotune.records import LATENCY_CONSTRAINT, Stage, TrialOutcome, TrialRecord
 from autotune.runtime import Artifact, load_artifact
-from autotune.screening import LatencyScreen, predicted_size_mb
+from autotune.screening import Screen
 from autotune.tasks import TaskFamily, Timed, Timing
 from profilers.latency import LatencyStats, MeasureSettings
 from profilers.recipes import PORTABLE, Recipe
@@ -212,7 +212,7 @@ class TrialPipeline:
 
     ctx: TrialContext
     #: Optional latency predictor: skips gates of candidates predicted far over the target, learns from each gate.
-    screen: LatencyScreen | None = None
+    screen: Screen | None = None
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys((
         "gate_cache_hits", "student_cache_hits", "students_trained", "gates_measured", "students_refined",
         "refined_cache_hits", "gates_skipped_by_prediction"), 0))
@@ -256,7 +256,7 @@ class TrialPipeline:
         self.counters["gates_skipped_by_prediction"] += 1
         return TrialOutcome(candidate=candidate, stage=Stage.PREDICTED_SKIP, feasible=False,
                             latency=prediction.to_dict(), latency_ms=prediction.latency_ms,
-                            size_mb=predicted_size_mb(candidate, self.ctx.task.teacher.config.vocab_size))
+                            size_mb=self.screen.size_mb(candidate))
 
     def gate(self, candidate: Candidate) -> tuple[GateResult, bool]:
         """(latency and size of the candidate's stand-in, cache hit)."""

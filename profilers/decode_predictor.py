@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import nnls
 
 from profilers.predictor import (
-    TRANSFER_LOG_HALFWIDTH, UNCALIBRATED_LOG_HALFWIDTH, PredictionError, Throughput,
+    INTERVAL_LEVEL, TRANSFER_LOG_HALFWIDTH, UNCALIBRATED_LOG_HALFWIDTH, Prediction, PredictionError, Throughput,
     conformal_halfwidth, operator_overhead_ms,
 )
 
@@ -33,6 +33,43 @@ from profilers.predictor import (
 BYTES_PER_WEIGHT = {32: 4.0, 8: 1.0 + 4.0 / 32, 4: 0.5 + 4.0 / 32}
 #: Fewer measured latencies than this and the fit is not trusted: three coefficients need more points than that.
 MIN_POINTS = 4
+FP32_BYTES = 4.0
+
+
+def bytes_per_weight(bits: int, block_size: int) -> float:
+    """Bytes one weight occupies at `bits`: an int4 or int8 weight carries its share of an fp32 scale per block."""
+    return FP32_BYTES if bits == 32 else bits / 8 + FP32_BYTES / block_size
+
+
+def sensitive_blocks(blocks: int) -> list[int]:
+    """The blocks whose qkv and down projections ONNX Runtime GenAI's `mixed_layers` keeps at int8 in an int4 body
+    (llama.cpp's mixed strategy, as the builder's `make_matmul_mixed_precision` spells it): the first and last
+    eighth, and every third block between."""
+    return [i for i in range(blocks) if i < blocks / 8 or i >= 7 * blocks / 8 or (i - round(blocks / 8)) % 3 == 2]
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """A causal LM's shape as its weights' bytes see it: blocks, widths of the residual stream, the K/V projections
+    and the FFN, and the vocabulary of its LM head."""
+
+    blocks: int
+    hidden: int
+    kv_width: int
+    ffn: int
+    vocab: int
+
+
+def weight_bytes_read(dims: DecoderDims, bits: int, block_size: int, head_bits: int, sensitive_int8: bool) -> float:
+    """The bytes of weights one decoded token reads: every block's linears and the LM head, each at its width (the
+    embedding table is only gathered, one row a token)."""
+    h = dims.hidden
+    qkv, out, gate_up, down = h * (h + 2 * dims.kv_width), h * h, 2 * h * dims.ffn, dims.ffn * h
+    body = dims.blocks * (qkv + out + gate_up + down) * bytes_per_weight(bits, block_size)
+    if sensitive_int8 and bits == 4:
+        upgraded = len(sensitive_blocks(dims.blocks)) * (qkv + down)
+        body += upgraded * (bytes_per_weight(8, block_size) - bytes_per_weight(4, block_size))
+    return body + dims.vocab * h * bytes_per_weight(head_bits, block_size)
 
 
 @dataclass(frozen=True)
@@ -40,7 +77,7 @@ class DecoderConfig:
     """What a causal LM's decode and prefill cost depends on: the bytes of its weights, its blocks, the width its
     linears are quantized to, and the prompt prefilled."""
 
-    weight_bytes: float
+    weight_bytes: float  # what a token reads: `weight_bytes_read`, or an artifact's size on disk
     blocks: int
     bits: int
     prompt_len: int
@@ -97,3 +134,27 @@ class DecoderFit:
         value = float(components(config, machine, self.latency) @ np.asarray(self.coefficients))
         width = math.hypot(self.log_halfwidth, 0.0 if machine.fingerprint == self.fingerprint else TRANSFER_LOG_HALFWIDTH)
         return value, value * math.exp(-width), value * math.exp(width)
+
+
+@dataclass(frozen=True)
+class DecoderPredictor:
+    """One latency (decode or TTFT) at p50 and at the target percentile, each fitted on the same configurations."""
+
+    percentile: float
+    p50: DecoderFit
+    tail: DecoderFit
+
+    @classmethod
+    def calibrate(cls, machine: Throughput, configs: Sequence[DecoderConfig], p50_ms: Sequence[float],
+                  tail_ms: Sequence[float], latency: str, percentile: float) -> "DecoderPredictor":
+        """Both fits on latencies measured on `machine` (PredictionError with fewer than MIN_POINTS)."""
+        return cls(percentile, DecoderFit.calibrate(machine, configs, p50_ms, latency),
+                   DecoderFit.calibrate(machine, configs, tail_ms, latency))
+
+    def predict(self, config: DecoderConfig, machine: Throughput) -> Prediction:
+        """The prediction on `machine`; the tail is never below p50, which separate fits do not guarantee."""
+        p50, p50_low, p50_high = self.p50.predict(config, machine)
+        tail, low, high = self.tail.predict(config, machine)
+        return Prediction(p50, p50_low, p50_high, self.percentile, max(tail, p50), max(low, p50_low),
+                          max(high, p50_high), INTERVAL_LEVEL, self.p50.n, machine.fingerprint == self.p50.fingerprint,
+                          machine.fingerprint)

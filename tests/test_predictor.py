@@ -157,7 +157,7 @@ def test_a_profile_without_chain_figures_predicts_from_its_peak_figures(profile:
 
 
 def test_screen_skips_only_far_over_target_once_calibrated(profile: HardwareProfile) -> None:
-    screen = LatencyScreen(profile, WORKLOAD, 95, skip_factor=1.5)
+    screen = LatencyScreen(profile, WORKLOAD, 95, vocab_size=100, skip_factor=1.5)
     huge = Candidate(layers=6, hidden=384, heads=12, ffn=1536, bits=32)
     truth = Throughput.of(profile)
     target_ms = 1.0
@@ -177,7 +177,7 @@ def screened_pipeline(profile: HardwareProfile, cache_dir: Path) -> TrialPipelin
     task = SimpleNamespace(teacher=SimpleNamespace(config=SimpleNamespace(vocab_size=100)), stand_in_identity=(100,))
     ctx = SimpleNamespace(target=target, task=task, cache_dir=cache_dir, fingerprint="machine", reference_ms=10.0,
                           recipe=PORTABLE)
-    return TrialPipeline(ctx, screen=LatencyScreen(profile, WORKLOAD, 95, min_points=0))  # type: ignore[arg-type]
+    return TrialPipeline(ctx, screen=LatencyScreen(profile, WORKLOAD, 95, vocab_size=100, min_points=0))  # type: ignore[arg-type]
 
 
 def test_trial_pipeline_records_a_skip_as_predicted_without_measuring(profile: HardwareProfile, tmp_path: Path) -> None:

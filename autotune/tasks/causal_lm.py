@@ -37,6 +37,7 @@ from autotune.runtime.export import write_artifact_json
 from autotune.runtime.genai import LMArtifact, WeightOnly, export_causal_lm, greedy_continuation
 from autotune.tasks.base import Score, Steps, TaskFamily, Timed, Timing
 from autotune.tasks.data import DataError
+from profilers.decode_predictor import DecoderConfig, DecoderDims, weight_bytes_read
 from profilers.generation import GenerationRequest, measure_generation
 from profilers.latency import MeasureSettings
 from profilers.recipes import Recipe
@@ -289,6 +290,18 @@ class CausalLM(TaskFamily):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return type(self.model)(config).eval()
+
+    def decoder_config(self, candidate: Candidate, prompt_len: int) -> DecoderConfig:
+        """The candidate as the decode predictor sees it (`profilers.decode_predictor`): the bytes of weights a
+        token reads at its precision, its blocks and bits, the prompt a TTFT prefills."""
+        c = self.model.config
+        kv_heads, head_dim = self.stand_in_identity[1:3]
+        dims = DecoderDims(candidate.layers, int(c.hidden_size), kv_heads * head_dim, candidate.ffn, int(c.vocab_size))
+        scheme = weight_only(candidate)
+        if scheme is None:
+            return DecoderConfig(weight_bytes_read(dims, 32, 32, 32, False), candidate.layers, 32, prompt_len)
+        return DecoderConfig(weight_bytes_read(dims, scheme.bits, scheme.block_size, scheme.lm_head_bits,
+                                               scheme.sensitive_int8), candidate.layers, scheme.bits, prompt_len)
 
     def deployed_size_bytes(self, stand_in: Artifact) -> int:
         """The stand-in has the trained model's every dimension: its size is the deployed size."""
