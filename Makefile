@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
 	# constraints.txt: the versions the suite last passed with (ONNX Runtime, transformers and Optuna change behaviour).
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,demo]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,demo,engines]"
 	@touch $(STAMP)
 
 # pytest exits 5 when it collected nothing: a suite that runs no test is a failure, said plainly.

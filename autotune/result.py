@@ -163,6 +163,8 @@ def result_document(session: Session, records: list[TrialRecord], **found: Any) 
             "figures": baseline.timed.figures(session.target.percentile),
             "size_mb": baseline.artifact.size_bytes / MB,
             "artifact": str(baseline.artifact.dir),
+            "fused": baseline.artifact.fused,
+            "fp32_p50_ms": baseline.fp32_p50_ms,
             "teacher_fine_tuned": session.task.teacher_fine_tuned,
         },
         "study": {"name": session.study.study_name, "storage": storage, "sampler": spec.search.sampler},

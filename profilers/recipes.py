@@ -70,6 +70,41 @@ def recipe_for(flags: Iterable[str]) -> Recipe:
 #: The recipe of a CPU without int8 dot products: the conservative choice where the flags are unknown.
 PORTABLE = recipe_for(())
 
+#: Flags of native bf16 arithmetic (AVX512-BF16 dot products, AMX tiles): without them bf16 is emulated.
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@dataclass(frozen=True)
+class EngineMode:
+    """An execution engine and precision mode, whether this CPU's rules keep it, and why."""
+
+    engine: str  # "onnxruntime" or "openvino"
+    precision: str  # "fp32", "bf16", "int8-dynamic" or "int8-static"
+    kept: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """E.g. `openvino-int8-static`."""
+        return f"{self.engine}-{self.precision}"
+
+
+def engine_modes(flags: Iterable[str]) -> tuple[EngineMode, ...]:
+    """Every engine and precision mode, kept where this CPU runs it natively and it measured paying (bench/operators.py
+    prints the rows behind each reason, kept or not)."""
+    flags = set(flags)
+    dot, bf16 = sorted(flags & INT8_DOT_FLAGS), sorted(flags & BF16_FLAGS)
+    native_int8 = f"{'/'.join(dot)} int8 dot products" if dot else "no VNNI/AMX: int8 dot products saturate or are emulated"
+    return (
+        EngineMode("onnxruntime", "fp32", True, "the reference engine"),
+        EngineMode("onnxruntime", "int8-dynamic", True, "activations quantized per call; pays on every CPU measured"),
+        EngineMode("onnxruntime", "int8-static", False, "static QDQ measured slower than dynamic int8 on an AVX2 EPYC "
+                                                       "(0.44x vs 1.45x fp32) and an AMX Xeon (1.27-1.33x vs 1.55-2.2x)"),
+        EngineMode("openvino", "fp32", True, "a second fp32 engine: the faster of the two is the reference"),
+        EngineMode("openvino", "bf16", bool(bf16), f"{'/'.join(bf16)} native bf16" if bf16 else "no native bf16 (emulated)"),
+        EngineMode("openvino", "int8-static", bool(dot), native_int8),
+    )
+
 
 def quantize_int8_dynamic(onnx_in: str | os.PathLike[str], onnx_out: str | os.PathLike[str], recipe: Recipe,
                           extra_options: dict[str, Any] | None = None) -> None:

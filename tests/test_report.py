@@ -14,7 +14,12 @@ import pytest
 
 from autotune.cli import main
 from autotune.report import build_report, write_report
-from autotune.report.summary import best_under, capacity, changed_targets, one_line_answer, pareto_trials
+from autotune.report.summary import (
+    best_under, capacity, changed_targets, fp32_reference_text, one_line_answer, pareto_trials, roofline_pct,
+)
+from profilers.hardware import HardwareProfile
+from profilers.predictor import ModelShape, Workload
+from profilers.roofline import roofline
 
 FIXTURE = Path(__file__).parent / "fixtures" / "result_tiny.json"
 
@@ -161,3 +166,22 @@ def test_browser_renders_the_report_without_errors(result: dict, tmp_path: Path)
     histogram = image.histogram()
     assert sum(histogram[:200]) > 0.01 * sum(histogram), "almost nothing but background was drawn"
 
+
+
+def test_the_front_shows_each_trial_s_roofline_and_the_fp32_reference_its_choice(result: dict) -> None:
+    trial = pareto_trials(result)[0]
+    c, bench = trial["candidate"], result["hardware"]["microbench"]
+    pct = roofline_pct(result, trial)
+    assert pct is not None and 0 < pct
+    expected = roofline(ModelShape(c["layers"], c["hidden"], c["heads"], c["ffn"], c["bits"]),
+                        Workload(result["target"]["batch_size"], result["target"]["seq_len"]), trial["latency"]["p50_ms"],
+                        HardwareProfile.from_dict(result["hardware"]).microbench,
+                        int4_int8_compute=(result.get("recipe") or {}).get("int4_accuracy_level") == 4)
+    assert pct == pytest.approx(expected.pct) and bench["fp32_gemm_gflops"] > 0
+    table = next(s.table for s in build_report(result).sections if s.title.startswith("Pareto front"))
+    assert table is not None and "roofline (of the GEMM peak)" in table.headers and f"{pct:.0f}%" in table.rows[0]
+    assert fp32_reference_text(result) == "the teacher's one fp32 export"  # a result from before the choice
+    result["baseline"]["fp32_p50_ms"] = {"fp32 fused": 9.5, "fp32 unfused": 10.25}
+    assert fp32_reference_text(result).startswith("fp32 fused (p50 9.50 ms, the fastest measured; fp32 unfused 10.25 ms")
+    predicted = copy.deepcopy(trial) | {"latency": trial["latency"] | {"predicted": True}}
+    assert roofline_pct(result, predicted) is None

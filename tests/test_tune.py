@@ -127,6 +127,10 @@ def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     assert baseline["accuracy"]["validation"] > 0.8, "the fine-tuned teacher should learn the synthetic cue words"
     assert baseline["accuracy"]["test"] is not None
     assert 0 < baseline["latency_ms"]["p50"] <= baseline["latency_ms"]["p95"]
+    # The reference is the faster of the fused and unfused fp32 exports, timed together in this run.
+    choices = baseline["fp32_p50_ms"]
+    assert set(choices) == {"fp32 fused", "fp32 unfused"} and min(choices.values()) > 0
+    assert baseline["fused"] == (min(choices, key=choices.get) == "fp32 fused")
     assert len(data["trials"]) == 4
     for trial in data["trials"]:
         assert {"number", "state", "candidate", "stage", "feasible", "accuracy", "latency_ms", "size_mb", "seconds",

@@ -46,6 +46,7 @@ def _hardware_section(result: dict[str, Any]) -> Section:
                                 f"{bench.get('small_op_us') or '-'} us; activations {bench.get('elementwise_gbps') or '-'} GB/s"),
         ("software", f"onnxruntime {hw['software']['onnxruntime']}, torch {hw['software']['torch']}, optuna {hw['software']['optuna']}"),
         ("quantization recipe", _recipe_text(result)),
+        ("fp32 reference", summary.fp32_reference_text(result)),
         ("measurement", _measurement_text(result)),
     )
     return Section("Hardware and measurement settings", table=Table(("", ""), rows))
@@ -102,16 +103,18 @@ def _lm_pareto_table(result: dict[str, Any]) -> Table:
 
 
 def _encoder_pareto_table(result: dict[str, Any]) -> Table:
-    """An encoder's front: architecture, sparsity, bits, the objective, p50 and target-percentile latency, size, speedup."""
+    """An encoder's front: architecture, sparsity, bits, the objective, p50 and target-percentile latency, size, speedup,
+    and how close to the machine's GEMM peak each runs (roofline)."""
     pct = summary.percentile_name(result)
     rows = tuple(
         (str(t["number"]), summary.architecture(t["candidate"]), summary.sparsity_text(t["candidate"]),
          str(t["candidate"]["bits"]), _acc(t["accuracy"]), _ms(t["latency"]["p50_ms"]), _ms(t["latency"][f"{pct}_ms"]),
-         f"{t['size_mb']:.1f}", f"{summary.speedup(result, t):.2f}x")
-        for t in summary.pareto_trials(result)
+         f"{t['size_mb']:.1f}", f"{summary.speedup(result, t):.2f}x",
+         "-" if roofline is None else f"{roofline:.0f}%")
+        for t in summary.pareto_trials(result) for roofline in (summary.roofline_pct(result, t),)
     )
     return Table(("trial", "architecture", "sparsity", "bits", f"val. {summary.metric_name(result)}", "p50 ms", f"{pct} ms",
-                  "size MB", "speedup"), rows)
+                  "size MB", "speedup", "roofline (of the GEMM peak)"), rows)
 
 
 def _pareto_section(result: dict[str, Any]) -> Section:

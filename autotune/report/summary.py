@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from autotune.records import Stage
+from profilers.hardware import HardwareProfile
+from profilers.predictor import ModelShape, PredictionError, Workload
+from profilers.recipes import INT4_INT8_COMPUTE
+from profilers.roofline import roofline
 from search_spaces import Candidate
 
 TARGET_SCALES = (0.5, 0.75, 1.5, 2.0)
@@ -23,6 +27,33 @@ def architecture(candidate: dict[str, Any]) -> str:
     """A candidate's architecture in the report's short form (layers x hidden, heads, FFN), written one way in every
     table."""
     return f"{candidate['layers']}x{candidate['hidden']} ({candidate['heads']}h, FFN {candidate['ffn']})"
+
+
+def roofline_pct(result: dict[str, Any], trial: dict[str, Any]) -> float | None:
+    """An encoder trial's operations per second at its p50 as a percentage of the run's profiled GEMM peak for its
+    compute precision (`profilers.roofline`); None for a causal LM, a predicted latency or a profile without peaks."""
+    profile = HardwareProfile.from_dict(result["hardware"], source="the run's hardware profile")
+    latency = trial.get("latency") or {}
+    if is_causal_lm(result) or profile.microbench is None or latency.get("predicted") or not latency.get("p50_ms"):
+        return None
+    c, target = trial["candidate"], result["target"]
+    int8_compute = (result.get("recipe") or {}).get("int4_accuracy_level") == INT4_INT8_COMPUTE
+    try:
+        return roofline(ModelShape(c["layers"], c["hidden"], c["heads"], c["ffn"], c["bits"]),
+                        Workload(target["batch_size"], target["seq_len"]), latency["p50_ms"], profile.microbench,
+                        int4_int8_compute=int8_compute).pct
+    except PredictionError:
+        return None
+
+
+def fp32_reference_text(result: dict[str, Any]) -> str:
+    """Which fp32 deployment of the teacher is the baseline, and what the others measured beside it."""
+    choices = result["baseline"].get("fp32_p50_ms") or {}
+    if len(choices) < 2:
+        return "the teacher's one fp32 export"
+    fastest = min(choices, key=choices.get)
+    others = ", ".join(f"{name} {ms:.2f} ms" for name, ms in choices.items() if name != fastest)
+    return f"{fastest} (p50 {choices[fastest]:.2f} ms, the fastest measured; {others}, timed together)"
 
 
 def sparsity_text(candidate: dict[str, Any]) -> str:

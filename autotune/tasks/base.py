@@ -27,7 +27,7 @@ from torch import nn
 
 from autotune.runtime import Artifact
 from profilers.latency import LatencyStats, MeasureSettings
-from profilers.recipes import Recipe
+from profilers.recipes import PORTABLE, Recipe
 from search_spaces import Candidate, Space, TeacherShape
 
 if TYPE_CHECKING:
@@ -178,6 +178,11 @@ class TaskFamily(ABC):
     def build(self, model: nn.Module, candidate: Candidate, out_dir: Path, recipe: Recipe) -> Artifact:
         """The deployable artifact of a trained `model` in `out_dir`, at the candidate's precision (bits, and a causal
         LM's weight-only scheme), int8/int4 built as this CPU's `recipe` says."""
+
+    def fp32_deployments(self, out_dir: Path) -> dict[str, Artifact]:
+        """The teacher's fp32 deployments the baseline is the fastest of, by name, built under `out_dir`: by default
+        the one standard export; a family with graph options that only timing can order offers each."""
+        return {"fp32": self.build(self.teacher, self.teacher_shape.as_candidate(32), out_dir / "fp32", PORTABLE)}
 
     @abstractmethod
     def time(self, artifact: Artifact, timing: Timing, settings: MeasureSettings) -> Timed:
