@@ -177,6 +177,9 @@ class TrainingSpec(Strict):
     batch_size: int = Field(32, ge=1)
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1)
+    # Weight of the last-layer state transfer (the student's last hidden states, projected, onto the teacher's,
+    # cached once per teacher and data); 0 trains on logits and labels only.
+    state_weight: float = Field(0.0, ge=0)
     teacher_epochs: int = Field(2, ge=1)
     teacher_lr: float = Field(5e-5, gt=0)
     # Multi-fidelity: after the search, the `finalists` most accurate feasible students (distinct architectures

@@ -372,9 +372,12 @@ class TrialPipeline:
     def student_key(self, candidate: Candidate) -> str:
         """The cache key of a candidate's trained student: everything its weights depend on (teacher, data,
         architecture, sparsity, training settings, seed) but not bits, so one student serves every bit width."""
-        # How finalists are refined afterwards does not change the searched student: left out of its key.
+        # How finalists are refined afterwards does not change the searched student: left out of its key; so is a
+        # state transfer that is off, so students trained before it existed keep their keys.
+        training = self.ctx.training
+        unchanged = {"finalists", "refine_epochs"} | ({"state_weight"} if training.state_weight == 0 else set())
         return key_of("student", *self.ctx.task.cache_identity, candidate.student_key,
-                      self.ctx.training.model_dump(exclude={"finalists", "refine_epochs"}), self.ctx.seed)
+                      training.model_dump(exclude=unchanged), self.ctx.seed)
 
     def cached_model(self, key: str, kind: str, train: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
         """(model, cache hit): the safetensors directory cached under `key`, else `train()` saved there. An entry that

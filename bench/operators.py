@@ -45,14 +45,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification  # noqa: E402
 
-from autotune.caches import cache_root  # noqa: E402
 from autotune.compress.quantization import build_variant  # noqa: E402
 from autotune.config import load_spec  # noqa: E402
-from autotune.progress import SilentProgress  # noqa: E402
 from autotune.runtime import OrtRuntime, export_artifact, feeds_for  # noqa: E402
 from autotune.runtime.engines import OpenVinoRuntime, quantize_openvino_int8  # noqa: E402
 from autotune.runtime.sessions import InferenceRuntime  # noqa: E402
-from autotune.tasks import TextClassification, family_for  # noqa: E402
+from autotune.tasks import TextClassification, prepared_task  # noqa: E402
 from autotune.tasks.encoding import encode_batches, evaluate  # noqa: E402
 from profilers.cpu import probe_cpu  # noqa: E402
 from profilers.hardware import collect_profile  # noqa: E402
@@ -141,9 +139,7 @@ def error_feeds(runtime: InferenceRuntime) -> dict[str, np.ndarray]:
 
 def prepared_teacher(spec_path: Path) -> TextClassification:
     """The spec's teacher, fine-tuned (cached) as `autotune tune` prepares it, with its splits and tokenizer."""
-    spec = load_spec(spec_path)
-    family = family_for(spec.model.task)
-    task = family.prepare(family.load(spec), spec, cache_root(), SilentProgress())
+    task = prepared_task(load_spec(spec_path))
     assert isinstance(task, TextClassification), "the operators bench measures an encoder classifier"
     return task
 

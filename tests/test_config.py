@@ -124,3 +124,22 @@ def test_a_causal_lm_spec_defaults_to_the_llama_preset_and_a_256_token_context()
     t = spec.target
     assert spec.space.preset == "llama-default" and (t.prompt_len, t.context_len) == (128, 256)
     assert (t.decode_ms, t.ttft_ms, t.peak_mb, t.latency_ms) == (8, 300, 400, None)
+
+
+def test_the_state_transfer_weight_keys_students_apart_only_when_on() -> None:
+    from types import SimpleNamespace
+
+    from autotune.config import TrainingSpec
+    from autotune.trial import TrialPipeline
+    from search_spaces import Candidate
+
+    def key(training: TrainingSpec) -> str:
+        ctx = SimpleNamespace(task=SimpleNamespace(cache_identity=("teacher",)), training=training, seed=0)
+        return TrialPipeline(ctx).student_key(Candidate(layers=2, hidden=32, heads=4, ffn=64))  # type: ignore[arg-type]
+
+    off, on = key(TrainingSpec()), key(TrainingSpec(state_weight=1.0))
+    assert off != on and key(TrainingSpec(state_weight=1.0)) == on
+    assert off == key(TrainingSpec(finalists=5))  # how finalists are refined never keys the searched student
+    with pytest.raises(ConfigError, match="state_weight"):
+        load_spec({"name": "n", "model": {"path": "m"}, "data": {"path": "d.csv"}, "target": {"latency_ms": 5},
+                   "training": {"state_weight": -1}})

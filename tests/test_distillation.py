@@ -17,8 +17,9 @@ from autotune.compress import (
     mean_kd_loss,
     measured_sparsity,
     teacher_logits,
+    teacher_states,
 )
-from autotune.compress.distillation import collate, length_grouped_batches
+from autotune.compress.distillation import collate, length_grouped_batches, row_offsets
 from autotune.compress.pruning import prunable_linears
 from conftest import VOCAB, synthetic_rows, tiny_config
 
@@ -146,14 +147,45 @@ def test_same_seed_gives_identical_weights(teacher, logits: np.ndarray, data: To
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_hidden_state_loss_adds_to_the_objective(teacher, logits: np.ndarray, data: TokenizedData) -> None:
-    def first_loss(weight: float) -> float:
-        student = make_student(teacher, 1, 32, 4, 32)
-        result = distill(student, teacher, data, epochs=1, lr=1e-3, batch_size=80, teacher_logits=logits,
-                         hidden_mse_weight=weight)
-        return result.losses[0]
+def test_teacher_states_are_each_row_s_last_layer_cached_and_in_data_order(teacher, data: TokenizedData,
+                                                                          tmp_path: Path) -> None:
+    calls = count_forwards(teacher)
+    states = teacher_states(teacher, data, tmp_path, "tiny-v1")
+    ran = calls[0]
+    np.testing.assert_array_equal(teacher_states(teacher, data, tmp_path, "tiny-v1"), states)
+    assert ran > 0 and calls[0] == ran  # the second call read the cache
+    assert states.dtype == np.float16 and states.shape == (sum(data.lengths), teacher.config.hidden_size)
+    offsets = row_offsets(data)
+    for i in (0, 7, len(data) - 1):  # each row alone, unpadded, as the packed array holds it
+        inputs, _ = collate(data, [i], 0)
+        with torch.no_grad():
+            alone = teacher(**inputs, output_hidden_states=True).hidden_states[-1][0].numpy()
+        np.testing.assert_allclose(states[offsets[i]:offsets[i + 1]].astype(np.float32), alone, atol=2e-2)
 
-    assert first_loss(1.0) > first_loss(0.0)
+
+@pytest.mark.parametrize("hidden", [32, 16])  # the teacher's width, and a narrower student through the projection
+def test_state_transfer_adds_to_the_objective_and_pulls_the_student_s_states_to_the_teacher_s(
+        teacher, logits: np.ndarray, data: TokenizedData, tmp_path: Path, hidden: int) -> None:
+    states = teacher_states(teacher, data, tmp_path, "tiny-v1")
+
+    def train(weight: float, epochs: int = 1):
+        return distill(make_student(teacher, 1, hidden, 4 if hidden == 32 else 2, 32), None, data, epochs=epochs,
+                       lr=3e-3, batch_size=80, teacher_logits=logits, teacher_last_states=states, state_weight=weight)
+
+    assert train(1.0).losses[0] > train(0.0).losses[0]
+    result = train(1.0, epochs=4)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_state_transfer_bad_inputs_are_one_sentence(teacher, logits: np.ndarray, data: TokenizedData) -> None:
+    student = make_student(teacher, 1, 32, 4, 32)
+    with pytest.raises(ValueError, match="needs the teacher or its teacher_last_states"):
+        distill(student, None, data, epochs=1, lr=1e-3, teacher_logits=logits, state_weight=1.0)
+    with pytest.raises(ValueError, match="token rows but the data has"):
+        distill(student, None, data, epochs=1, lr=1e-3, teacher_logits=logits, state_weight=1.0,
+                teacher_last_states=np.zeros((3, 32), np.float16))
+    with pytest.raises(ValueError, match="state_weight >= 0"):
+        distill(student, None, data, epochs=1, lr=1e-3, teacher_logits=logits, state_weight=-1.0)
 
 
 @pytest.mark.parametrize(

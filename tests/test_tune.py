@@ -28,7 +28,7 @@ from autotune.cli import main
 from autotune.config import load_spec
 from autotune.predict import load_model
 from autotune.runtime import OrtRuntime, load_artifact
-from autotune.tasks import evaluate, predict_logits
+from autotune.tasks import TextClassification, evaluate, predict_logits, prepared_task
 from autotune.records import LATENCY_CONSTRAINT
 from autotune.study import anchors
 from autotune.tasks.text_classification import encoder_anchors, load_splits
@@ -555,3 +555,17 @@ def test_the_study_loads_in_optuna_dashboard_with_named_objectives_and_attribute
         # optuna-dashboard 0.21 reads constraints where Optuna 4 kept them, not Optuna 5's set_constraint: the
         # `feasible` and `latency_ms` attributes carry the verdict there.
         assert {"stage", "feasible", "accuracy", "latency_ms", "candidate", "size_mb"} <= attrs
+
+
+def test_a_spec_s_state_transfer_caches_the_teacher_s_states_and_trains_students_on_them(
+        teacher_dir: Path, data_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    spec = make_spec(teacher_dir, data_csv)
+    spec["training"] |= {"state_weight": 1.0, "teacher_epochs": 1}
+    task = prepared_task(load_spec(spec))
+    assert isinstance(task, TextClassification) and task.last_states is not None
+    assert task.last_states.shape == (sum(task.train.lengths), task.teacher.config.hidden_size)
+    assert list((tmp_path / "cache" / "logits").glob("teacher-states-*.npy"))
+    candidate = Candidate(layers=1, hidden=task.teacher.config.hidden_size // 2, heads=2, ffn=32)
+    student = task.distil(task.make_student(candidate), candidate, epochs=1, lr=1e-3, seed=0, pruning=None)
+    assert student.config.hidden_size == candidate.hidden  # the projection trained alongside is not part of it

@@ -19,6 +19,7 @@ from autotune.compress.distillation import (
     finetune_teacher,
     mean_kd_loss,
     teacher_logits,
+    teacher_states,
     tokenize,
 )
 from autotune.compress.healing import HealResult, TeacherTargets, heal, teacher_targets, topk_kd_loss
@@ -61,6 +62,7 @@ __all__ = [
     "shaped_like",
     "sparsity_schedule",
     "teacher_logits",
+    "teacher_states",
     "teacher_targets",
     "tokenize",
     "topk_kd_loss",

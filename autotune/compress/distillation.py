@@ -4,9 +4,9 @@ Training is the bottleneck of a trial on a small CPU box, so the loop is built t
 - Batches are padded per batch and grouped by length: examples are sorted by token count, cut into
   batches, and the batch order is shuffled with the seed. Padding every batch to the longest possible
   sequence would spend most FLOPs on pad tokens.
-- Teacher logits are computed once per (teacher, data) and cached to an .npy file (a cache entry of
-  autotune.caches: a header line, then the array); a trial then never runs the teacher unless the
-  hidden-state loss asks for its hidden states.
+- Teacher logits, and the teacher's last-layer states when the state transfer is on, are computed once per
+  (teacher, data) and cached to .npy files (cache entries of autotune.caches: a header line, then the array);
+  a trial never runs the teacher.
 - A fine-tuned teacher is cached as a safetensors directory, so a study fine-tunes it once.
 
 Everything is seeded: the same seed on the CPU gives bit-identical weights. The global RNG state of the
@@ -30,7 +30,6 @@ from torch import nn
 
 from autotune.caches import cached_dir_value, cached_file
 from autotune.compress.pruning import PruningSchedule, apply_masks, compute_masks, measured_sparsity
-from autotune.compress.student import even_layer_indices
 from autotune.models import shape_of, state_fingerprint
 
 log = logging.getLogger(__name__)
@@ -171,23 +170,65 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return F.kl_div(log_student, target, reduction="batchmean") * temperature**2
 
 
-def hidden_state_loss(
-    student_states: Sequence[torch.Tensor],
-    teacher_states: Sequence[torch.Tensor],
-    layer_map: Sequence[int],
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """Mean MSE between student layer outputs and their teacher layers (embeddings paired with embeddings).
+def row_offsets(data: TokenizedData) -> np.ndarray:
+    """Where each example's tokens start in a packed [tokens, hidden] array (one more entry: the total)."""
+    return np.concatenate([[0], np.cumsum(data.lengths)]).astype(np.int64)
 
-    `layer_map[i]` is the teacher layer that student layer i was copied from; pad positions are ignored.
-    """
-    pairs = [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
+
+@torch.no_grad()
+def _packed_states(model: nn.Module, data: TokenizedData, batch_size: int) -> np.ndarray:
+    """The model's last-layer hidden state of every real token, row after row, float16 [tokens, hidden]."""
+    was_training = model.training
+    model.eval()
+    offsets, states = row_offsets(data), None
+    for indices in length_grouped_batches(data.lengths, batch_size, seed=None):
+        inputs, _ = collate(data, indices, _pad_id(model))
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1].float().numpy()
+        states = np.zeros((offsets[-1], hidden.shape[-1]), np.float16) if states is None else states
+        for row, i in enumerate(indices):
+            states[offsets[i]:offsets[i + 1]] = hidden[row, :offsets[i + 1] - offsets[i]]
+    model.train(was_training)
+    return states
+
+
+def teacher_states(teacher: nn.Module, data: TokenizedData, cache_dir: str | Path, teacher_fingerprint: str,
+                   batch_size: int = 64) -> np.ndarray:
+    """The teacher's last-layer states of the training data (`_packed_states`), cached like its logits: one
+    teacher pass per (teacher, data), and no teacher in any trial (about 2 bytes x hidden per token)."""
+    key = hashlib.sha256(f"{teacher_fingerprint}|{data.fingerprint()}".encode()).hexdigest()[:32]
+    path = Path(cache_dir) / f"teacher-states-{key}.npy"
+    states, hit = cached_file(path, lambda: _packed_states(teacher, data, batch_size), _npy_bytes, _npy_array,
+                              valid=lambda array: array.ndim == 2 and array.shape[0] == sum(data.lengths))
+    log.info("Teacher states %s: %s", "cache hit" if hit else "cached", path)
+    return states
+
+
+def batch_states(states: np.ndarray, offsets: np.ndarray, indices: Sequence[int], width: int) -> torch.Tensor:
+    """The packed states of `indices`, padded with zeros to `width` tokens: [batch, width, hidden] float32."""
+    out = torch.zeros((len(indices), width, states.shape[1]), dtype=torch.float32)
+    for row, i in enumerate(indices):
+        rows = states[offsets[i]:offsets[i + 1]]
+        out[row, :len(rows)] = torch.from_numpy(rows.astype(np.float32))
+    return out
+
+
+def state_transfer_loss(student_last: torch.Tensor, teacher_last: torch.Tensor, projection: nn.Module,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the student's projected last-layer states and the teacher's, over real tokens
+    (TinyBERT's hidden-state transfer at the last layer; the projection exists in training only)."""
     weight = mask.unsqueeze(-1).float()
-    total = student_states[0].new_zeros(())
-    for s, t in pairs:
-        diff = (student_states[s] - teacher_states[t]) ** 2 * weight
-        total = total + diff.sum() / (weight.sum() * diff.shape[-1]).clamp_min(1.0)
-    return total / len(pairs)
+    diff = (projection(student_last) - teacher_last) ** 2 * weight
+    return diff.sum() / (weight.sum() * diff.shape[-1]).clamp_min(1.0)
+
+
+def state_projection(student_hidden: int, teacher_hidden: int) -> nn.Linear:
+    """Student width -> teacher width, no bias; the identity when they match, so training starts from the copied
+    layers' own alignment."""
+    projection = nn.Linear(student_hidden, teacher_hidden, bias=False)
+    if student_hidden == teacher_hidden:
+        with torch.no_grad():
+            projection.weight.copy_(torch.eye(teacher_hidden))
+    return projection
 
 
 @dataclass(frozen=True)
@@ -214,15 +255,17 @@ def _train(
     seed: int,
     pruning_schedule: PruningSchedule | None,
     progress: Progress | None,
+    extra_parameters: Sequence[nn.Parameter] = (),
 ) -> DistillResult:
-    """The one training loop: AdamW, linear decay to 0, length-grouped batches, optional gradual pruning."""
+    """The one training loop: AdamW, linear decay to 0, length-grouped batches, optional gradual pruning;
+    `extra_parameters` (a loss's own, such as a projection) train alongside the model."""
     if epochs < 1 or lr <= 0:
         raise ValueError(f"Training needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         plan = [length_grouped_batches(data.lengths, batch_size, seed + epoch) for epoch in range(epochs)]
         total = sum(len(batches) for batches in plan)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        optimizer = torch.optim.AdamW([*model.parameters(), *extra_parameters], lr=lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
         events = pruning_schedule.events(total) if pruning_schedule else {}
         masks: dict[str, torch.Tensor] = {}
@@ -271,22 +314,24 @@ def distill(
     lr: float,
     temperature: float = 2.0,
     alpha: float = 0.5,
-    hidden_mse_weight: float = 0.0,
+    state_weight: float = 0.0,
     batch_size: int = 32,
     seed: int = 0,
     teacher_logits: np.ndarray | None = None,
+    teacher_last_states: np.ndarray | None = None,
     pruning_schedule: PruningSchedule | None = None,
     progress: Progress | None = None,
 ) -> DistillResult:
-    """Train `student` in place on alpha * KD(T) + (1 - alpha) * CE + hidden_mse_weight * hidden MSE.
+    """Train `student` in place on alpha * KD(T) + (1 - alpha) * CE + state_weight * last-layer state transfer.
 
-    `teacher` may be None when `teacher_logits` are given and the hidden loss is off. The hidden-state MSE
-    pairs student layer i with teacher layer `config.teacher_layer_indices[i]` (set by `make_student`, else
-    evenly spaced); it needs equal hidden sizes, because a learned projection would add parameters that
-    the deployed student does not have, so with different widths it is skipped with a warning.
+    `teacher` may be None when `teacher_logits` (and, with `state_weight`, `teacher_last_states` from
+    `teacher_states`) are given. The state transfer maps the student's last-layer states onto the teacher's
+    through a projection trained alongside and dropped afterwards, so students of any width learn the teacher's
+    representation, not only its output distribution.
     """
-    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
-        raise ValueError(f"distill needs alpha in [0, 1] and temperature > 0, got alpha={alpha}, T={temperature}.")
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0 or state_weight < 0:
+        raise ValueError(f"distill needs alpha in [0, 1], temperature > 0 and state_weight >= 0, got alpha={alpha}, "
+                         f"T={temperature}, state_weight={state_weight}.")
     if teacher_logits is None:
         if teacher is None:
             raise ValueError("distill needs a teacher or precomputed teacher_logits.")
@@ -294,46 +339,42 @@ def distill(
     soft = torch.as_tensor(np.asarray(teacher_logits), dtype=torch.float32)
     if soft.shape[0] != len(data):
         raise ValueError(f"teacher_logits has {soft.shape[0]} rows but the data has {len(data)} examples.")
-
-    use_hidden = hidden_mse_weight > 0 and _hidden_loss_possible(student, teacher)
-    layer_map = _layer_map(student, teacher) if use_hidden else ()
-    if use_hidden:
-        teacher.eval()
+    offsets = row_offsets(data)
+    projection, teacher_last_states = (None, None) if state_weight == 0 else _state_transfer(
+        student, teacher, data, teacher_last_states, seed, batch_size)
 
     def loss_fn(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, indices: list[int]):
-        out = model(**inputs, output_hidden_states=use_hidden)
+        out = model(**inputs, output_hidden_states=projection is not None)
         loss = alpha * soft_target_loss(out.logits, soft[indices], temperature)
         if alpha < 1.0:
             loss = loss + (1.0 - alpha) * F.cross_entropy(out.logits, labels)
-        if use_hidden:
-            with torch.no_grad():
-                teacher_states = teacher(**inputs, output_hidden_states=True).hidden_states
-            loss = loss + hidden_mse_weight * hidden_state_loss(
-                out.hidden_states, teacher_states, layer_map, inputs["attention_mask"]
-            )
+        if projection is not None:
+            mask = inputs["attention_mask"]
+            target = batch_states(teacher_last_states, offsets, indices, mask.shape[1])
+            loss = loss + state_weight * state_transfer_loss(out.hidden_states[-1], target, projection, mask)
         return loss
 
     return _train(
         student, data, loss_fn, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
         pruning_schedule=pruning_schedule, progress=progress,
+        extra_parameters=() if projection is None else tuple(projection.parameters()),
     )
 
 
-def _hidden_loss_possible(student: nn.Module, teacher: nn.Module | None) -> bool:
-    if teacher is None:
-        raise ValueError("hidden_mse_weight > 0 needs the teacher itself, not only its logits.")
-    if shape_of(student).hidden != shape_of(teacher).hidden:
-        log.warning("Hidden-state loss skipped: student hidden %d != teacher hidden %d.",
-                    shape_of(student).hidden, shape_of(teacher).hidden)
-        return False
-    return True
-
-
-def _layer_map(student: nn.Module, teacher: nn.Module) -> tuple[int, ...]:
-    recorded = getattr(student.config, "teacher_layer_indices", None)
-    if recorded is not None:
-        return tuple(recorded)
-    return even_layer_indices(shape_of(teacher).layers, shape_of(student).layers)
+def _state_transfer(student: nn.Module, teacher: nn.Module | None, data: TokenizedData, states: np.ndarray | None,
+                    seed: int, batch_size: int) -> tuple[nn.Linear, np.ndarray]:
+    """The state transfer's seeded projection and the teacher's packed states (computed when not given), checked
+    against the data."""
+    if states is None:
+        if teacher is None:
+            raise ValueError("state_weight > 0 needs the teacher or its teacher_last_states.")
+        states = _packed_states(teacher, data, batch_size=max(batch_size, 64))
+    if states.shape[0] != sum(data.lengths):
+        raise ValueError(f"teacher_last_states has {states.shape[0]} token rows but the data has {sum(data.lengths)} "
+                         "tokens.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return state_projection(shape_of(student).hidden, states.shape[1]), states
 
 
 def finetune_teacher(
@@ -387,6 +428,6 @@ def mean_kd_loss(
 
 
 __all__ = [
-    "DistillResult", "TokenizedData", "collate", "distill", "finetune_teacher", "hidden_state_loss",
+    "DistillResult", "TokenizedData", "collate", "distill", "finetune_teacher", "state_transfer_loss", "teacher_states",
     "length_grouped_batches", "mean_kd_loss", "soft_target_loss", "teacher_logits", "tokenize",
 ]

@@ -22,6 +22,9 @@ from autotune.tasks.encoding import (
     predict,
     predict_logits,
 )
+from autotune.caches import cache_root
+from autotune.config import TuneSpec
+from autotune.progress import SilentProgress
 from autotune.tasks.text_classification import TextClassification
 from autotune.tasks.causal_lm import CausalLM
 
@@ -34,6 +37,13 @@ def family_for(task: str) -> type[TaskFamily]:
     if task not in TASKS:
         raise ValueError(f"model.task must be one of {sorted(TASKS)}, got {task!r}")
     return TASKS[task]
+
+
+def prepared_task(spec: TuneSpec) -> TaskFamily:
+    """The spec's task ready for students, as a tune prepares it (teacher fine-tuned, its targets cached, in the
+    user's cache), without a study or a profile: what the benchmarks measure operators on."""
+    family = family_for(spec.model.task)
+    return family.prepare(family.load(spec), spec, cache_root(), SilentProgress())
 
 
 __all__ = [
@@ -50,6 +60,7 @@ __all__ = [
     "Timed",
     "Timing",
     "family_for",
+    "prepared_task",
     "Splits",
     "accuracy",
     "encode_batches",

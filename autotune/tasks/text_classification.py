@@ -20,7 +20,8 @@ from torch import nn
 
 from autotune.builtin import resolve_data, resolve_model
 from autotune.compress import (
-    PruningSchedule, distill, finetune_teacher, make_student, measured_sparsity, shaped_like, teacher_logits, tokenize,
+    PruningSchedule, distill, finetune_teacher, make_student, measured_sparsity, shaped_like, teacher_logits,
+    teacher_states, tokenize,
 )
 from autotune.compress.distillation import TokenizedData
 from autotune.compress.quantization import quantize_artifact
@@ -129,6 +130,8 @@ class TextClassification(TaskFamily):
     fine_tuned: bool
     teacher_key: str  # a hash of the ready teacher's weights, computed once: it keys the logits and every student
     metric: Metric | None = None
+    #: The teacher's last-layer states on the training split (packed, cached), when `training.state_weight` > 0.
+    last_states: np.ndarray | None = None
 
     @classmethod
     def load(cls, spec: TuneSpec) -> LoadedClassifierRun:
@@ -141,7 +144,8 @@ class TextClassification(TaskFamily):
     @classmethod
     def prepare(cls, loaded: LoadedClassifierRun, spec: TuneSpec, cache_dir: Path, progress: SilentProgress,
                 metric: Metric | None = None) -> "TextClassification":
-        """Fine-tune a new head (cached), then the teacher's logits on the training split (cached)."""
+        """Fine-tune a new head (cached), then the teacher's logits on the training split (cached), and its last-layer
+        states there when the state transfer is on (cached)."""
         splits, training = loaded.splits, spec.training
         train = tokenize(loaded.tokenizer, splits.train.texts, splits.train.labels, max_length=spec.data.max_length)
         teacher = loaded.teacher
@@ -152,7 +156,12 @@ class TextClassification(TaskFamily):
                                        progress=functools.partial(progress.training, "fine-tuning the teacher"))
         teacher_key = state_fingerprint(teacher)
         logits = teacher_logits(teacher, train, cache_dir=cache_dir / "logits", teacher_fingerprint=teacher_key)
-        return cls(teacher, loaded.tokenizer, train, logits, splits, loaded.space, spec, loaded.new_head, teacher_key, metric)
+        states = None
+        if training.state_weight > 0:
+            progress.note("the teacher's last-layer states on the training split (state transfer; cached)")
+            states = teacher_states(teacher, train, cache_dir / "logits", teacher_key)
+        return cls(teacher, loaded.tokenizer, train, logits, splits, loaded.space, spec, loaded.new_head, teacher_key,
+                   metric, states)
 
     @property
     def teacher(self) -> nn.Module:
@@ -215,12 +224,13 @@ class TextClassification(TaskFamily):
 
     def distil(self, student: nn.Module, candidate: Candidate, *, epochs: int, lr: float, seed: int,
                pruning: PruningSchedule | None, on_step: Steps | None = None) -> nn.Module:
-        """KD on the cached teacher logits plus the labels, sparsified along `pruning`."""
+        """KD on the cached teacher logits plus the labels (and the state transfer onto the cached teacher states when
+        `training.state_weight` > 0), sparsified along `pruning`."""
         training = self.spec.training
         return distill(
             student, None, self.train, epochs=epochs, lr=lr, temperature=training.temperature, alpha=training.alpha,
-            batch_size=training.batch_size, seed=seed, teacher_logits=self.logits, pruning_schedule=pruning,
-            progress=on_step,
+            state_weight=training.state_weight, batch_size=training.batch_size, seed=seed, teacher_logits=self.logits,
+            teacher_last_states=self.last_states, pruning_schedule=pruning, progress=on_step,
         ).model.eval()
 
     def export(self, model: nn.Module, out_dir: Path) -> Artifact:
