@@ -231,6 +231,9 @@ class TuneSpec(Strict):
             self.target.check_for(self.model.task)
         except ValueError as exc:
             raise ValueError(f"target: {exc}") from None
+        if self.training.state_weight > 0 and self.model.task != "text-classification":
+            raise ValueError("training.state_weight (the encoder students' state transfer) applies to "
+                             f"text-classification; a {self.model.task} student is healed on the teacher's top-k logits")
         return self
 
 

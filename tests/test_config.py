@@ -143,3 +143,6 @@ def test_the_state_transfer_weight_keys_students_apart_only_when_on() -> None:
     with pytest.raises(ConfigError, match="state_weight"):
         load_spec({"name": "n", "model": {"path": "m"}, "data": {"path": "d.csv"}, "target": {"latency_ms": 5},
                    "training": {"state_weight": -1}})
+    with pytest.raises(ConfigError, match="applies to text-classification"):
+        load_spec({"name": "n", "model": {"path": "m", "task": "causal-lm"}, "data": {"path": "t.txt"},
+                   "target": {"speedup": 3}, "training": {"state_weight": 1}})
