@@ -69,7 +69,6 @@ ACCURACY_TOLERANCE = 0.005  # half a point of validation accuracy
 SETTINGS = MeasureSettings(warmup=10, min_runs=50, max_runs=2000, max_seconds=6.0, rel_ci=0.02)
 ERROR_ROWS = 64  # rows of random token ids each quantized teacher's logits are compared on
 CALIBRATION_ROWS, CALIBRATION_BATCH = 64, 8
-ENGINE_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ def engine_variants(mode: EngineMode, unfused: Path, out_dir: Path, vocab: int, 
                     calibration: list[dict[str, np.ndarray]], chosen: Recipe) -> list[Variant]:
     """The teacher under one engine mode beyond ONNX Runtime's fp32 and dynamic int8 (built here; none when the
     engine is not installed)."""
-    if importlib.util.find_spec(ENGINE_MODULES[mode.engine]) is None:
+    if importlib.util.find_spec(mode.engine) is None:  # the engine's module has its name
         return []
     if mode.name == "onnxruntime-int8-static":
         path = build_variant(unfused, out_dir / "teacher-ort-int8-static.onnx", 8, static=True, calibration=calibration,

@@ -24,16 +24,15 @@ import numpy as np
 from scipy.optimize import nnls
 
 from profilers.predictor import (
-    INTERVAL_LEVEL, TRANSFER_LOG_HALFWIDTH, UNCALIBRATED_LOG_HALFWIDTH, Prediction, PredictionError, Throughput,
+    FP32_BYTES, INTERVAL_LEVEL, TRANSFER_LOG_HALFWIDTH, UNCALIBRATED_LOG_HALFWIDTH, Prediction, PredictionError,
+    Throughput,
     conformal_halfwidth, operator_overhead_ms,
 )
 
-#: Bytes a weight occupies on disk at each width (int4 and int8 carry a scale per block of 32): how many weights
-#: an artifact of a given size holds, for the prefill's FLOPs.
-BYTES_PER_WEIGHT = {32: 4.0, 8: 1.0 + 4.0 / 32, 4: 0.5 + 4.0 / 32}
 #: Fewer measured latencies than this and the fit is not trusted: three coefficients need more points than that.
 MIN_POINTS = 4
-FP32_BYTES = 4.0
+#: The block size the prefill's FLOPs assume when counting an artifact's weights from its bytes (the builder's).
+DEFAULT_BLOCK_SIZE = 32
 
 
 def bytes_per_weight(bits: int, block_size: int) -> float:
@@ -90,7 +89,7 @@ def components(config: DecoderConfig, machine: Throughput, latency: str) -> np.n
     if latency == "decode":
         work = config.weight_bytes / (machine.bandwidth_gbps * 1e6)
     elif latency == "ttft":
-        flops = 2.0 * config.prompt_len * config.weight_bytes / BYTES_PER_WEIGHT[config.bits]
+        flops = 2.0 * config.prompt_len * config.weight_bytes / bytes_per_weight(config.bits, DEFAULT_BLOCK_SIZE)
         work = flops / ((machine.fp32_gflops if config.bits == 32 else machine.int8_gops) * 1e6)
     else:
         raise PredictionError(f"no model for a causal LM's {latency!r} latency; predicted: decode, ttft")

@@ -150,13 +150,18 @@ def teacher_logits(
     """
     if cache_dir is None:
         return _predict(teacher, data, batch_size)
-    identity = teacher_fingerprint or state_fingerprint(teacher)
-    key = hashlib.sha256(f"{identity}|{data.fingerprint()}".encode()).hexdigest()[:32]
-    path = Path(cache_dir) / f"teacher-logits-{key}.npy"
-    logits, hit = cached_file(path, lambda: _predict(teacher, data, batch_size), _npy_bytes, _npy_array,
-                              valid=lambda array: array.shape[0] == len(data))
-    log.info("Teacher logits %s: %s", "cache hit" if hit else "cached", path)
-    return logits
+    return _cached_teacher_array("logits", Path(cache_dir), teacher_fingerprint or state_fingerprint(teacher), data,
+                                 lambda: _predict(teacher, data, batch_size), lambda array: array.shape[0] == len(data))
+
+
+def _cached_teacher_array(kind: str, cache_dir: Path, teacher_fingerprint: str, data: TokenizedData,
+                          compute: Callable[[], np.ndarray], valid: Callable[[np.ndarray], bool]) -> np.ndarray:
+    """An array the teacher computes once per (teacher, data), an .npy entry of `cache_dir` keyed by both."""
+    key = hashlib.sha256(f"{teacher_fingerprint}|{data.fingerprint()}".encode()).hexdigest()[:32]
+    path = cache_dir / f"teacher-{kind}-{key}.npy"
+    array, hit = cached_file(path, compute, _npy_bytes, _npy_array, valid=valid)
+    log.info("Teacher %s %s: %s", kind, "cache hit" if hit else "cached", path)
+    return array
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -195,12 +200,9 @@ def teacher_states(teacher: nn.Module, data: TokenizedData, cache_dir: str | Pat
                    batch_size: int = 64) -> np.ndarray:
     """The teacher's last-layer states of the training data (`_packed_states`), cached like its logits: one
     teacher pass per (teacher, data), and no teacher in any trial (about 2 bytes x hidden per token)."""
-    key = hashlib.sha256(f"{teacher_fingerprint}|{data.fingerprint()}".encode()).hexdigest()[:32]
-    path = Path(cache_dir) / f"teacher-states-{key}.npy"
-    states, hit = cached_file(path, lambda: _packed_states(teacher, data, batch_size), _npy_bytes, _npy_array,
-                              valid=lambda array: array.ndim == 2 and array.shape[0] == sum(data.lengths))
-    log.info("Teacher states %s: %s", "cache hit" if hit else "cached", path)
-    return states
+    return _cached_teacher_array("states", Path(cache_dir), teacher_fingerprint, data,
+                                 lambda: _packed_states(teacher, data, batch_size),
+                                 lambda array: array.ndim == 2 and array.shape[0] == sum(data.lengths))
 
 
 def batch_states(states: np.ndarray, offsets: np.ndarray, indices: Sequence[int], width: int) -> torch.Tensor:
