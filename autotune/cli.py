@@ -138,6 +138,7 @@ STORAGE_HELP = ("Optuna storage: an RDB URL (sqlite:///study.db, postgresql+psyc
 def build_parser() -> Parser:
     """The whole command line; subcommands import their heavy modules only when they run."""
     from autotune.config import SAMPLERS
+    from search_spaces.candidate import LM_METHODS
 
     parser = Parser(
         prog="autotune",
@@ -278,9 +279,13 @@ def build_parser() -> Parser:
     measure.add_argument("--column", default=None, help="the text column of a .jsonl or .csv file")
     measure.add_argument("--bits", type=int, choices=(32, 8, 4), default=32, help="width of the decoder's linear layers")
     measure.add_argument("--block-size", type=int, choices=(16, 32, 64, 128, 256), default=32, help="weights per scale")
-    measure.add_argument("--method", choices=("rtn", "rtn-asym", "k-quant", "hqq", "gptq"), default="rtn",
-                         help="int4/int8 method (gptq calibrates on the text's training split)")
+    measure.add_argument("--method", choices=LM_METHODS, default="rtn",
+                         help="int4/int8 method (gptq calibrates on the text's training split; rtn-offset keeps a "
+                              "GGUF Q4_1 model's grid exactly)")
     measure.add_argument("--head-bits", type=int, choices=(32, 8, 4), default=None, help="the LM head's width (default: as --bits)")
+    measure.add_argument("--head-int8-rows", type=positive(int), default=None, metavar="N",
+                         help="with --method rtn-offset and a 4-bit head: keep the head's first N vocabulary rows "
+                              "(the most frequent BPE pieces) at int8")
     measure.add_argument("--sensitive-int8", action="store_true",
                          help="with --bits 4: keep the sensitive layers (llama.cpp's mixed strategy: the first and last "
                               "eighth of the blocks, every third block's qkv/v/down) at int8")
@@ -408,13 +413,15 @@ def run_measure_lm(args: argparse.Namespace) -> int:
     from autotune.lm_measure import measure_model
     from autotune.runtime.genai import WeightOnly
 
-    if args.bits == 32 and (args.head_bits is not None or args.method != "rtn" or args.sensitive_int8):
-        raise UsageError("--method, --head-bits and --sensitive-int8 quantize: give --bits 8 or 4 with them")
+    if args.bits == 32 and (args.head_bits is not None or args.method != "rtn" or args.sensitive_int8
+                            or args.head_int8_rows):
+        raise UsageError("--method, --head-bits, --head-int8-rows and --sensitive-int8 quantize: give --bits 8 or 4 "
+                         "with them")
     weights = None
     if args.bits != 32:
         try:
             weights = WeightOnly(bits=args.bits, block_size=args.block_size, method=args.method, head_bits=args.head_bits,
-                                 sensitive_int8=args.sensitive_int8)
+                                 sensitive_int8=args.sensitive_int8, head_int8_rows=args.head_int8_rows or 0)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     rows = measure_model(args.model, args.text, weights, column=args.column, prompt_len=args.prompt_len,

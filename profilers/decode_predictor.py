@@ -40,6 +40,15 @@ def bytes_per_weight(bits: int, block_size: int) -> float:
     return FP32_BYTES if bits == 32 else bits / 8 + FP32_BYTES / block_size
 
 
+def offset_matrix_bytes(k: int, n: int, block_size: int) -> float:
+    """Bytes of an int4 weight [k, n] with its blocks' offsets kept (`autotune.runtime.offset_grid`): per column, its
+    k / block_size blocks and the whole blocks that hold their offsets, each block's codes with a scale and a 4-bit
+    zero point."""
+    sums = -(-k // block_size)
+    blocks = sums + -(-sums // block_size)
+    return n * blocks * (block_size / 2 + FP32_BYTES + 0.5)
+
+
 def sensitive_blocks(blocks: int) -> list[int]:
     """The blocks whose qkv and down projections ONNX Runtime GenAI's `mixed_layers` keeps at int8 in an int4 body
     (llama.cpp's mixed strategy, as the builder's `make_matmul_mixed_precision` spells it): the first and last
@@ -59,16 +68,25 @@ class DecoderDims:
     vocab: int
 
 
-def weight_bytes_read(dims: DecoderDims, bits: int, block_size: int, head_bits: int, sensitive_int8: bool) -> float:
+def weight_bytes_read(dims: DecoderDims, bits: int, block_size: int, head_bits: int, sensitive_int8: bool,
+                      offsets: bool = False, head_int8_rows: int = 0) -> float:
     """The bytes of weights one decoded token reads: every block's linears and the LM head, each at its width (the
-    embedding table is only gathered, one row a token)."""
+    embedding table is only gathered, one row a token). `offsets`: int4 with offsets kept (rtn-offset), whose
+    4-bit head keeps `head_int8_rows` rows at int8."""
     h = dims.hidden
-    qkv, out, gate_up, down = h * (h + 2 * dims.kv_width), h * h, 2 * h * dims.ffn, dims.ffn * h
-    body = dims.blocks * (qkv + out + gate_up + down) * bytes_per_weight(bits, block_size)
+
+    def matrix(k: int, n: int, width: int) -> float:
+        if offsets and width == 4:
+            return offset_matrix_bytes(k, n, block_size)
+        return k * n * bytes_per_weight(width, block_size)
+
+    qkv, out, gate_up, down = (h, h + 2 * dims.kv_width), (h, h), (h, 2 * dims.ffn), (dims.ffn, h)
+    body = dims.blocks * sum(matrix(k, n, bits) for k, n in (qkv, out, gate_up, down))
     if sensitive_int8 and bits == 4:
-        upgraded = len(sensitive_blocks(dims.blocks)) * (qkv + down)
+        upgraded = len(sensitive_blocks(dims.blocks)) * (h * (h + 2 * dims.kv_width) + dims.ffn * h)
         body += upgraded * (bytes_per_weight(8, block_size) - bytes_per_weight(4, block_size))
-    return body + dims.vocab * h * bytes_per_weight(head_bits, block_size)
+    rows = head_int8_rows if head_bits == 4 else 0
+    return body + matrix(h, rows, 8) + matrix(h, dims.vocab - rows, head_bits)
 
 
 @dataclass(frozen=True)

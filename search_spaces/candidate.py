@@ -24,8 +24,15 @@ BITS_NAMES = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 WEIGHT_ONLY_FIELDS = ("block_size", "method", "head_bits", "sensitive_int8")
 LM_FIELDS = WEIGHT_ONLY_FIELDS + ("heal_tokens",)
 #: Weight-only quantization of a causal LM: round-to-nearest (symmetric, the builder's default), asymmetric,
-#: k-quant (the builder's), HQQ and GPTQ (ONNX Runtime's quantizer); block sizes; widths of the linears and LM head.
-LM_METHODS = ("rtn", "rtn-asym", "k-quant", "hqq", "gptq")
+#: asymmetric with every block's offset kept (autotune.runtime.offset_grid), k-quant (the builder's), HQQ and GPTQ
+#: (ONNX Runtime's quantizer); block sizes; widths of the linears and LM head.
+LM_METHODS = ("rtn", "rtn-asym", "rtn-offset", "k-quant", "hqq", "gptq")
+#: The methods the builder runs itself, the only ones that can keep sensitive layers at int8 (`mixed_layers`).
+LM_BUILDER_METHODS = ("rtn", "rtn-asym", "k-quant")
+#: With rtn-offset and a 4-bit LM head, the share of the vocabulary's first rows (a BPE vocabulary's most frequent
+#: pieces) kept at int8: on SmolLM2, 8,192 of 49,152 rows took the head's cost from +10.6% to +2.0% perplexity for
+#: 2.3 MB (measured in torch); see WeightOnly.head_int8_rows.
+HEAD_INT8_SHARE = 1 / 6
 LM_BLOCK_SIZES = (16, 32, 64, 128, 256)
 LM_WEIGHT_BITS = (4, 8, 32)
 
@@ -91,7 +98,7 @@ class Candidate:
         Dense weights have no pattern (sparsity 0 -> 'unstructured'), and 2:4 means exactly 50%, so a sampler
         that proposes (2:4, 0.3) and (2:4, 0.7) gets the same candidate, and the same cache entries.
         A causal LM's weight-only fields mean nothing at fp32 (they are dropped), and `sensitive_int8` only in an
-        int4 body (False elsewhere).
+        int4 body quantized by the builder (False elsewhere).
         """
         sparsity = float(params.get("sparsity", 0.0))
         pattern = params.get("sparsity_pattern", "unstructured")
@@ -102,7 +109,8 @@ class Candidate:
         folded: dict[str, Any] = {"sparsity": sparsity, "sparsity_pattern": pattern}
         if params.get("bits", 32) == 32:
             folded |= dict.fromkeys(WEIGHT_ONLY_FIELDS)
-        elif params.get("bits") != 4 and params.get("sensitive_int8") is not None:
+        elif params.get("sensitive_int8") is not None and (
+                params.get("bits") != 4 or params.get("method", "rtn") not in LM_BUILDER_METHODS):
             folded["sensitive_int8"] = False
         return cls(**{**params, **folded})
 
@@ -167,6 +175,8 @@ class Candidate:
             parts.append(f"{BITS_NAMES[self.bits]} {self.method} block {self.block_size}{mixed}")
             if self.head_bits is not None and self.head_bits != self.bits:
                 parts.append(f"LM head {BITS_NAMES[self.head_bits]}")
+            elif self.method == "rtn-offset" and self.bits == 4:
+                parts.append(f"LM head int4 (its first {HEAD_INT8_SHARE:.0%} of rows int8)")
         if self.heal_tokens:
             parts.append(f"healed {self.heal_tokens:,} tokens")
         return ", ".join(parts)

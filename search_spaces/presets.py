@@ -70,8 +70,9 @@ HEAL_TOKENS = (32_768, 131_072)
 
 def llama_default(teacher: TeacherShape) -> Space:
     """A llama-family causal LM: blocks kept (all, 7/8, 3/4 of them, chosen by importance), FFN at 100/75%, linears
-    at fp32, int8 or int4, int4 in blocks of 32-128 by round-to-nearest, the sensitive layers kept int8 or not, the
-    LM head at int4 or int8, and a healing budget for students. Hidden size and heads stay the teacher's (the KV
+    at fp32, int8 or int4, int4 in blocks of 32-128 by round-to-nearest with integer zero points or with offsets
+    kept (exact on a GGUF Q4_1 teacher's grids), the sensitive layers kept int8 or not, the LM head at int4 or
+    int8, and a healing budget for students. Hidden size and heads stay the teacher's (the KV
     cache and attention kernels are shaped by them); no sparsity (no sparse CPU kernel in ONNX Runtime).
 
     k-quant is left to the user (`knobs: {method: [rtn, k-quant]}`): on SmolLM2 it decoded 1.5x slower than RTN
@@ -89,7 +90,7 @@ def llama_default(teacher: TeacherShape) -> Space:
             Categorical("sparsity_pattern", ("unstructured",)),
             Categorical("bits", (32, 8, 4)),
             Categorical("block_size", (32, 64, 128)),
-            Categorical("method", ("rtn",)),
+            Categorical("method", ("rtn", "rtn-offset")),
             Categorical("sensitive_int8", (False, True)),
             Categorical("head_bits", (4, 8)),
             Categorical("heal_tokens", HEAL_TOKENS),

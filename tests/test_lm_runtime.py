@@ -63,6 +63,7 @@ def test_fp32_export_matches_torch_logits_with_and_without_a_kv_cache(fp32_artif
     (WeightOnly(bits=4, block_size=32, method="rtn-asym"), 4, 32),
     (WeightOnly(bits=4, block_size=16, method="k-quant"), 4, 16),
     (WeightOnly(bits=4, block_size=32, method="hqq"), 4, 32),
+    (WeightOnly(bits=4, block_size=16, method="rtn-offset"), 4, 16),
     (WeightOnly(bits=4, block_size=16, method="gptq"), 4, 16),
 ])
 def test_weight_only_quantizes_every_linear_at_its_bits_and_block(tiny_llama_dir: Path, tmp_path: Path,
@@ -86,6 +87,53 @@ def test_the_lm_head_has_its_own_width(tiny_llama_dir: Path, tmp_path: Path, hea
     assert {n["bits"] for name, n in nodes.items() if not name.startswith("/lm_head/")} == {4}
 
 
+@pytest.mark.parametrize("weights, heads", [
+    (WeightOnly(bits=4, method="rtn-offset", head_bits=8), {"/lm_head/MatMul_Q8": 8}),
+    (WeightOnly(bits=4, method="rtn-offset", head_int8_rows=5), {"/lm_head/MatMul_first5_Q8": 8, "/lm_head/MatMul_rest": 4}),
+])
+def test_an_offset_grid_head_is_int8_in_whole_or_in_its_first_rows(tiny_llama_dir: Path, tmp_path: Path,
+                                                                   weights: WeightOnly, heads: dict[str, int]) -> None:
+    nodes = nbits_nodes(export_causal_lm(tiny_llama_dir, tmp_path / "q", weights))
+    assert {name: n["bits"] for name, n in nodes.items() if name.startswith("/lm_head/")} == heads
+    assert np.isfinite(score_lm(tmp_path / "q", windows()).perplexity)  # ONNX Runtime loads and runs it
+
+
+def snap_to_q4_1(model_dir: Path, out_dir: Path, block: int = 32) -> Path:
+    """The llama of `model_dir` with every decoder linear's weight on GGUF Q4_1 grids (blocks of `block` along the
+    input, each spanning its own min to max in 15 steps), as a model converted from a Q4_1 GGUF is."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_lm_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("proj.weight"):
+                blocks = parameter.reshape(parameter.shape[0], -1, block)
+                low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+                step = (high - low) / 15
+                parameter.copy_((low + torch.round((blocks - low) / step) * step).reshape(parameter.shape))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    write_lm_tokenizer(out_dir)
+    return out_dir
+
+
+def test_offsets_kept_reproduce_a_q4_1_model_that_integer_zero_points_cannot(tiny_llama_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    snapped = snap_to_q4_1(tiny_llama_dir, tmp_path / "q4_1")
+    ids = windows(1, 20)[0]
+
+    def logits(weights: WeightOnly | None) -> np.ndarray:
+        artifact = export_causal_lm(snapped, tmp_path / (weights.name if weights else "fp32"), weights)
+        return window_logits(_session(artifact.directory, 1), ids, cache_shape(artifact.directory))
+
+    exact = logits(None)
+    # fp32 activations (accuracy level 0) and an fp32 head, so only the body's weights differ
+    kept = np.abs(logits(WeightOnly(method="rtn-offset", head_bits=32, accuracy_level=0)) - exact).max()
+    requantized = np.abs(logits(WeightOnly(method="rtn-asym", head_bits=32, accuracy_level=0)) - exact).max()
+    assert kept < requantized / 50
+
+
 def test_the_sensitive_layers_stay_at_int8_in_an_int4_body(tmp_path: Path) -> None:
     eight_blocks = save_tiny_llama(tmp_path / "eight", layers=8)
     artifact = export_causal_lm(eight_blocks, tmp_path / "q", WeightOnly(bits=4, sensitive_int8=True))
@@ -107,7 +155,13 @@ def test_quantized_artifacts_are_smaller(fp32_artifact: LMArtifact, tiny_llama_d
                                            ({"method": "gptq-ish"}, "method"), ({"head_bits": 6}, "head_bits"),
                                            ({"bits": 8, "method": "hqq"}, "hqq"), ({"accuracy_level": 7}, "accuracy_level"),
                                            ({"bits": 8, "sensitive_int8": True}, "sensitive_int8"),
-                                           ({"method": "hqq", "sensitive_int8": True}, "sensitive_int8")])
+                                           ({"method": "hqq", "sensitive_int8": True}, "sensitive_int8"),
+                                           ({"method": "rtn-offset", "sensitive_int8": True}, "sensitive_int8"),
+                                           ({"bits": 8, "method": "rtn-offset"}, "4 bits only"),
+                                           ({"method": "hqq", "head_bits": 8}, "LM head"),
+                                           ({"head_int8_rows": 64}, "head_int8_rows"),
+                                           ({"method": "rtn-offset", "head_bits": 8, "head_int8_rows": 64},
+                                            "head_int8_rows")])
 def test_weight_only_rejects_what_no_kernel_runs(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         WeightOnly(**kwargs)

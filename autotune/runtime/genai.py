@@ -21,22 +21,27 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from search_spaces.candidate import LM_BLOCK_SIZES, LM_METHODS, LM_WEIGHT_BITS
+from search_spaces.candidate import LM_BLOCK_SIZES, LM_BUILDER_METHODS, LM_METHODS, LM_WEIGHT_BITS
+
+if TYPE_CHECKING:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 log = logging.getLogger(__name__)
 
-#: Weight-only methods: round-to-nearest, symmetric (the builder's default) or asymmetric (uint zero points);
+#: Weight-only methods: round-to-nearest, symmetric (the builder's default) or asymmetric (uint zero points), or
+#: asymmetric with each block's offset kept exactly (`offset_grid`: lossless on weights already on 4-bit grids);
 #: k-quant (llama.cpp's search of scales per block, in the builder); HQQ (half-quadratic scale and zero-point
 #: optimisation, Badri & Shaji 2023; its zero points are floats) and GPTQ (Frantar et al. 2023: each column's
 #: rounding error compensated on the columns not yet quantized, through the inverse Hessian of the layer's inputs
 #: on calibration text; symmetric), both from ONNX Runtime's quantizer.
 METHODS = LM_METHODS
 #: Methods that quantize the builder's fp32 graph with ONNX Runtime's quantizer rather than inside the builder.
-ONNX_METHODS = ("hqq", "gptq")
+ONNX_METHODS = tuple(m for m in METHODS if m not in LM_BUILDER_METHODS)
 #: Methods that need calibration text.
 CALIBRATED = ("gptq",)
 BLOCK_SIZES = LM_BLOCK_SIZES
@@ -62,7 +67,10 @@ class WeightOnly:
     `head_bits`, None meaning the same as the body. `sensitive_int8` keeps the builder's `mixed_layers` at int8 in
     an int4 body: llama.cpp's mixed strategy, the first and last eighth of the blocks plus every third block's
     qkv/v/down projections (on SmolLM2, RTN block 32: +22.6% perplexity instead of +37.7% at 92 MB, measured).
-    `accuracy_level` is MatMulNBits' compute type (4: int8 activations, DECODE_ACCURACY_LEVEL; 0: fp32)."""
+    `accuracy_level` is MatMulNBits' compute type (4: int8 activations, DECODE_ACCURACY_LEVEL; 0: fp32).
+    `head_int8_rows` (rtn-offset, 4-bit head) keeps the head's first rows of the vocabulary at int8: a BPE
+    vocabulary is in merge order, most frequent pieces first, and those carry most of the head's error (SmolLM2, the
+    first 8,192 of 49,152: the head's share of perplexity +10.6% -> +2.0% for 2.3 MB, measured in torch)."""
 
     bits: int = 4
     block_size: int = 32
@@ -70,6 +78,7 @@ class WeightOnly:
     head_bits: int | None = None
     accuracy_level: int = DECODE_ACCURACY_LEVEL
     sensitive_int8: bool = False
+    head_int8_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -82,11 +91,18 @@ class WeightOnly:
             raise ValueError(f"head_bits must be one of {WEIGHT_BITS} or None, got {self.head_bits}")
         if self.method in ONNX_METHODS and self.bits != 4:
             raise ValueError(f"method {self.method!r} quantizes to 4 bits only")
+        heads = (4, 8, 32) if self.method == "rtn-offset" else (4, 32)
+        if self.method in ONNX_METHODS and self.lm_head_bits not in heads:
+            raise ValueError(f"with method {self.method!r} the LM head is at " + " or ".join(map(str, heads))
+                             + f" bits, not {self.lm_head_bits}")
+        if self.head_int8_rows and (self.method != "rtn-offset" or self.lm_head_bits != 4 or self.head_int8_rows < 0):
+            raise ValueError("head_int8_rows keeps rows of a 4-bit LM head at int8 with method 'rtn-offset', not "
+                             f"{self.head_int8_rows} rows of a {self.lm_head_bits}-bit head by {self.method!r}")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level must be 0-4, got {self.accuracy_level}")
         if self.sensitive_int8 and (self.bits != 4 or self.method in ONNX_METHODS):
             raise ValueError("sensitive_int8 keeps sensitive layers at int8 in an int4 body quantized by the builder "
-                             f"(rtn, rtn-asym, k-quant), not at {self.bits} bits by {self.method!r}")
+                             f"({', '.join(LM_BUILDER_METHODS)}), not at {self.bits} bits by {self.method!r}")
 
     @property
     def lm_head_bits(self) -> int:
@@ -95,9 +111,12 @@ class WeightOnly:
 
     @property
     def name(self) -> str:
-        """A short label for tables and cache keys, e.g. `int4-rtn-b32`, `int4-hqq-b64-head8`, `int4-rtn-b32-mixed8`."""
+        """A short label for tables and cache keys, e.g. `int4-rtn-b32`, `int4-hqq-b64-head8`, `int4-rtn-b32-mixed8`,
+        `int4-rtn-offset-b32-head8x8192`."""
         head = "" if self.lm_head_bits == self.bits else f"-head{self.lm_head_bits}"
-        return f"int{self.bits}-{self.method}-b{self.block_size}{head}" + ("-mixed8" if self.sensitive_int8 else "")
+        rows = f"-head8x{self.head_int8_rows}" if self.head_int8_rows else ""
+        return (f"int{self.bits}-{self.method}-b{self.block_size}{head}{rows}"
+                + ("-mixed8" if self.sensitive_int8 else ""))
 
 
 @dataclass(frozen=True)
@@ -257,20 +276,21 @@ def empty_cache_feeds(ids: np.ndarray, shape: tuple[int, int, int]) -> dict[str,
 
 
 def quantize_exported(plain: LMArtifact, out_dir: Path, weights: WeightOnly, calibration: np.ndarray | None) -> LMArtifact:
-    """HQQ or GPTQ int4 of an fp32 export's MatMuls (the LM head left fp32 when `head_bits` is 32), written as a
-    GenAI model directory beside the same config and tokenizer. ONNX Runtime's HQQ sets no accuracy level and
-    stores float zero points, which its CPU kernels run on a slow path: the benchmark shows what that costs."""
+    """Int4 of an fp32 export's MatMuls by RTN with offsets kept, HQQ or GPTQ (the LM head left fp32 when
+    `head_bits` is 32; with rtn-offset, see `offset_grid_quantizer`), written as a GenAI model directory beside the
+    same config and tokenizer. ONNX Runtime's HQQ sets no accuracy level and stores float zero points, which its CPU
+    kernels run on a slow path: the benchmark shows what that costs."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         GPTQWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer,
     )
 
-    if weights.lm_head_bits not in (4, 32):
-        raise ValueError(f"with method {weights.method!r} the LM head is 4-bit (like the body) or fp32 (head_bits=32)")
     shutil.copytree(plain.directory, out_dir, ignore=shutil.ignore_patterns("model.onnx*"))
     model = onnx.load(str(plain.onnx_path))
     excluded = [LM_HEAD] if weights.lm_head_bits == 32 else []
-    if weights.method == "hqq":
+    if weights.method == "rtn-offset":
+        quantizer = offset_grid_quantizer(model, weights)
+    elif weights.method == "hqq":
         quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=excluded,
                                          algo_config=HQQWeightOnlyQuantConfig(block_size=weights.block_size, bits=4))
     else:
@@ -278,11 +298,33 @@ def quantize_exported(plain: LMArtifact, out_dir: Path, weights: WeightOnly, cal
         quantizer = MatMulNBitsQuantizer(model, block_size=weights.block_size, is_symmetric=True,
                                          accuracy_level=weights.accuracy_level or None, nodes_to_exclude=excluded,
                                          algo_config=GPTQWeightOnlyQuantConfig(calibration_data_reader=reader))
-    with quiet_quantizer():
-        quantizer.process()
-    onnx.save(quantizer.model.model, str(out_dir / "model.onnx"), save_as_external_data=True,
-              location="model.onnx.data")
+    if quantizer is not None:
+        with quiet_quantizer():
+            quantizer.process()
+        model = quantizer.model.model
+    onnx.save(model, str(out_dir / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     return LMArtifact(out_dir, weights)
+
+
+def offset_grid_quantizer(model: onnx.ModelProto, weights: WeightOnly) -> MatMulNBitsQuantizer | None:
+    """Rewrite `model`'s linears, in place, by RTN with offsets kept (`offset_grid`), the LM head too unless it is
+    fp32 or int8; the quantizer still to run on what is left at int8 (the head, or its first `head_int8_rows` rows:
+    ONNX Runtime's symmetric RTN), or None."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from autotune.runtime.offset_grid import offset_grid_model, split_columns
+
+    int8 = []
+    if weights.lm_head_bits == 8:
+        int8 = [LM_HEAD]
+    elif weights.head_int8_rows:
+        int8 = [split_columns(model, LM_HEAD, weights.head_int8_rows)[0]]
+    unwritten = frozenset(int8 + ([LM_HEAD] if weights.lm_head_bits == 32 else []))
+    offset_grid_model(model, weights.block_size, weights.accuracy_level, exclude=unwritten)
+    if not int8:
+        return None
+    return MatMulNBitsQuantizer(model, algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=weights.block_size, is_symmetric=True, accuracy_level=weights.accuracy_level, bits=8))
 
 
 def greedy_continuation(model_dir: Path, prompt_ids: Sequence[int], new_tokens: int) -> list[int]:

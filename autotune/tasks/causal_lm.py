@@ -42,6 +42,7 @@ from profilers.generation import GenerationRequest, measure_generation
 from profilers.latency import MeasureSettings
 from profilers.recipes import Recipe
 from search_spaces import Candidate, Space, TeacherShape, preset, with_overrides
+from search_spaces.candidate import HEAD_INT8_SHARE
 
 if TYPE_CHECKING:
     from autotune.compress.healing import TeacherTargets
@@ -130,16 +131,20 @@ def teacher_shape_of(config: Any) -> TeacherShape:
                         int(config.intermediate_size))
 
 
-def weight_only(candidate: Candidate) -> WeightOnly | None:
+def weight_only(candidate: Candidate, vocab_size: int) -> WeightOnly | None:
     """The candidate's weight-only scheme (None at fp32); a knob the space does not search takes the builder's
     default (round-to-nearest, block 32, the LM head at the body's width, no int8 layers). MatMulNBits computes
-    with int8 activations on every CPU (DECODE_ACCURACY_LEVEL says why), whatever an encoder's recipe chose."""
+    with int8 activations on every CPU (DECODE_ACCURACY_LEVEL says why), whatever an encoder's recipe chose.
+    With rtn-offset, a 4-bit LM head keeps its first HEAD_INT8_SHARE of the vocabulary's rows at int8."""
     if candidate.bits == 32:
         return None
     if candidate.bits not in (4, 8):
         raise ValueError(f"a causal LM's linears are fp32, int8 or int4, not {candidate.bits} bits")
-    return WeightOnly(bits=candidate.bits, block_size=candidate.block_size or 32, method=candidate.method or "rtn",
-                      head_bits=candidate.head_bits, sensitive_int8=bool(candidate.sensitive_int8))
+    method = candidate.method or "rtn"
+    four_bit_head = (candidate.head_bits or candidate.bits) == 4
+    rows = round(vocab_size * HEAD_INT8_SHARE) if method == "rtn-offset" and four_bit_head else 0
+    return WeightOnly(bits=candidate.bits, block_size=candidate.block_size or 32, method=method,
+                      head_bits=candidate.head_bits, sensitive_int8=bool(candidate.sensitive_int8), head_int8_rows=rows)
 
 
 def artifact_of(directory: Path, config: Any, bits: int) -> Artifact:
@@ -253,19 +258,21 @@ class CausalLM(TaskFamily):
         return self.metric_name
 
     def anchor_candidates(self, space: Space) -> list[Candidate]:
-        """The teacher at int8, int4 with its sensitive layers and LM head at int8, the model builder's default
-        int4 (round-to-nearest, block 32: the reference a user would build by hand) and int4 in the space's
-        largest blocks (the fastest): the quantizations a user would try first, without any training."""
+        """The teacher's quantizations a user would try first, without any training, most telling first: int4 with
+        offsets kept (rtn-offset, the LM head at int4 with its frequent rows at int8, then at int8), int8, the model
+        builder's default int4 (round-to-nearest, block 32: the reference a user would build by hand) and int4 in
+        the space's largest blocks (the fastest)."""
         t = self.teacher_shape
 
-        def anchor(bits: int, block_size: int, head_bits: int, sensitive_int8: bool) -> Candidate:
-            values = {"block_size": block_size, "method": "rtn", "head_bits": head_bits, "sensitive_int8": sensitive_int8,
+        def anchor(bits: int, method: str, block_size: int, head_bits: int) -> Candidate:
+            values = {"block_size": block_size, "method": method, "head_bits": head_bits, "sensitive_int8": False,
                       "heal_tokens": 0}
             chosen = {name: value for name, value in values.items() if space.has(name)}
             return Candidate.canonical(layers=t.layers, hidden=t.hidden, heads=t.heads, ffn=t.ffn, bits=bits, **chosen)
 
         largest = max(space.knob("block_size").values()) if space.has("block_size") else 32
-        return [anchor(8, 32, 8, False), anchor(4, 32, 8, True), anchor(4, 32, 4, False), anchor(4, largest, 4, False)]
+        return [anchor(4, "rtn-offset", 32, 4), anchor(4, "rtn-offset", 32, 8), anchor(8, "rtn", 32, 8),
+                anchor(4, "rtn", 32, 4), anchor(4, "rtn", largest, 4)]
 
     # -- the steps of a trial ---------------------------------------------------------------------------------
 
@@ -297,11 +304,12 @@ class CausalLM(TaskFamily):
         c = self.model.config
         kv_heads, head_dim = self.stand_in_identity[1:3]
         dims = DecoderDims(candidate.layers, int(c.hidden_size), kv_heads * head_dim, candidate.ffn, int(c.vocab_size))
-        scheme = weight_only(candidate)
+        scheme = weight_only(candidate, int(c.vocab_size))
         if scheme is None:
             return DecoderConfig(weight_bytes_read(dims, 32, 32, 32, False), candidate.layers, 32, prompt_len)
-        return DecoderConfig(weight_bytes_read(dims, scheme.bits, scheme.block_size, scheme.lm_head_bits,
-                                               scheme.sensitive_int8), candidate.layers, scheme.bits, prompt_len)
+        read = weight_bytes_read(dims, scheme.bits, scheme.block_size, scheme.lm_head_bits, scheme.sensitive_int8,
+                                 offsets=scheme.method == "rtn-offset", head_int8_rows=scheme.head_int8_rows)
+        return DecoderConfig(read, candidate.layers, scheme.bits, prompt_len)
 
     def deployed_size_bytes(self, stand_in: Artifact) -> int:
         """The stand-in has the trained model's every dimension: its size is the deployed size."""
@@ -379,7 +387,7 @@ class CausalLM(TaskFamily):
         machine (autotune.lm_measure), a student is saved beside `out_dir` first."""
         from autotune.tasks.lm_exports import cached_export, save_causal_lm
 
-        weights = weight_only(candidate)
+        weights = weight_only(candidate, int(model.config.vocab_size))
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         if model is self.model:
             link_tree(cached_export(self.hf_dir, weights).directory, out_dir)
