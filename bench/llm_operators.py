@@ -8,7 +8,7 @@ Rows:
   such a pair, since the host drifts by tens of percent over a run);
 - `builder-int4-rtn`: what a user would build by hand, the builder's int4 (symmetric round-to-nearest, block 32,
   accuracy level 4): the reference the tuner must beat;
-- `int8-rtn-b32`, and `int4-<method>-b<block>` for each method (rtn, rtn-asym, k-quant, hqq) and block size
+- `int8-rtn-b32`, and `int4-<method>-b<block>` for each method (rtn, rtn-asym, rtn-offset, k-quant, hqq) and block size
   (32, 64, 128), int8 compute (accuracy level 4; k-quant only where ONNX Runtime can pack its zero points);
   `int4-...-head8`: the LM head at int8;
 - `drop20` / `drop40`: 20% / 40% of the decoder blocks removed by angular-distance importance on training text,
@@ -59,7 +59,7 @@ TEXT = "builtin:shakespeare"
 SHAPE = LMShape(prompt_len=128, context_len=256, window=256)
 #: GPTQ (`WeightOnly(method="gptq")`) is left out: ONNX Runtime's implementation ran one SmolLM2 export for more
 #: than 6 minutes on 2 cores without finishing, more than this whole table's other exports together.
-METHODS = ("rtn", "rtn-asym", "k-quant", "hqq")
+METHODS = ("rtn", "rtn-asym", "rtn-offset", "k-quant", "hqq")
 BLOCKS = (32, 64, 128)
 REFERENCE = WeightOnly(bits=4, block_size=32, method="rtn")
 CALIBRATION_WINDOWS = 16

@@ -1,19 +1,21 @@
 """The LLM search's Pareto front against what a user would build by hand, measured in one run on this machine.
 
 Runs `examples/llm/tune.yaml` (SmolLM2-135M-Instruct on Shakespeare, decode target 3x the fp32 teacher's), or reads a
-finished run's result.json (`--result`), then measures, one after the other in the same minutes and each in a fresh
-child process: the fp32 teacher, the reference (the model builder's int4: round-to-nearest, block 32, accuracy level
-4) and every configuration of the run's feasible Pareto front. Each row's perplexity is taken on the run's own
-validation windows, on the artifact in ONNX Runtime, so every row is scored the same way.
+finished run's result.json (`--result`), then measures the fp32 teacher, the reference (the model builder's int4:
+round-to-nearest, block 32, accuracy level 4) and every configuration of the run's feasible Pareto front. Each row's
+perplexity is taken on the run's own validation windows, on the artifact in ONNX Runtime, so every row is scored the
+same way. Latencies are timed in `--rounds` rounds, every row once per round in a fresh child process, and each row
+keeps the median of its rounds' p50s: on a shared host one model timed twice a minute apart differed by 24%, so a
+single pass would rank rows by the minute they ran in.
 
 It prints the table and the issue's three comparisons:
 - at the reference's decode latency or lower, the best perplexity of the front against the teacher's (+5% is the bar);
 - at the reference's TTFT or lower, the best perplexity of the front against the reference's;
 - a configuration at least 1.5x faster in decode than the reference that loses no more perplexity than it does.
 It ends with one line of JSON: `teacher_ppl`, `reference` (`ppl`, `decode_ms`), and the front as `rows` (`name`, `ppl`,
-`decode_ms`, `ttft_ms`; p50s).
+`decode_ms`, `ttft_ms`; medians of the rounds' p50s).
 
-    python bench/llm_search.py [--result runs/smollm2-shakespeare] [--trials 10] [--runs 10]
+    python bench/llm_search.py [--result runs/smollm2-shakespeare] [--trials 10] [--runs 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autotune import api  # noqa: E402
 from autotune.config import load_spec  # noqa: E402
-from autotune.lm_measure import LMMeasurement, measure_artifact  # noqa: E402
 from autotune.runtime.genai import LMArtifact, WeightOnly  # noqa: E402
 from autotune.tasks.causal_lm import CausalLM  # noqa: E402
-from autotune.tasks.lm_exports import LMShape, cached_export  # noqa: E402
+from autotune.tasks.lm_exports import cached_export  # noqa: E402
+from autotune.tasks.lm_quality import LMScore, score_lm  # noqa: E402
 from autotune.report.summary import describe, pareto_trials  # noqa: E402
 from profilers.cpu import probe_cpu  # noqa: E402
+from profilers.generation import GenerationRequest, GenerationStats, measure_generation  # noqa: E402
 
 SPEC = Path(__file__).resolve().parents[1] / "examples" / "llm" / "tune.yaml"
 REFERENCE = WeightOnly(bits=4, block_size=32, method="rtn")
@@ -58,24 +63,40 @@ def front_artifacts(result: dict) -> dict[str, Path]:
     return rows
 
 
-def ppl(m: LMMeasurement) -> float:
-    return m.score.perplexity
+@dataclass(frozen=True)
+class Row:
+    """One bench row: perplexity on the validation windows, and the medians over the rounds of decode and TTFT p50s."""
+
+    name: str
+    ppl: float
+    decode_ms: float
+    ttft_ms: float
+    peak_mb: float
 
 
-def decode(m: LMMeasurement) -> float:
-    return m.generation.decode.p50_ms
+def row_of(name: str, score: LMScore, rounds: list[GenerationStats]) -> Row:
+    return Row(name, score.perplexity, median(g.decode.p50_ms for g in rounds), median(g.ttft.p50_ms for g in rounds),
+               max(g.peak_rss_bytes for g in rounds) / 2**20)
 
 
-def ttft(m: LMMeasurement) -> float:
-    return m.generation.ttft.p50_ms
+def ppl(m: Row) -> float:
+    return m.ppl
 
 
-def best_within(front: list[LMMeasurement], latency: Callable[[LMMeasurement], float], bound: float) -> LMMeasurement | None:
+def decode(m: Row) -> float:
+    return m.decode_ms
+
+
+def ttft(m: Row) -> float:
+    return m.ttft_ms
+
+
+def best_within(front: list[Row], latency: Callable[[Row], float], bound: float) -> Row | None:
     """The front row of lowest perplexity among those at `bound` or faster in `latency`."""
     return min((m for m in front if latency(m) <= bound), key=ppl, default=None)
 
 
-def comparisons(teacher: LMMeasurement, reference: LMMeasurement, front: list[LMMeasurement]) -> dict[str, str]:
+def comparisons(teacher: Row, reference: Row, front: list[Row]) -> dict[str, str]:
     """The three comparisons of the module docstring, in words, each with its verdict."""
     out = {}
     best = best_within(front, decode, decode(reference))
@@ -97,11 +118,11 @@ def comparisons(teacher: LMMeasurement, reference: LMMeasurement, front: list[LM
     return out
 
 
-def print_table(rows: list[LMMeasurement], teacher: LMMeasurement) -> None:
-    print(f"{'row':<96} {'ppl':>8} {'vs teacher':>10} {'decode ms':>9} {'TTFT ms':>8} {'peak MB':>8}")
+def print_table(rows: list[Row], teacher: Row) -> None:
+    print(f"{'row':<110} {'ppl':>8} {'vs teacher':>10} {'decode ms':>9} {'TTFT ms':>8} {'peak MB':>8}")
     for m in rows:
-        print(f"{m.name[:96]:<96} {m.score.perplexity:8.2f} {m.score.perplexity / teacher.score.perplexity - 1:+10.1%} "
-              f"{m.generation.decode.p50_ms:9.2f} {m.generation.ttft.p50_ms:8.1f} {m.generation.peak_rss_bytes / 2**20:8.0f}")
+        print(f"{m.name[:110]:<110} {m.ppl:8.2f} {m.ppl / teacher.ppl - 1:+10.1%} {m.decode_ms:9.2f} {m.ttft_ms:8.1f} "
+              f"{m.peak_mb:8.0f}")
 
 
 def main() -> None:
@@ -110,7 +131,8 @@ def main() -> None:
     parser.add_argument("--spec", type=Path, default=SPEC)
     parser.add_argument("--trials", type=int, help="the search's trial budget (default: the spec's)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-llm-search"))
-    parser.add_argument("--runs", type=int, default=10, help="generation runs per row (16 decoded tokens each)")
+    parser.add_argument("--runs", type=int, default=10, help="generation runs per row and round (16 decoded tokens each)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing, every row once per round")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.result is None:
@@ -121,29 +143,36 @@ def main() -> None:
     spec = load_spec(result["spec"])
     loaded = CausalLM.load(spec)  # the run's windows, cut exactly as the run cut them
     t, threads = spec.target, result["target"]["threads"]
-    shape = LMShape(t.prompt_len, t.context_len, spec.data.max_length)
     vocab = int(loaded.teacher.config.vocab_size)
     validation = loaded.windows.validation
 
-    def measure(name: str, artifact: LMArtifact, reference=None) -> LMMeasurement:
-        say(f"measuring {name}")
-        return measure_artifact(name, artifact, validation, shape, threads, vocab, reference, args.runs)
-
-    teacher = measure("teacher-fp32", cached_export(loaded.hf_dir, None))
-    reference = measure("builder-int4-rtn-b32 (reference)", cached_export(loaded.hf_dir, REFERENCE), teacher.score.predictions)
-    front = [measure(name, LMArtifact(path, None), teacher.score.predictions) for name, path in front_artifacts(result).items()]
+    artifacts = {"teacher-fp32": cached_export(loaded.hf_dir, None),
+                 "builder-int4-rtn-b32 (reference)": cached_export(loaded.hf_dir, REFERENCE)}
+    artifacts |= {name: LMArtifact(path, None) for name, path in front_artifacts(result).items()}
+    scores = {}
+    for name, artifact in artifacts.items():
+        say(f"scoring {name}")
+        scores[name] = score_lm(artifact.directory, validation, threads=threads)
+    timings: dict[str, list[GenerationStats]] = {name: [] for name in artifacts}
+    for index in range(args.rounds):
+        for name, artifact in artifacts.items():
+            say(f"round {index + 1}/{args.rounds}: timing {name}")
+            timings[name].append(measure_generation(GenerationRequest(
+                str(artifact.directory), prompt_len=t.prompt_len, context_len=t.context_len, threads=threads,
+                vocab_size=vocab, runs=args.runs)))
+    teacher, reference, *front = [row_of(name, scores[name], timings[name]) for name in artifacts]
     cpu = probe_cpu()
     print(f"\n{result['name']} on {cpu.model_name}, {threads} threads, batch 1, prompt {t.prompt_len}, decode at context "
-          f"{t.context_len}, perplexity on {validation.size} validation tokens; p50s, every row timed in this run")
+          f"{t.context_len}, perplexity on {validation.size} validation tokens; medians of {args.rounds} rounds' p50s, "
+          "every row timed in each round of this run")
     print_table([teacher, reference, *front], teacher)
     for name, verdict in comparisons(teacher, reference, front).items():
         print(f"- {name}: {verdict}")
     print(f"bench took {time.perf_counter() - started:.0f} s")
-    print(json.dumps({"machine": cpu.model_name, "threads": threads, "teacher_ppl": teacher.score.perplexity,
-                      "reference": {"ppl": reference.score.perplexity, "decode_ms": reference.generation.decode.p50_ms,
-                                    "ttft_ms": reference.generation.ttft.p50_ms},
-                      "rows": [{"name": m.name, "ppl": m.score.perplexity, "decode_ms": m.generation.decode.p50_ms,
-                                "ttft_ms": m.generation.ttft.p50_ms} for m in front]}))
+    print(json.dumps({"machine": cpu.model_name, "threads": threads, "teacher_ppl": teacher.ppl,
+                      "reference": {"ppl": reference.ppl, "decode_ms": reference.decode_ms, "ttft_ms": reference.ttft_ms},
+                      "rows": [{"name": m.name, "ppl": m.ppl, "decode_ms": m.decode_ms, "ttft_ms": m.ttft_ms}
+                               for m in front]}))
 
 
 if __name__ == "__main__":

@@ -97,8 +97,9 @@ class Candidate:
 
         Dense weights have no pattern (sparsity 0 -> 'unstructured'), and 2:4 means exactly 50%, so a sampler
         that proposes (2:4, 0.3) and (2:4, 0.7) gets the same candidate, and the same cache entries.
-        A causal LM's weight-only fields mean nothing at fp32 (they are dropped), and `sensitive_int8` only in an
-        int4 body quantized by the builder (False elsewhere).
+        A causal LM's weight-only fields mean nothing at fp32 (they are dropped), a 4-bit-only method at int8 means
+        the builder's RTN, and `sensitive_int8` means something only in an int4 body quantized by the builder (False
+        elsewhere).
         """
         sparsity = float(params.get("sparsity", 0.0))
         pattern = params.get("sparsity_pattern", "unstructured")
@@ -109,9 +110,12 @@ class Candidate:
         folded: dict[str, Any] = {"sparsity": sparsity, "sparsity_pattern": pattern}
         if params.get("bits", 32) == 32:
             folded |= dict.fromkeys(WEIGHT_ONLY_FIELDS)
-        elif params.get("sensitive_int8") is not None and (
-                params.get("bits") != 4 or params.get("method", "rtn") not in LM_BUILDER_METHODS):
-            folded["sensitive_int8"] = False
+        else:
+            if params.get("bits") == 8 and params.get("method", "rtn") not in LM_BUILDER_METHODS:
+                folded["method"] = "rtn"  # the other methods quantize to 4 bits; int8 is the builder's RTN
+            if params.get("sensitive_int8") is not None and (
+                    params.get("bits") != 4 or params.get("method", "rtn") not in LM_BUILDER_METHODS):
+                folded["sensitive_int8"] = False
         return cls(**{**params, **folded})
 
     @classmethod

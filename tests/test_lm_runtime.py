@@ -98,6 +98,16 @@ def test_an_offset_grid_head_is_int8_in_whole_or_in_its_first_rows(tiny_llama_di
     assert np.isfinite(score_lm(tmp_path / "q", windows()).perplexity)  # ONNX Runtime loads and runs it
 
 
+def test_the_search_keeps_a_sixth_of_a_4_bit_offset_head_at_int8() -> None:
+    from autotune.tasks.causal_lm import weight_only
+    from search_spaces import Candidate
+
+    shape = dict(layers=2, hidden=32, heads=4, ffn=64, bits=4, block_size=32, sensitive_int8=False, heal_tokens=0)
+    rows = {(method, head): weight_only(Candidate.canonical(**shape, method=method, head_bits=head), 49152).head_int8_rows
+            for method in ("rtn", "rtn-offset") for head in (4, 8)}
+    assert rows == {("rtn", 4): 0, ("rtn", 8): 0, ("rtn-offset", 4): 8192, ("rtn-offset", 8): 0}
+
+
 def snap_to_q4_1(model_dir: Path, out_dir: Path, block: int = 32) -> Path:
     """The llama of `model_dir` with every decoder linear's weight on GGUF Q4_1 grids (blocks of `block` along the
     input, each spanning its own min to max in 15 steps), as a model converted from a Q4_1 GGUF is."""

@@ -197,3 +197,15 @@ def test_a_causal_lm_candidate_folds_what_its_precision_does_not_use() -> None:
     assert fp32.block_size is None and fp32.head_bits is None and not fp32.sensitive_int8  # fp32 has no scheme
     assert int8.block_size == 64 and not int8.sensitive_int8  # int8 layers in an int8 body mean nothing
     assert fp32.key != int8.key and fp32.student_key == int8.student_key  # one student serves every precision
+
+
+def test_a_method_the_builder_does_not_run_folds_away_its_int8_layers_and_int8_bodies() -> None:
+    offset = Candidate.canonical(layers=30, hidden=576, heads=9, ffn=1536, bits=4, block_size=32, method="rtn-offset",
+                                 head_bits=4, sensitive_int8=True, heal_tokens=0)
+    builder = Candidate.canonical(layers=30, hidden=576, heads=9, ffn=1536, bits=4, block_size=32, method="rtn",
+                                  head_bits=4, sensitive_int8=True, heal_tokens=0)
+    assert not offset.sensitive_int8 and builder.sensitive_int8
+    int8 = Candidate.canonical(layers=30, hidden=576, heads=9, ffn=1536, bits=8, block_size=32, method="rtn-offset",
+                               head_bits=4, sensitive_int8=False, heal_tokens=0)
+    assert int8.method == "rtn"  # rtn-offset quantizes to 4 bits: int8 is the builder's RTN, one candidate
+    assert "rtn-offset" in offset.describe() and "first 17% of rows int8" in offset.describe()

@@ -7,8 +7,11 @@ up to half a step: the offset `lo + scale * zero` the integer cannot hold. Here 
 are `scale * (code - zero) + offset`, and since `sum_k x_k * offset = offset * sum_k x_k` over the block, the offsets
 of a layer form one more small weight matrix [input blocks, outputs] applied to the block sums of the input. The
 layer's input is widened by its block sums (`Reshape`, `ReduceSum`, `Concat`, once per distinct input) and the
-offsets are quantized to 4 bits as the last blocks of the same `MatMulNBits`: one kernel call per layer, about 6%
-more weight bytes.
+offsets are quantized to 4 bits as the last blocks of the same `MatMulNBits`: one kernel call per layer, about 8%
+more weight bytes. Decode pays for the kernel's zero-point path more than for the sums: on SmolLM2 (2-core AVX2 EPYC,
+one interleaved run) symmetric int4 decoded at 6.2-7.4 ms/token, asymmetric int4 at 7.2-8.2, this at 7.8-8.1.
+Without zero points (the whole offset in the extra block) it ran at 7.0-7.6 but lost 7% perplexity: the offsets
+then span several steps, too wide for their own 4-bit grid.
 
 Why it matters: a model distributed already quantized in 4-bit blocks of 32 (a GGUF Q4_1, as SmolLM2 here, or any
 asymmetric int4 checkpoint) lies on exactly such grids. Re-quantizing it with integer zero points adds a second
