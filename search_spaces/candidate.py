@@ -111,10 +111,10 @@ class Candidate:
         if params.get("bits", 32) == 32:
             folded |= dict.fromkeys(WEIGHT_ONLY_FIELDS)
         else:
-            if params.get("bits") == 8 and params.get("method", "rtn") not in LM_BUILDER_METHODS:
+            builder_method = (params.get("method") or "rtn") in LM_BUILDER_METHODS  # None: the builder's default
+            if params.get("bits") == 8 and not builder_method:
                 folded["method"] = "rtn"  # the other methods quantize to 4 bits; int8 is the builder's RTN
-            if params.get("sensitive_int8") is not None and (
-                    params.get("bits") != 4 or params.get("method", "rtn") not in LM_BUILDER_METHODS):
+            if params.get("sensitive_int8") is not None and (params.get("bits") != 4 or not builder_method):
                 folded["sensitive_int8"] = False
         return cls(**{**params, **folded})
 

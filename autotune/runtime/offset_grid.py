@@ -22,7 +22,6 @@ offsets' own 4-bit rounding (+0.2%). On weights on no grid it is plain min-max a
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,10 +42,6 @@ class PackedInt4:
     scales: np.ndarray
     zero_points: np.ndarray
     k: int
-
-    @property
-    def block_size(self) -> int:
-        return 2 * self.codes.shape[2]
 
 
 def grid_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -110,18 +105,19 @@ def offset_grid_model(model: onnx.ModelProto, block_size: int, accuracy_level: i
     weights = {init.name: init for init in graph.initializer}
     widened: dict[str, str] = {}
     nodes, replaced = [], []
-    shape_name = f"offset_grid_block_shape_{block_size}"
-    graph.initializer.append(numpy_helper.from_array(np.array([0, 0, -1, block_size], np.int64), shape_name))
-    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "offset_grid_last_axis"))
+    shape_name, axis_name = f"offset_grid_block_shape_{block_size}", "offset_grid_last_axis"
     for node in graph.node:
         if node.op_type != "MatMul" or node.name in exclude or node.input[1] not in weights:
             nodes.append(node)
             continue
         source = node.input[0]
+        if not widened:
+            graph.initializer.extend([numpy_helper.from_array(np.array([0, 0, -1, block_size], np.int64), shape_name),
+                                      numpy_helper.from_array(np.array([-1], np.int64), axis_name)])
         if source not in widened:
             stem = f"{node.name}/offset_grid"
             nodes += [helper.make_node("Reshape", [source, shape_name], [f"{stem}/blocks"], name=f"{stem}/Reshape"),
-                      helper.make_node("ReduceSum", [f"{stem}/blocks", "offset_grid_last_axis"], [f"{stem}/sums"],
+                      helper.make_node("ReduceSum", [f"{stem}/blocks", axis_name], [f"{stem}/sums"],
                                        name=f"{stem}/ReduceSum", keepdims=0),
                       helper.make_node("Concat", [source, f"{stem}/sums"], [f"{stem}/widened"],
                                        name=f"{stem}/Concat", axis=-1)]
