@@ -65,7 +65,10 @@ def test_a_context_beyond_the_model_s_positions(tiny_llama_dir: Path, tiny_text_
 @pytest.mark.parametrize("argv, fragment", [(["--bits", "6"], "--bits"), (["--method", "hqq"], "--method"),
                                             (["--bits", "8", "--method", "hqq"], "4 bits only"),
                                             (["--sensitive-int8"], "--sensitive-int8"),
-                                            (["--bits", "8", "--sensitive-int8"], "in an int4 body")])
+                                            (["--bits", "8", "--sensitive-int8"], "in an int4 body"),
+                                            (["--head-int8-rows", "64"], "--head-int8-rows"),
+                                            (["--bits", "4", "--head-int8-rows", "0"], "--head-int8-rows"),
+                                            (["--bits", "4", "--head-int8-rows", "64"], "with method 'rtn-offset'")])
 def test_quantization_options_that_cannot_run(tiny_llama_dir: Path, tiny_text_dir: Path, capsys: pytest.CaptureFixture,
                                               argv: list[str], fragment: str) -> None:
     try:
