@@ -31,6 +31,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterator, TypeVar
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,15 @@ def cache_root() -> Path:
 def key_of(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def source_identity(*modules: ModuleType) -> str:
+    """A digest of these modules' source files, for the key of an entry autotune's own code builds: a changed
+    rewrite rebuilds its entries, where a version number would not move within a development checkout."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(module.__file__ or "").read_bytes())
+    return digest.hexdigest()[:16]
 
 
 # -- temporary names that say whose they are --------------------------------------------------------------------

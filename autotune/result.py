@@ -6,7 +6,8 @@ exported the same way: accuracy {validation, test}, extras {validation, test} (f
 such as a causal LM's perplexity), latency_ms {p50, p90, p95, p99, ...}, figures (every latency at the target
 percentile as `<name>_ms`, and peak_mb where measured), size_mb), trials [{number, state, candidate, stage,
 feasible, accuracy, latency_ms, size_mb, seconds, error, extras, ...}], pareto [trial numbers], recommended
-{number, candidate, accuracy {validation, test}, extras, latency_ms, figures, size_mb, speedup, artifact} or null
+{number, candidate, accuracy {validation, test}, extras, latency_ms, figures, target_ms (the target it was
+judged against: a relative one at the teacher's pace beside it), size_mb, speedup, artifact} or null
 with `reason`, samples (the teacher's and the recommendation's outputs side by side, where the task family shows
 some) or null, plus the study's storage (password redacted) and cache counters.
 """
@@ -125,6 +126,7 @@ def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: S
         "figures": confirmation.figures,
         "latency_interval_ms": None if bounds is None else list(bounds),
         "verdict": choice.verdict,
+        "target_ms": choice.target_ms,
         "margin": choice.margin,
         "size_mb": record.size_mb,
         "speedup": choice.speedup,

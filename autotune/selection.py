@@ -6,7 +6,9 @@ the most accurate candidates are re-measured together with the baseline, alterna
 so that two versions of one shape are judged side by side. A candidate is recommended when the upper confidence
 bound of its latency percentile is under the target less a safety margin, and still is when confirmed alone with
 the baseline (three pairwise measurements, whose median ratio is the speedup and whose spread is its noise);
-failing that, one that meets the target only within noise is recommended and said to be so.
+failing that, one that meets the target only within noise is recommended and said to be so. A relative target is
+judged at the host's pace in the same minutes (`Target.latency_ms_beside`): a host that slows by a third between
+the search and the selection would otherwise put every candidate over a speedup it still delivers.
 Every more accurate candidate passed over is kept in the result with why.
 """
 
@@ -23,7 +25,7 @@ from typing import Any, Callable
 from autotune.progress import SilentProgress
 from autotune.records import Stage, TrialRecord, closest_measured, with_final_latencies
 from autotune.runtime import Artifact, load_artifact
-from autotune.trial import REMEASURE_ROUNDS, TrialPipeline, noise_margin
+from autotune.trial import REMEASURE_ROUNDS, Target, TrialPipeline, noise_margin
 from profilers.latency import LatencyStats
 from search_spaces import Candidate
 
@@ -100,6 +102,7 @@ class Confirmation:
     speedups: tuple[float, ...]  # p50 ratios, one per repeat
     tail_speedups: tuple[float, ...]  # ratios at the target percentile
     figures: dict[str, float]  # the candidate's every figure in the median repeat (a causal LM's TTFT, peak memory)
+    target_ms: float  # the target at the pace of the median repeat's baseline (`Target.latency_ms_beside`)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,11 @@ class Choice:
     confirmation: Confirmation | None
     margin: float
     percentile: float
+
+    @property
+    def target_ms(self) -> float | None:
+        """The target the recommendation was judged against, in the minutes of its confirmation."""
+        return None if self.confirmation is None else self.confirmation.target_ms
 
     @property
     def speedup(self) -> float | None:
@@ -138,7 +146,7 @@ def confirm(pipeline: TrialPipeline, baseline: Artifact, record: TrialRecord) ->
     base, mine = pairs[len(pairs) // 2]
     return Confirmation(base, mine, tuple(b.p50_ms / m.p50_ms for b, m in pairs),
                         tuple(b.percentile_ms(percentile) / m.percentile_ms(percentile) for b, m in pairs),
-                        timed[len(timed) // 2][1].figures(percentile))
+                        timed[len(timed) // 2][1].figures(percentile), target.latency_ms_beside(base))
 
 
 def passed(record: TrialRecord, reason: str, stats: LatencyStats | None = None, percentile: float = 95.0) -> dict[str, Any]:
@@ -167,18 +175,30 @@ def contenders(pipeline: TrialPipeline, records: list[TrialRecord]) -> tuple[lis
     return chosen, skipped
 
 
-def judge(stats: LatencyStats, target_ms: float, percentile: float, margin: float) -> tuple[str, str]:
-    """(verdict, why) of one re-measured candidate: "meets" when its latency's upper confidence bound is under the
-    target less the margin, "within noise" when only its point estimate is under the target, else "over"."""
+def judge(stats: LatencyStats, target: Target, baseline: LatencyStats, margin: float) -> tuple[str, str]:
+    """(verdict, why) of one candidate re-measured beside `baseline`: "meets" when its latency's upper confidence
+    bound is under the target (at the baseline's pace) less the margin, "within noise" when only its point estimate
+    is under the target, else "over"."""
+    percentile, target_ms = target.percentile, target.latency_ms_beside(baseline)
     latency = stats.percentile_ms(percentile)
     upper = (stats.bounds_ms(percentile) or (latency, latency))[1]
     limit = target_ms * (1 - margin)
+    paced = pace_words(target, target_ms)
     if upper <= limit:
-        return "meets", f"p{percentile:g} {latency:.2f} ms, upper bound {upper:.2f} ms <= {limit:.2f} ms"
+        return "meets", f"p{percentile:g} {latency:.2f} ms, upper bound {upper:.2f} ms <= {limit:.2f} ms{paced}"
     if latency <= target_ms:
         return "within noise", (f"meets only within noise: p{percentile:g} {latency:.2f} ms, but its upper bound "
-                                f"{upper:.2f} ms is over the target less the {margin:.0%} margin ({limit:.2f} ms)")
-    return "over", f"re-measured at {latency:.2f} ms (upper bound {upper:.2f} ms), over the {target_ms:.2f} ms target"
+                                f"{upper:.2f} ms is over the target less the {margin:.0%} margin ({limit:.2f} ms){paced}")
+    return "over", (f"re-measured at {latency:.2f} ms (upper bound {upper:.2f} ms), over the {target_ms:.2f} ms "
+                    f"target{paced}")
+
+
+def pace_words(target: Target, target_ms: float) -> str:
+    """How a relative target moved with the baseline re-measured beside the candidate, in words ("" if it did not)."""
+    if target_ms == target.latency_ms:
+        return ""
+    return (f" (the {target.latency_ms:.2f} ms target at the baseline's pace in these minutes, "
+            f"{target_ms / target.latency_ms - 1:+.0%})")
 
 
 def within_limits(verdict: str, why: str, over: list[str]) -> tuple[str, str]:
@@ -200,14 +220,14 @@ def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: 
     fallback: TrialRecord | None = None
     for start in range(0, len(ranked), FINAL_BATCH):
         batch = ranked[start:start + FINAL_BATCH]
-        _, *timed = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
+        baseline_timed, *timed = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
         for record, measured_timed in zip(batch, timed):
             measured = target.latency(measured_timed)
-            verdict, why = judge(measured, target.latency_ms, target.percentile, margin)
+            verdict, why = judge(measured, target, target.latency(baseline_timed), margin)
             verdict, why = within_limits(verdict, why, target.limits_over(measured_timed.figures(target.percentile)))
             if verdict == "meets":
                 confirmation = confirm(pipeline, baseline, record)
-                verdict, why = judge(confirmation.measured, target.latency_ms, target.percentile, margin)
+                verdict, why = judge(confirmation.measured, target, confirmation.baseline, margin)
                 verdict, why = within_limits(verdict, why, target.limits_over(confirmation.figures))
                 if verdict == "meets":
                     chosen = record.with_latency(confirmation.measured.percentile_ms(target.percentile))

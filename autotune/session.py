@@ -246,7 +246,8 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
     baseline = measure_baseline(task, timing, t.percentile, measure, baseline_dir)
     baseline_ms = baseline.latency.percentile_ms(t.percentile)
     target = Target(resolved_target_ms(opened.study, spec, baseline_ms, progress), t.percentile, t.batch_size,
-                    timing.seq_len, threads, t.runtime, t.device, measure, limits_of(spec, measure), timing.prompt_len)
+                    timing.seq_len, threads, t.runtime, t.device, measure, limits_of(spec, measure), timing.prompt_len,
+                    None if t.speedup is None else baseline.latency.p50_ms)
     ctx = TrialContext(task=task, target=target, fingerprint=profile.fingerprint, training=spec.training,
                        seed=spec.search.seed, cache_dir=cache, artifacts_dir=run_dir / "artifacts", reference_ms=baseline_ms,
                        recipe=profile.recipe)

@@ -92,7 +92,8 @@ class Limit:
 @dataclass(frozen=True)
 class Target:
     """The latency constraint and exactly how it is measured: the latency named `measure` (of `Timed.latencies`)
-    at `percentile` within `latency_ms`, and every limit met."""
+    at `percentile` within `latency_ms`, and every limit met. A relative target (a speedup over the baseline) keeps
+    the baseline's median it was resolved against, `baseline_p50_ms`, so that it can move with the host's pace."""
 
     latency_ms: float
     percentile: float
@@ -104,6 +105,7 @@ class Target:
     measure: str = "latency"
     limits: tuple[Limit, ...] = ()
     prompt_len: int | None = None
+    baseline_p50_ms: float | None = None  # None: an absolute target
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form result.json keeps."""
@@ -117,6 +119,14 @@ class Target:
     def latency(self, timed: Timed) -> LatencyStats:
         """The searched latency of a measurement."""
         return timed.latencies[self.measure]
+
+    def latency_ms_beside(self, baseline: LatencyStats) -> float:
+        """The target in the minutes `baseline` was measured in: a relative target scaled by the baseline's median
+        then over its median when the target was resolved (a shared host's pace moves by tens of percent between
+        minutes, and the user asked for a speedup, not for a figure of one minute); an absolute target is fixed."""
+        if self.baseline_p50_ms is None:
+            return self.latency_ms
+        return self.latency_ms * baseline.p50_ms / self.baseline_p50_ms
 
     def limits_over(self, figures: dict[str, float]) -> list[str]:
         """Each limit the figures (of `Timed.figures` at the target percentile) exceed, in words (empty: all met)."""

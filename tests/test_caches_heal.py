@@ -248,3 +248,22 @@ def test_a_copy_by_hard_links_gets_its_own_manifest_and_leaves_the_source_entry_
     write_manifest(copy)
     assert load_verified_dir(source, lambda path: path) == source
     assert load_verified_dir(copy, lambda path: path) == copy
+
+
+def test_an_entry_built_by_autotune_s_own_code_is_keyed_by_that_code(tmp_path: Path) -> None:
+    """A rewrite changed within one version (a development checkout) must not reuse what its old source built."""
+    import importlib.util
+
+    def module(name: str, source: str):
+        path = tmp_path / f"{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+
+    rewrite, other = module("rewrite", "SCALE = 1\n"), module("other", "X = 0\n")
+    before = caches.source_identity(rewrite, other)
+    assert caches.source_identity(rewrite, other) == before
+    (tmp_path / "rewrite.py").write_text("SCALE = 2\n")
+    assert caches.source_identity(rewrite, other) != before

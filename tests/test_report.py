@@ -105,6 +105,15 @@ def test_one_line_answer_quotes_measured_figures(result: dict) -> None:
     assert f"{rec['speedup']:.2f}x" in answer and "kept" in answer and "headroom" in answer
 
 
+def test_the_answer_names_a_relative_target_moved_by_the_teacher_s_pace(result: dict) -> None:
+    rec, resolved = result["recommended"], result["target"]["latency_ms"]
+    paced = dict(result, recommended=dict(rec, target_ms=resolved * 1.25))
+    answer = one_line_answer(paced)
+    assert f"vs target {resolved * 1.25:.2f} ms (the {resolved:.2f} ms target at the teacher's pace beside it, +25%)" in answer
+    assert f"({1 - rec['latency_ms'] / (resolved * 1.25):.0%} headroom)" in answer
+    assert "teacher's pace" not in one_line_answer(dict(result, recommended=dict(rec, target_ms=resolved)))
+
+
 def test_planning_figures_follow_from_the_trials(result: dict) -> None:
     options = changed_targets(result)
     assert [o.scale for o in options] == [0.5, 0.75, 1.5, 2.0]

@@ -97,6 +97,16 @@ def split_perplexity(entry: dict[str, Any], split: str) -> float | None:
     return (((entry.get("extras") or {}).get(split)) or {}).get("perplexity")
 
 
+def judged_target(result: dict[str, Any]) -> tuple[float, str]:
+    """The target the recommendation was judged against and, where the host's pace moved a relative target (the
+    teacher re-measured beside it), by how much in words; result.json files without `target_ms` keep the resolved one."""
+    resolved = result["target"]["latency_ms"]
+    judged = result["recommended"].get("target_ms") or resolved
+    if judged == resolved:
+        return resolved, ""
+    return judged, f" (the {resolved:.2f} ms target at the teacher's pace beside it, {judged / resolved - 1:+.0%})"
+
+
 def lm_answer(result: dict[str, Any]) -> str:
     """A causal LM's recommendation in words: decode and TTFT against their targets, perplexity against the teacher's
     (validation and test), speedup, size and peak memory."""
@@ -107,10 +117,11 @@ def lm_answer(result: dict[str, Any]) -> str:
 
     def against(name: str, label: str, unit: str) -> str:
         value, bound = figures.get(f"{name}_ms"), spec_target.get(f"{name}_ms")
+        paced = ""
         if name == target.get("measure"):
-            bound = target["latency_ms"]
+            bound, paced = judged_target(result)
         text = f"{label} {pct} {value:.2f} {unit}" if value is not None else f"{label} not measured"
-        return text + (f" vs target {bound:.2f}" if bound is not None and value is not None else "")
+        return text + (f" vs target {bound:.2f}{paced}" if bound is not None and value is not None else "")
 
     parts = [against("decode", "decode", "ms/token"),
              against("ttft", f"TTFT ({target.get('prompt_len')}-token prompt)", "ms")]
@@ -139,7 +150,8 @@ def one_line_answer(result: dict[str, Any]) -> str:
     if is_causal_lm(result):
         return lm_answer(result)
     base = result["baseline"]
-    headroom = 1 - rec["latency_ms"] / target["latency_ms"]
+    target_ms, paced = judged_target(result)
+    headroom = 1 - rec["latency_ms"] / target_ms
     val, test = rec["accuracy"]["validation"], rec["accuracy"]["test"]
     base_val, base_test = base["accuracy"]["validation"], base["accuracy"]["test"]
     test_part = (f", test {test:.4f} vs {base_test:.4f} ({test / base_test:.1%} kept)"
@@ -154,10 +166,10 @@ def one_line_answer(result: dict[str, Any]) -> str:
     caveat = ""
     if rec.get("verdict") == "meets within noise" and interval:
         caveat = (f" It meets the target only within noise: the upper bound of its {pct} is "
-                  f"{interval[1] / target['latency_ms'] - 1:+.0%} from the target, and no candidate met it with the "
+                  f"{interval[1] / target_ms - 1:+.0%} from the target, and no candidate met it with the "
                   f"{rec['margin']:.0%} margin.")
     return (
-        f"Deploy {describe(rec['candidate'])}{trained}: {latency} vs target {target['latency_ms']:.2f} ms "
+        f"Deploy {describe(rec['candidate'])}{trained}: {latency} vs target {target_ms:.2f} ms{paced} "
         f"({headroom:.0%} headroom); {metric_name(result)} validation {val:.4f} vs teacher {base_val:.4f} "
         f"({val / base_val:.1%} kept){test_part}; {speedup} and "
         f"{rec['size_mb']:.1f} MB vs {base['size_mb']:.1f} MB on disk.{caveat}"

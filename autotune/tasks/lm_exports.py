@@ -3,7 +3,7 @@ model), the builder's ONNX Runtime GenAI export of a Hugging Face directory at a
 compressed model saved beside its teacher's tokenizer for the builder to read.
 
 Exports are cached by what they depend on (the model's weights, the weight-only scheme, the versions of the
-builder and ONNX Runtime), so a second run, or `autotune measure-lm` after a tuning run, reuses them.
+builder and ONNX Runtime, the source of autotune's own rewrites of the builder's graph), so a second run, or `autotune measure-lm` after a tuning run, reuses them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from autotune.caches import cache_root, cached_dir, key_of
+from autotune.caches import cache_root, cached_dir, key_of, source_identity
 from autotune.runtime.genai import CALIBRATED, LMArtifact, WeightOnly, export_causal_lm
 from autotune.tasks.data import DataError
 
@@ -64,11 +64,14 @@ def cached_export(hf_dir: Path, weights: WeightOnly | None, calibration: np.ndar
     import onnxruntime
     import onnxruntime_genai
 
+    from autotune.runtime import genai, offset_grid
+
     hf_dir = Path(hf_dir).resolve()
     calibrated = weights is not None and weights.method in CALIBRATED
     text = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest() if calibrated else None
     key = key_of("lm-export", str(hf_dir), weights_identity(hf_dir), weights and weights.name,
-                 weights and weights.accuracy_level, text, onnxruntime.__version__, onnxruntime_genai.__version__)
+                 weights and weights.accuracy_level, text, onnxruntime.__version__, onnxruntime_genai.__version__,
+                 source_identity(genai, offset_grid))
     final = (cache_dir or cache_root() / "lm-exports") / key
     hit = cached_dir(final, "genai_config.json",
                      lambda staging: export_causal_lm(hf_dir, staging, weights, calibration if calibrated else None))
