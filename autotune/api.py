@@ -87,6 +87,7 @@ def work(
     out: str | os.PathLike[str] | None = None,
     allow_mixed_hardware: bool = False,
     progress: SilentProgress | None = None,
+    profile: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> WorkerSummary:
     """Join (or create) the study on `storage` and run its trials until the study's budget is reached.
@@ -94,7 +95,7 @@ def work(
     Several workers, on one machine or many, share the study through the storage; each keeps its students and
     artifacts under `out` (default runs/<name>/, safe to share between workers of one machine). `tune` with
     `--resume` on the same storage writes the result once the budget is reached. A full disk is a DiskFullError
-    (finished trials are kept; the trial in progress is retried by the next worker).
+    (finished trials are kept; the trial in progress is retried by the next worker). `profile` as for `tune`.
     """
     spec = search_spec(spec, {**overrides, "storage": storage})
     progress = progress or SilentProgress()
@@ -102,7 +103,7 @@ def work(
     with owned_temporary_directory(STAGING, run_dir) as scratch:  # its baseline; removed by a later run if killed
         session = start_session(spec, run_dir, resume=True, join=True, study_name=study_name,
                                 allow_mixed_hardware=allow_mixed_hardware, progress=progress, metric=None,
-                                baseline_dir=scratch)
+                                baseline_dir=scratch, profile=profile)
         run_session(session, progress)
     study = session.study
     mine = [t for t in kept_trials(study) if t.user_attrs.get(WORKER_ATTR) == worker_id()]
@@ -121,6 +122,7 @@ def tune(
     metric: Any = None,
     study_name: str | None = None,
     allow_mixed_hardware: bool = False,
+    profile: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> TuneResult:
     """Run a tuning study and return its result (also written to `<out>/result.json`).
@@ -130,6 +132,8 @@ def tune(
     `metric(labels, logits) -> float` (higher is better) replaces accuracy as the objective when given.
     The result compares only trials measured on this machine's hardware; trials that workers on other
     hardware ran (`allow_mixed_hardware`) are listed apart, under `other_hardware_trials`.
+    `profile` (else `$AUTOTUNE_PROFILE`): a file of `autotune profile -o`, or a folder of them, holding this machine's
+    profile at the target's threads, reused instead of measuring the machine again; another machine's is refused.
     """
     started = time.perf_counter()
     spec = search_spec(spec, overrides)
@@ -137,7 +141,7 @@ def tune(
     run_dir = prepare_run_dir(Path(out) if out is not None else Path("runs") / spec.name)
     session = start_session(spec, run_dir, resume=resume, join=False, study_name=study_name,
                             allow_mixed_hardware=allow_mixed_hardware, progress=progress, metric=metric,
-                            baseline_dir=run_dir)
+                            baseline_dir=run_dir, profile=profile)
     run_session(session, progress)
     trials = kept_trials(session.study)
     here_fingerprint = session.profile.fingerprint

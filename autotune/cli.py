@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -108,6 +109,11 @@ def writable_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise argparse.ArgumentTypeError(f"{text} is not writable")
+    try:  # permission bits say yes to root everywhere (/proc included): a scratch file beside it says what is true
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{text} is not writable ({exc.strerror or exc})") from None
     return path
 
 
@@ -133,6 +139,9 @@ def shown_command(words: Sequence[str]) -> str:
 
 STORAGE_HELP = ("Optuna storage: an RDB URL (sqlite:///study.db, postgresql+psycopg://user:password@host/db, "
                 "mysql+pymysql://...) or journal:PATH (a journal file, for several processes on one machine)")
+PROFILE_HELP = ("this machine's hardware profile, reused instead of measuring it again: a file of `autotune profile "
+                "-o` at the target's threads, or a folder of such files (default: $AUTOTUNE_PROFILE; another machine's "
+                "or thread count's is refused)")
 
 
 def build_parser() -> Parser:
@@ -196,6 +205,7 @@ def build_parser() -> Parser:
     tune.add_argument("--sampler", choices=SAMPLERS, default=None, help="Optuna sampler (default: the spec's, nsga2)")
     tune.add_argument("--seed", type=int, default=None, metavar="K", help="sampler and training seed")
     tune.add_argument("--resume", action="store_true", help="continue the study stored for this spec")
+    tune.add_argument("--profile", default=None, metavar="PATH", help=PROFILE_HELP)
     tune.add_argument("--set", dest="assignments", action="append", type=assignment, default=[], metavar="KEY=VALUE",
                       help="override a spec field by its dotted path, e.g. --set data.limit=2500 (repeatable)")
     tune.set_defaults(handler=run_tune)
@@ -219,6 +229,7 @@ def build_parser() -> Parser:
     worker.add_argument("--study-name", default=None, metavar="N", help="the study's name in the storage (default: the spec's name)")
     worker.add_argument("--trials", type=positive(int), default=None, metavar="N", help="the study's total trial budget (default: the spec's)")
     worker.add_argument("--out", default=None, metavar="DIR", help="where this worker keeps students and artifacts (default: runs/<name>/)")
+    worker.add_argument("--profile", default=None, metavar="PATH", help=PROFILE_HELP)
     worker.add_argument("--allow-mixed-hardware", action="store_true",
                         help="join although the study's first worker ran on other hardware; trials are tagged with their fingerprint")
     worker.add_argument("--set", dest="assignments", action="append", type=assignment, default=[], metavar="KEY=VALUE",
@@ -488,7 +499,8 @@ def run_tune(args: argparse.Namespace) -> int:
     try:
         result = tune(spec, out=args.out, resume=args.resume, progress=TuneProgress(console), command=command,
                       trials=args.trials, timeout_min=args.timeout_min, storage=args.storage, sampler=args.sampler,
-                      seed=args.seed, study_name=args.study_name, allow_mixed_hardware=args.allow_mixed_hardware)
+                      seed=args.seed, study_name=args.study_name, allow_mixed_hardware=args.allow_mixed_hardware,
+                      profile=args.profile)
     except KeyboardInterrupt:
         console.print(f"Interrupted: finished trials are saved. Resume with: {resume_hint(args)}")
         return EXIT_INTERRUPTED
@@ -514,7 +526,8 @@ def run_worker(args: argparse.Namespace) -> int:
     spec = spec_with_assignments(args)
     try:
         summary = work(spec, storage=args.storage, study_name=args.study_name, out=args.out,
-                       allow_mixed_hardware=args.allow_mixed_hardware, progress=TuneProgress(console), trials=args.trials)
+                       allow_mixed_hardware=args.allow_mixed_hardware, progress=TuneProgress(console), trials=args.trials,
+                       profile=args.profile)
     except KeyboardInterrupt:
         console.print("Interrupted: finished trials are saved and the trial in progress will be retried by a worker.")
         return EXIT_INTERRUPTED

@@ -97,7 +97,8 @@ class TargetSpec(Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     margin: float | None = Field(None, ge=0, lt=0.5, description=(
         "headroom a recommendation must keep under the target, as a fraction (0.05: its latency's upper confidence "
-        "bound <= 95% of the target); null: this machine's measured noise (the spread of the baseline's measurements)"))
+        "bound <= 95% of the target); null: this machine's measured noise (the spread of the baseline's measurements; for "
+        "a speedup, judged at the host's pace, the spread of their percentile over their median)"))
 
     @field_validator("threads", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ anchors. `tune` and `work` (a worker) share all of it.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from autotune.study import (
 from autotune.tasks import CausalLM, Score, TaskFamily, Timed, Timing, family_for
 from autotune.trial import REMEASURE_ROUNDS, Limit, Target, TrialContext, TrialPipeline, time_artifact
 from profilers.cpu import probe_cpu
-from profilers.hardware import HardwareProfile, collect_profile, default_threads, with_throughput
+from profilers.hardware import PROFILE_ENV, HardwareProfile, collect_profile, default_threads, profile_for, with_throughput
 from profilers.latency import LatencyStats
 from profilers.predictor import Workload
 from search_spaces import Candidate, Removal, Space, restrict_to_hardware
@@ -51,8 +52,8 @@ class Baseline:
     timed: Timed
     #: Its score on the validation split (the objective and the figures beside it, such as its perplexity).
     validation: Score
-    #: The relative spread (max / min - 1) of the target percentile over the baseline's measurements: this
-    #: machine's noise from one measurement to the next, the default safety margin of a recommendation.
+    #: This machine's noise from one measurement to the next (`measurement_noise`), the default safety margin of a
+    #: recommendation.
     noise: float
     #: The p50 (ms) of each fp32 deployment the baseline was chosen from, timed together (empty: only one).
     fp32_p50_ms: dict[str, float]
@@ -116,7 +117,16 @@ def fastest_fp32(task: TaskFamily, timing: Timing, measure: str, out_dir: Path) 
     return load_artifact(out_dir), p50_ms
 
 
-def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, measure: str, out_dir: Path) -> Baseline:
+def measurement_noise(rounds: list[LatencyStats], percentile: float, paced: bool) -> float:
+    """The relative spread (max / min - 1) of the target percentile over measurements of one model; for a target
+    judged at the host's pace (`Target.latency_ms_beside`, which divides the pace out by the median), the spread of
+    the percentile over the median, the part of the noise the pace leaves."""
+    values = [r.percentile_ms(percentile) / (r.p50_ms if paced else 1.0) for r in rounds]
+    return max(values) / min(values) - 1
+
+
+def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, measure: str, out_dir: Path,
+                     paced: bool = False) -> Baseline:
     """The teacher's fastest fp32 deployment (`fastest_fp32`) under `out_dir`/baseline, measured: of
     `REMEASURE_ROUNDS` measurements, the one with the median target percentile of the searched latency (`measure`).
 
@@ -129,9 +139,9 @@ def measure_baseline(task: TaskFamily, timing: Timing, percentile: float, measur
     artifact, fp32_p50_ms = fastest_fp32(task, timing, measure, out_dir / "baseline")
     rounds = sorted((time_artifact(task, timing, artifact) for _ in range(REMEASURE_ROUNDS)),
                     key=lambda timed: timed.latencies[measure].percentile_ms(percentile))
-    first, middle, last = (rounds[i].latencies[measure] for i in (0, len(rounds) // 2, -1))
-    noise = last.percentile_ms(percentile) / first.percentile_ms(percentile) - 1
-    return Baseline(artifact, middle, rounds[len(rounds) // 2], task.score(artifact, "validation", timing), noise,
+    noise = measurement_noise([r.latencies[measure] for r in rounds], percentile, paced)
+    middle = rounds[len(rounds) // 2]
+    return Baseline(artifact, middle.latencies[measure], middle, task.score(artifact, "validation", timing), noise,
                     fp32_p50_ms)
 
 
@@ -223,27 +233,35 @@ def open_search(spec: TuneSpec, run_dir: Path, threads: int, *, resume: bool, jo
 
 
 def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, study_name: str | None,
-                  allow_mixed_hardware: bool, progress: SilentProgress, metric: object, baseline_dir: Path) -> Session:
+                  allow_mixed_hardware: bool, progress: SilentProgress, metric: object, baseline_dir: Path,
+                  profile: str | os.PathLike[str] | None = None) -> Session:
     """Open the study and get everything a trial needs ready (the module docstring gives the order).
 
     `join` (a worker): load the study whatever it holds, and leave the anchors to the worker that created it,
     so workers starting together enqueue them once. The baseline is exported under `baseline_dir`. First, the
     temporary files of killed processes are removed (autotune.caches.sweep_litter), never a live one's.
+    `profile` (else `$AUTOTUNE_PROFILE`): a profile file, or a folder of them, holding this machine's at the run's
+    threads, used instead of measuring the machine again (`profilers.hardware.profile_for`).
     """
     threads = resolved_threads(spec)
     sweep_litter(cache_root(), run_dir)  # what killed runs and workers of this machine left behind
     opened = open_search(spec, run_dir, threads, resume=resume, join=join, study_name=study_name,
                          allow_mixed_hardware=allow_mixed_hardware)
+    source = profile or os.environ.get(PROFILE_ENV)
+    given = profile_for(source, opened.probed) if source else None  # a wrong one refused before anything slow
     family = family_for(spec.model.task)
     loaded = family.load(spec)
-    progress.note(f"profiling this machine at {threads} threads")
-    profile = with_throughput(opened.probed, quick=True)
+    if given is None:
+        progress.note(f"profiling this machine at {threads} threads")
+    else:
+        progress.note(f"this machine's profile at {threads} threads from {source} (measured {given.created_at})")
+    profile = given or with_throughput(opened.probed, quick=True)
     cache = cache_root()
     task = family.prepare(loaded, spec, cache, progress, metric)
     t = spec.target
     timing, measure = target_timing(spec, threads), searched_latency(spec)
     progress.note("measuring the baseline (teacher, fp32)")
-    baseline = measure_baseline(task, timing, t.percentile, measure, baseline_dir)
+    baseline = measure_baseline(task, timing, t.percentile, measure, baseline_dir, paced=t.speedup is not None)
     baseline_ms = baseline.latency.percentile_ms(t.percentile)
     target = Target(resolved_target_ms(opened.study, spec, baseline_ms, progress), t.percentile, t.batch_size,
                     timing.seq_len, threads, t.runtime, t.device, measure, limits_of(spec, measure), timing.prompt_len,

@@ -182,6 +182,27 @@ def with_throughput(profile: HardwareProfile, *, quick: bool = False, rounds: in
                    gpus=run_gpu_microbench(profile.gpus, sizes))
 
 
+#: A profile file (or a folder of them) that runs reuse instead of measuring this machine again.
+PROFILE_ENV = "AUTOTUNE_PROFILE"
+
+
+def profile_for(source: str | os.PathLike[str], probed: HardwareProfile) -> HardwareProfile:
+    """The measured profile in `source` (a file of `autotune profile -o`, or a folder of such files) that describes
+    the machine `probed` describes, at its thread count: measuring a machine once serves many runs, and a profile of
+    another machine or thread count, whose figures would mislead every prediction, is refused in one sentence."""
+    source = Path(source)
+    files = sorted(source.glob("*.json")) if source.is_dir() else [source]
+    profiles = [load_profile(path) for path in files]
+    measured = [p for p in profiles if p.fingerprint == probed.fingerprint and p.microbench is not None]
+    if measured:
+        return measured[0]
+    found = ", ".join(f"{p.fingerprint} at {p.threads} threads{'' if p.microbench else ' (not measured)'}"
+                      for p in profiles) or "no profile file"
+    raise ProfileError(f"{source} holds no measured profile of this machine at {probed.threads} threads (fingerprint "
+                       f"{probed.fingerprint}; found: {found}): write one with `autotune profile --threads "
+                       f"{probed.threads} -o FILE`, or leave the profile out to measure this machine now.")
+
+
 def load_profile(path: str | os.PathLike[str]) -> HardwareProfile:
     """Read a profile written by `autotune profile -o`; every failure is one ProfileError sentence."""
     path = Path(path)

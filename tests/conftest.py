@@ -10,6 +10,7 @@ import csv
 import os
 import random
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -103,6 +104,22 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny saved classifier per supported family."""
     return {f: save_tiny_model(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in ("bert", "roberta", "distilbert")}
+
+
+@pytest.fixture(scope="session")
+def machine_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This machine's quick profile at every thread count the suite tunes at, in the folder $AUTOTUNE_PROFILE names
+    for the whole session: each run then reads it instead of measuring the machine again (seconds a run). Modules
+    that tune use it (`pytestmark`); the tests of the measured path unset the variable."""
+    from profilers.cpu import probe_cpu
+    from profilers.hardware import PROFILE_ENV, collect_profile, default_threads
+
+    folder = tmp_path_factory.mktemp("profiles")
+    for threads in sorted({1, default_threads(probe_cpu())}):
+        (folder / f"threads-{threads}.json").write_text(collect_profile(threads, quick=True).to_json(), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PROFILE_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

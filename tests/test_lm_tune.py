@@ -19,6 +19,8 @@ from autotune.records import Stage
 from conftest import save_tiny_llama
 from profilers.hardware import HardwareProfile
 
+pytestmark = pytest.mark.usefixtures("machine_profiles")  # every run reads this machine's profile
+
 SHAPE = {"prompt_len": 32, "context_len": 64, "threads": 1}
 
 

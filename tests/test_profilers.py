@@ -12,7 +12,9 @@ import pytest
 
 from profilers.cpu import inference_flags, parse_cache_size
 from profilers.gpu import cuda_version_text, probe_gpus
-from profilers.hardware import SCHEMA_VERSION, HardwareProfile, ProfileError, collect_profile, load_profile
+from profilers.hardware import (
+    SCHEMA_VERSION, HardwareProfile, ProfileError, collect_profile, load_profile, profile_for,
+)
 from profilers.microbench import MicrobenchSizes, merge_rounds, run_gpu_microbench
 from profilers.predictor import Throughput
 
@@ -190,6 +192,22 @@ def test_edited_profile_fails_its_fingerprint_check(quick: HardwareProfile) -> N
 def test_missing_profile_file(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="does not exist"):
         load_profile(tmp_path / "absent.json")
+
+
+def test_a_run_finds_this_machine_s_profile_at_its_threads_in_a_folder(quick: HardwareProfile, tmp_path: Path) -> None:
+    (tmp_path / "here.json").write_text(quick.to_json(), encoding="utf-8")
+    (tmp_path / "more-threads.json").write_text(replace(quick, threads=quick.threads + 3).to_json(), encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("not a profile", encoding="utf-8")
+    probed = replace(quick, microbench=None, created_at="later")
+    assert profile_for(tmp_path, probed) == quick
+    assert profile_for(tmp_path / "here.json", probed) == quick
+    with pytest.raises(ProfileError, match=f"autotune profile --threads {quick.threads + 1} -o FILE"):
+        profile_for(tmp_path, replace(probed, threads=quick.threads + 1))  # a run at a thread count not profiled
+    unmeasured = tmp_path / "unmeasured"
+    unmeasured.mkdir()
+    (unmeasured / "facts.json").write_text(probed.to_json(), encoding="utf-8")
+    with pytest.raises(ProfileError, match=r"not measured\)"):
+        profile_for(unmeasured, probed)  # the facts alone (autotune profile without its microbenchmarks)
 
 
 # ---- GPUs through a fake NVML: there is no GPU on the CI machine ----------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 from autotune.records import Stage, TrialRecord
 from autotune.selection import choose_recommendation, judge
+from autotune.session import measurement_noise
 from autotune.tasks import Timed
 from autotune.trial import Target, TrialPipeline
 from profilers.isolated import OnnxRequest, measure_onnx_interleaved
@@ -47,6 +48,15 @@ def test_a_relative_target_moves_with_the_baseline_measured_beside_the_candidate
     assert judge(candidate, relative, baseline_then, 0.0)[0] == "over"
     faster_host = stats_of([1.5] * 300)
     assert relative.latency_ms_beside(faster_host) == pytest.approx(0.6)  # the pace tightens it as well
+
+
+def test_a_paced_target_s_noise_is_the_tail_s_spread_over_the_median() -> None:
+    """Two minutes of one model, the second a third slower throughout: all pace, no change of shape."""
+    minutes = [stats_of([10.0] * 280 + [12.0] * 20), stats_of([13.0] * 280 + [15.6] * 20)]
+    assert measurement_noise(minutes, 95, paced=False) == pytest.approx(0.3)
+    assert measurement_noise(minutes, 95, paced=True) == pytest.approx(0.0)
+    burst = stats_of([13.0] * 280 + [19.5] * 20)  # the same pace, a heavier tail
+    assert measurement_noise([minutes[0], burst], 95, paced=True) == pytest.approx(0.25)
 
 
 def test_a_percentile_with_few_samples_has_a_wide_interval() -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,8 +35,11 @@ from autotune.records import LATENCY_CONSTRAINT
 from autotune.study import anchors
 from autotune.tasks.text_classification import encoder_anchors, load_splits
 from autotune.trial import TrialPipeline
+from profilers.hardware import PROFILE_ENV, collect_profile, load_profile, profile_for
 from search_spaces import Candidate, TeacherShape, preset, with_overrides
 from conftest import save_headless_bert, synthetic_rows, tiny_config, write_csv, write_tokenizer
+
+pytestmark = pytest.mark.usefixtures("machine_profiles")  # every run reads this machine's profile
 
 GENEROUS_MS = 50.0
 IMPOSSIBLE_MS = 0.001
@@ -107,9 +112,12 @@ def feasible_spec(teacher_dir: Path, data_csv: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def feasible_run(feasible_spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one run of the suite that measures this machine itself (every other reads $AUTOTUNE_PROFILE)."""
     root = tmp_path_factory.mktemp("feasible")
     out = root / "run"
-    assert tune_cli(write_spec(root / "spec.yaml", feasible_spec), "--out", out) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(PROFILE_ENV)
+        assert tune_cli(write_spec(root / "spec.yaml", feasible_spec), "--out", out) == 0
     return out
 
 
@@ -193,6 +201,9 @@ def test_api_and_cli_agree_for_the_same_spec_and_seed(
     # A fresh cache: the API run fine-tunes and distils on its own instead of reading the CLI run's results.
     monkeypatch.setenv("AUTOTUNE_CACHE_DIR", str(tmp_path / "cache"))
     result = api.tune(feasible_spec, out=tmp_path / "api")
+    given = profile_for(os.environ[PROFILE_ENV], collect_profile(result.data["target"]["threads"], microbench=False))
+    assert result.data["hardware"] == given.to_dict()  # this machine's profile, read from the folder it was given
+    assert result_json(feasible_run)["hardware"]["created_at"] != given.created_at  # the CLI run measured its own
 
     def summary(trials: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
         return [(t["number"], t["candidate"], t["stage"], t["accuracy"]) for t in trials]
@@ -423,6 +434,9 @@ def bad_inputs(teacher: Path, data: Path, tmp: Path) -> dict[str, tuple[Path, li
     unsupported = tmp / "gpt2"
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
+    shared = load_profile(sorted(Path(os.environ[PROFILE_ENV]).glob("*.json"))[0])
+    other_threads = tmp / "other-threads.json"
+    other_threads.write_text(replace(shared, threads=shared.threads + 6).to_json(), encoding="utf-8")
     with_data = lambda path: {**good, "data": {**good["data"], "path": str(path)}}  # noqa: E731
     with_target = lambda **fields: {**good, "target": {**good["target"], **fields}}  # noqa: E731
     cases: dict[str, tuple[dict[str, Any] | str, list[str], str]] = {
@@ -449,6 +463,8 @@ def bad_inputs(teacher: Path, data: Path, tmp: Path) -> dict[str, tuple[Path, li
         "journal directory missing": (good, ["--storage", f"journal:{tmp / 'nowhere' / 'study.log'}"], "existing directory"),
         # /proc refuses new directories even to root (CI runs as root, for whom permission bits mean nothing).
         "output not writable": (good, ["--out", "/proc/autotune-run"], "cannot be created"),
+        "profile missing": (good, ["--profile", str(tmp / "absent.json")], "absent.json does not exist"),
+        "profile of other threads": (good, ["--profile", str(other_threads)], "autotune profile --threads 1 -o FILE"),
     }
     files: dict[str, tuple[Path, list[str], str]] = {}
     for name, (spec, extra, phrase) in cases.items():
@@ -465,7 +481,7 @@ BAD_INPUTS = ["spec missing", "yaml syntax", "unknown key", "wrong type", "laten
               "batch size < 1", "seq len < 1", "trials < 1", "trials option < 1", "model missing", "model not loadable",
               "architecture unsupported", "data missing", "data empty", "column missing", "data not UTF-8",
               "labels beyond num_labels", "storage malformed", "storage driver unknown", "database unreachable",
-              "journal directory missing", "output not writable"]
+              "journal directory missing", "output not writable", "profile missing", "profile of other threads"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -29,6 +29,8 @@ from autotune.caches import publish_dir, read_json, write_json_atomic
 from autotune.cli import main
 from autotune.study import INTERRUPTED_ATTR, SURPLUS_ATTR, WORKER_ATTR, budget_use
 
+pytestmark = pytest.mark.usefixtures("machine_profiles")  # every run reads this machine's profile
+
 POSTGRES_ENV = "AUTOTUNE_TEST_POSTGRES_URL"
 REPO = Path(__file__).resolve().parents[1]
 GENEROUS_MS = 50.0
