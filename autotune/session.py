@@ -38,8 +38,10 @@ from search_spaces import Candidate, Removal, Space, restrict_to_hardware
 
 #: The default safety margin is the measured noise, at most this.
 MAX_DEFAULT_MARGIN = 0.15
-#: The study attribute that keeps a relative target once resolved (see `resolved_target_ms`).
+#: The study attributes that keep a relative target once resolved, and the baseline median it was resolved against
+#: (see `resolved_target`).
 TARGET_ATTR = "target_latency_ms"
+TARGET_BASELINE_P50_ATTR = "target_baseline_p50_ms"
 
 
 @dataclass(frozen=True)
@@ -170,24 +172,29 @@ def target_timing(spec: TuneSpec, threads: int) -> Timing:
     return Timing(t.batch_size, t.seq_len, threads, t.device)
 
 
-def resolved_target_ms(study: optuna.Study, spec: TuneSpec, baseline_ms: float, progress: SilentProgress) -> float:
-    """The target in ms: absolute from the spec, or the baseline / speedup, resolved once per study.
+def resolved_target(study: optuna.Study, spec: TuneSpec, baseline: LatencyStats,
+                    progress: SilentProgress) -> tuple[float, float | None]:
+    """(the target in ms, the baseline median a relative target was resolved against, else None): absolute from
+    the spec, or the baseline's percentile / speedup, resolved once per study.
 
-    A resumed study keeps the target its first run resolved: its finished trials' constraints were computed
-    against it, and a baseline re-measured on a shared machine can differ by tens of percent.
+    A resumed study keeps the target its first run resolved, and the median it was resolved against (the pace the
+    selection scales it from, `Target.latency_ms_beside`): its finished trials' constraints were computed against
+    it, and a baseline re-measured on a shared machine can differ by tens of percent.
     """
     t = spec.target
     absolute = t.latency_ms or t.decode_ms or (t.ttft_ms if t.speedup is None else None)
     if absolute is not None:
-        return absolute
+        return absolute, None
+    baseline_ms = baseline.percentile_ms(t.percentile)
     stored = study.user_attrs.get(TARGET_ATTR)
     if stored is not None:
         progress.note(f"resumed study: keeping its target of {stored:.2f} ms (this run's baseline / {t.speedup:g} "
                       f"would be {baseline_ms / t.speedup:.2f} ms)")
-        return float(stored)
+        return float(stored), float(study.user_attrs.get(TARGET_BASELINE_P50_ATTR, baseline.p50_ms))
     target_ms = baseline_ms / t.speedup
     study.set_user_attr(TARGET_ATTR, target_ms)
-    return target_ms
+    study.set_user_attr(TARGET_BASELINE_P50_ATTR, baseline.p50_ms)
+    return target_ms, baseline.p50_ms
 
 
 def latency_screen(spec: TuneSpec, profile: HardwareProfile, task: TaskFamily, baseline: Baseline) -> Screen | None:
@@ -263,9 +270,9 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
     progress.note("measuring the baseline (teacher, fp32)")
     baseline = measure_baseline(task, timing, t.percentile, measure, baseline_dir, paced=t.speedup is not None)
     baseline_ms = baseline.latency.percentile_ms(t.percentile)
-    target = Target(resolved_target_ms(opened.study, spec, baseline_ms, progress), t.percentile, t.batch_size,
-                    timing.seq_len, threads, t.runtime, t.device, measure, limits_of(spec, measure), timing.prompt_len,
-                    None if t.speedup is None else baseline.latency.p50_ms)
+    target_ms, resolved_p50_ms = resolved_target(opened.study, spec, baseline.latency, progress)
+    target = Target(target_ms, t.percentile, t.batch_size, timing.seq_len, threads, t.runtime, t.device, measure,
+                    limits_of(spec, measure), timing.prompt_len, resolved_p50_ms)
     ctx = TrialContext(task=task, target=target, fingerprint=profile.fingerprint, training=spec.training,
                        seed=spec.search.seed, cache_dir=cache, artifacts_dir=run_dir / "artifacts", reference_ms=baseline_ms,
                        recipe=profile.recipe)

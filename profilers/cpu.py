@@ -6,6 +6,7 @@ sizes, NUMA nodes) is read from sysfs. Nothing here measures speed; see microben
 
 from __future__ import annotations
 
+import functools
 import platform
 import re
 from dataclasses import dataclass
@@ -130,8 +131,11 @@ def cpu_info_from(raw: Mapping[str, Any], caches: Mapping[str, int], numa_nodes:
     )
 
 
+@functools.cache
 def probe_cpu() -> CpuInfo:
-    """This machine's CpuInfo; the only impure entry point, so `cpu_info_from` stays testable with canned inputs."""
+    """This machine's CpuInfo; the only impure entry point, so `cpu_info_from` stays testable with canned inputs.
+    Probed once per process: py-cpuinfo starts a child process (a second and more), and a run asks at start-up for
+    its default threads and its fingerprint."""
     import cpuinfo
 
     return cpu_info_from(cpuinfo.get_cpu_info(), sysfs_cache_sizes(), numa_node_count())

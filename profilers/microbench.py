@@ -190,7 +190,7 @@ def chain_sessions(model: bytes, width: int, threads: int, settings: MeasureSett
                          dtype=dtype, threads=threads, runs=sum(s.runs for s in sessions),
                          seconds=round(sum(s.seconds for s in sessions), 3),
                          statistic=f"geometric mean of {CHAIN_SESSIONS} sessions' medians")
-    return float(geometric_mean([s.p50_ms for s in sessions])), method
+    return geometric_mean([s.p50_ms for s in sessions]), method
 
 
 def gemm_chain_shape(width: int) -> str:
@@ -301,7 +301,7 @@ def merge_rounds(rounds: Sequence[Microbench]) -> Microbench:
         if any(v is None for v in measured):
             values[name] = None
             continue
-        values[name] = round(float(geometric_mean(measured)), 2)
+        values[name] = round(geometric_mean(measured), 2)
         first = rounds[0].methods.get(name)
         if first is not None:
             methods[name] = replace(first, runs=sum(r.methods[name].runs for r in rounds),

@@ -109,8 +109,9 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 @pytest.fixture(scope="session")
 def machine_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """This machine's quick profile at every thread count the suite tunes at, in the folder $AUTOTUNE_PROFILE names
-    for the whole session: each run then reads it instead of measuring the machine again (seconds a run). Modules
-    that tune use it (`pytestmark`); the tests of the measured path unset the variable."""
+    for the whole session: each run then reads it instead of measuring the machine again (seconds a run). The slow
+    tests that tune use it (`usefixtures`), so the fast tier never measures; the tests of the measured path unset
+    the variable."""
     from profilers.cpu import probe_cpu
     from profilers.hardware import PROFILE_ENV, collect_profile, default_threads
 

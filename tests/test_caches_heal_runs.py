@@ -10,7 +10,6 @@ Every case starts from a copy of the good run's cache; the machine profile is me
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import logging
 import os
@@ -18,14 +17,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
 
-from autotune import session
 from autotune.caches import CACHE_ENV, MANIFEST, read_entry
 from autotune.cli import main
 from autotune.study import INTERRUPTED_ATTR
@@ -35,15 +33,6 @@ pytestmark = pytest.mark.usefixtures("machine_profiles")  # every run reads this
 
 GENEROUS_MS = 50.0
 SEQ_LEN = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_profile() -> Iterator[None]:
-    """One machine profile for every in-process run of the module (each measurement costs seconds)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(session, "collect_profile", functools.cache(session.collect_profile))
-        mp.setattr(session, "with_throughput", functools.cache(session.with_throughput))
-        yield
 
 
 @dataclass(frozen=True)

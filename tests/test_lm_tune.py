@@ -19,8 +19,6 @@ from autotune.records import Stage
 from conftest import save_tiny_llama
 from profilers.hardware import HardwareProfile
 
-pytestmark = pytest.mark.usefixtures("machine_profiles")  # every run reads this machine's profile
-
 SHAPE = {"prompt_len": 32, "context_len": 64, "threads": 1}
 
 
@@ -61,6 +59,7 @@ def measured(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_a_binding_decode_target_over_a_worker_and_a_resumed_tune_recommends_the_most_accurate_feasible_candidate(
         wide_llama: Path, tiny_text_dir: Path, tmp_path: Path) -> None:
     """A worker runs half the budget, `tune --resume` the rest on the same storage (one study, its trials kept), and
@@ -112,6 +111,7 @@ def test_a_binding_decode_target_over_a_worker_and_a_resumed_tune_recommends_the
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 @pytest.mark.parametrize(("change", "fragment"), [
     ({"target": {"speedup": 2, "prompt_len": 32, "context_len": 600}}, "the model takes at most 512 positions"),
     ({"space": {"preset": "llama-default", "knobs": {"layers": [9]}}}, "layers"),
@@ -128,6 +128,7 @@ def test_bad_inputs_are_one_sentence_before_any_trial(wide_llama: Path, tiny_tex
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_a_custom_metric_is_refused_for_a_causal_lm(wide_llama: Path, tiny_text_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="perplexity"):
         api.tune(lm_spec(wide_llama, tiny_text_dir), out=tmp_path / "run", metric=lambda labels, logits: 0.0)

@@ -9,13 +9,11 @@ either way, and each measurement costs ~5 s); the one run through a real subproc
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -25,7 +23,7 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from autotune import api, session
+from autotune import api
 from autotune.cli import main
 from autotune.config import load_spec
 from autotune.predict import load_model
@@ -35,11 +33,9 @@ from autotune.records import LATENCY_CONSTRAINT
 from autotune.study import anchors
 from autotune.tasks.text_classification import encoder_anchors, load_splits
 from autotune.trial import TrialPipeline
-from profilers.hardware import PROFILE_ENV, collect_profile, load_profile, profile_for
+from profilers.hardware import PROFILE_ENV, collect_profile, profile_for
 from search_spaces import Candidate, TeacherShape, preset, with_overrides
 from conftest import save_headless_bert, synthetic_rows, tiny_config, write_csv, write_tokenizer
-
-pytestmark = pytest.mark.usefixtures("machine_profiles")  # every run reads this machine's profile
 
 GENEROUS_MS = 50.0
 IMPOSSIBLE_MS = 0.001
@@ -49,12 +45,10 @@ ONE_STUDENT_KNOBS = {"layers": [1], "hidden": [32], "heads": [4], "ffn": [64], "
 
 @pytest.fixture(scope="module", autouse=True)
 def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A module-wide temp cache, and one machine profile measured for every in-process run of the module."""
+    """A module-wide temp cache."""
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AUTOTUNE_CACHE_DIR", str(cache))
-        mp.setattr(session, "collect_profile", functools.cache(session.collect_profile))
-        mp.setattr(session, "with_throughput", functools.cache(session.with_throughput))
         yield cache
 
 
@@ -122,6 +116,7 @@ def feasible_run(feasible_spec: dict[str, Any], tmp_path_factory: pytest.TempPat
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     feasible_run: Path, feasible_spec: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -195,6 +190,7 @@ def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_api_and_cli_agree_for_the_same_spec_and_seed(
     feasible_run: Path, feasible_spec: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,6 +218,7 @@ def test_api_and_cli_agree_for_the_same_spec_and_seed(
 # -- an impossible target: the real command, exit 3, and no training at all -----------------------------
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_impossible_target_exits_3_without_training(teacher_dir: Path, data_csv: Path, tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "spec.yaml", make_spec(teacher_dir, data_csv, latency_ms=IMPOSSIBLE_MS, trials=3))
     out = tmp_path / "run"
@@ -248,6 +245,7 @@ def test_impossible_target_exits_3_without_training(teacher_dir: Path, data_csv:
 # -- caches: one student for every bit width; a second run measures and trains nothing -------------------
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_same_shape_candidates_share_one_student_and_later_runs_hit_the_gate_cache(
     teacher_dir: Path, data_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -336,6 +334,7 @@ def test_the_gate_stand_in_size_scaled_to_the_full_token_table_matches_the_real_
 # -- resume ------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_resume_adds_trials_and_keeps_finished_ones(
     teacher_dir: Path, data_csv: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -361,6 +360,7 @@ def test_resume_adds_trials_and_keeps_finished_ones(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_resume_keeps_the_relative_target_its_first_run_resolved(teacher_dir: Path, data_csv: Path, tmp_path: Path) -> None:
     spec = make_spec(teacher_dir, data_csv, trials=1, knobs={"layers": [2], "hidden": [32], "heads": [4], "ffn": [64],
                                                               "sparsity": [0.0], "bits": [32, 8]})
@@ -372,11 +372,15 @@ def test_resume_keeps_the_relative_target_its_first_run_resolved(teacher_dir: Pa
     resumed = api.tune(spec, out=tmp_path / "run", resume=True, trials=2)
     assert len(resumed.trials) == 2
     assert resumed.data["target"]["latency_ms"] == resolved  # not this run's re-measured baseline / 1.2
+    # ...and the median it was resolved against, which the selection scales the target from.
+    assert resumed.data["target"]["baseline_p50_ms"] == first.data["target"]["baseline_p50_ms"] == pytest.approx(
+        first.data["baseline"]["latency_ms"]["p50"])
 
 
 # -- a failing trial is recorded and the study goes on -----------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_failing_trial_is_recorded_and_the_study_goes_on(
     teacher_dir: Path, data_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -401,6 +405,7 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_a_custom_metric_replaces_accuracy(teacher_dir: Path, data_csv: Path, tmp_path: Path) -> None:
     """tune(metric=f) optimises f(labels, logits); here a metric that is 1 - accuracy, so it must differ."""
     seen: list[tuple[int, int]] = []
@@ -434,9 +439,8 @@ def bad_inputs(teacher: Path, data: Path, tmp: Path) -> dict[str, tuple[Path, li
     unsupported = tmp / "gpt2"
     unsupported.mkdir()
     (unsupported / "config.json").write_text(json.dumps({"model_type": "gpt2"}), encoding="utf-8")
-    shared = load_profile(sorted(Path(os.environ[PROFILE_ENV]).glob("*.json"))[0])
     other_threads = tmp / "other-threads.json"
-    other_threads.write_text(replace(shared, threads=shared.threads + 6).to_json(), encoding="utf-8")
+    other_threads.write_text(collect_profile(7, microbench=False).to_json(), encoding="utf-8")
     with_data = lambda path: {**good, "data": {**good["data"], "path": str(path)}}  # noqa: E731
     with_target = lambda **fields: {**good, "target": {**good["target"], **fields}}  # noqa: E731
     cases: dict[str, tuple[dict[str, Any] | str, list[str], str]] = {
@@ -503,6 +507,7 @@ def test_bad_input_is_one_sentence_and_exit_2(
 # -- hardware: a study keeps its first worker's fingerprint ------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_a_study_from_other_hardware_is_refused_unless_mixing_is_allowed_and_then_kept_apart(
     teacher_dir: Path, data_csv: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -545,6 +550,7 @@ def test_passwords_never_shown_in_commands_and_urls() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("machine_profiles")
 def test_the_study_loads_in_optuna_dashboard_with_named_objectives_and_attributes(feasible_run: Path) -> None:
     """What a user watching a run with `optuna-dashboard sqlite:///runs/NAME/study.db` sees, through its own API."""
     from wsgiref.util import setup_testing_defaults
