@@ -126,7 +126,7 @@ def test_bad_arguments_are_refused() -> None:
 def test_binomial_quantile_is_scipys_ppf(level: float) -> None:
     from scipy.stats import binom
 
-    for n, p in itertools.product([1, 2, 3, 7, 20, 39, 40, 41, 100, 299, 300, 400, 1000], [0.5, 0.9, 0.95, 0.99]):
+    for n, p in itertools.product([1, 2, 3, 7, 20, 39, 40, 41, 100, 299, 300, 400, 1000, 2000], [0.5, 0.9, 0.95, 0.99]):
         assert binomial_quantile(level, n, p) == int(binom.ppf(level, n, p)), (n, p)
 
 
