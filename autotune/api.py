@@ -19,7 +19,6 @@ from typing import Any, Mapping
 from autotune.caches import MANIFEST, STAGING, disk_full_is_an_error, owned_temporary_directory
 from autotune.config import TuneSpec, load_spec
 from autotune.progress import SilentProgress
-from autotune.report import write_report
 from autotune.result import TuneResult, load_result, recommended_entry, result_document
 from autotune.runtime import load_artifact
 from autotune.runtime.export import write_artifact_json
@@ -160,6 +159,8 @@ def tune(
         samples=side_by_side(session, recommended),
         seconds=time.perf_counter() - started))  # keyword arguments are evaluated in order: this one last
     result.save(run_dir)
+    from autotune.report import write_report  # here: matplotlib costs a worker's start 1.4 s, and workers write none
+
     write_report(result.data, run_dir)
     return result
 

@@ -87,7 +87,7 @@ def test_the_more_accurate_but_slower_candidate_is_passed_over_with_its_reason_a
 
     from autotune.caches import write_manifest
 
-    slow = load_artifact(export_shape(tmp_path / "slow", tiny_bert_dir, 6, 256))
+    slow = load_artifact(export_shape(tmp_path / "slow", tiny_bert_dir, 4, 128))
     fast = load_artifact(export_shape(tmp_path / "fast", tiny_bert_dir, 1, 32))
     for artifact in (slow, fast):
         write_manifest(artifact.dir)  # as the trial pipeline publishes its artifacts: verified, not rebuilt
@@ -96,9 +96,10 @@ def test_the_more_accurate_but_slower_candidate_is_passed_over_with_its_reason_a
         return OnnxRequest(str(artifact.onnx_path), artifact.input_names, t.batch_size, t.seq_len, artifact.vocab_size, t.threads)
 
     probe = measure_onnx_interleaved([timing(a, SimpleNamespace(batch_size=1, seq_len=64, threads=1), ()) for a in (slow, fast)])
-    # Binds, far from both: half the slow one's p95 and, on any host, several times the fast one's (a shared CI
-    # host once put the fast one's upper bound within 5% of a geometric-mean target).
-    target_ms = probe[0].p95_ms / 2
+    # Binds, far from both: two thirds of the slow one's p95 and, on any host, several times the fast one's (a
+    # shared CI host once put the fast one's upper bound within 5% of a geometric-mean target). The slow one is
+    # small enough that its 1,800 alternating runs take seconds.
+    target_ms = probe[0].p95_ms / 1.5
     assert probe[1].p95_ms < target_ms / 3
     # A relative target resolved while the host ran three times faster than now (as a shared host's pace moves
     # between the search and the selection): judged beside the baseline re-measured now, the speedup asked for is
