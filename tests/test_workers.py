@@ -63,7 +63,8 @@ def write_spec(path: Path, model: Path, data: Path, *, latency_ms: float, trials
         "target": {"latency_ms": latency_ms, "seq_len": 32, "threads": 1},
         "space": {"preset": "bert-default", "knobs": SMALL_SPACE},
         "search": {"trials": trials, "seed": 0, "heartbeat_s": 1},
-        "training": {"epochs": 1, "batch_size": 16},
+        # No refinement after the search: these tests are about sharing and resuming a study, not multi-fidelity.
+        "training": {"epochs": 1, "batch_size": 16, "refine_epochs": 0},
     }
     path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     return path
