@@ -7,8 +7,12 @@ sizes, NUMA nodes) is read from sysfs. Nothing here measures speed; see microben
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import platform
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -131,11 +135,53 @@ def cpu_info_from(raw: Mapping[str, Any], caches: Mapping[str, int], numa_nodes:
     )
 
 
+#: /proc/cpuinfo lines that move while the machine runs: left out of what names a CPU.
+MOVING_CPUINFO_LINES = ("cpu mhz", "bogomips")
+
+
+def cpuinfo_cache_path(boot_id_file: Path = Path("/proc/sys/kernel/random/boot_id"),
+                       proc_cpuinfo: Path = Path("/proc/cpuinfo")) -> Path | None:
+    """Where py-cpuinfo's answer is kept for this boot of this CPU: a file in the temp folder named by the kernel's
+    boot id and its own description of the CPU, so a reboot, or a CPU the kernel describes otherwise, probes again.
+    None where the kernel says neither (not Linux): then every process probes."""
+    try:
+        boot = boot_id_file.read_text(encoding="utf-8").strip()
+        described = [line for line in proc_cpuinfo.read_text(encoding="utf-8").splitlines()
+                     if not line.lower().startswith(MOVING_CPUINFO_LINES)]
+    except OSError:
+        return None
+    digest = hashlib.sha256("\n".join([boot, *described]).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"autotune-cpuinfo-{os.getuid()}-{digest}.json"
+
+
+def raw_cpu_info(cache: Path | None) -> dict[str, Any]:
+    """py-cpuinfo's dict, read from `cache` when a process of this boot wrote it, else probed and written there
+    (through a temp file and a rename, so a reader never sees half of it). The probe starts a child process and
+    takes over a second, which every command paid at its start; an unreadable or foreign file is probed over."""
+    if cache is not None:
+        try:
+            raw = json.loads(cache.read_text(encoding="utf-8"))
+            if isinstance(raw, dict):
+                return raw
+        except (OSError, ValueError):
+            pass
+    import cpuinfo
+
+    raw = cpuinfo.get_cpu_info()
+    if cache is not None:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(raw, handle)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only temp folder: the next process probes again
+    return raw
+
+
 @functools.cache
 def probe_cpu() -> CpuInfo:
     """This machine's CpuInfo; the only impure entry point, so `cpu_info_from` stays testable with canned inputs.
-    Probed once per process: py-cpuinfo starts a child process (a second and more), and a run asks at start-up for
-    its default threads and its fingerprint."""
-    import cpuinfo
-
-    return cpu_info_from(cpuinfo.get_cpu_info(), sysfs_cache_sizes(), numa_node_count())
+    Probed once per process, and py-cpuinfo's part once per boot (`raw_cpu_info`): a run asks at start-up for its
+    default threads and its fingerprint, and every command line starts a process."""
+    return cpu_info_from(raw_cpu_info(cpuinfo_cache_path()), sysfs_cache_sizes(), numa_node_count())

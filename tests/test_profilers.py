@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from profilers.cpu import inference_flags, parse_cache_size
+from profilers.cpu import cpuinfo_cache_path, inference_flags, parse_cache_size, raw_cpu_info
 from profilers.gpu import cuda_version_text, probe_gpus
 from profilers.hardware import (
     SCHEMA_VERSION, HardwareProfile, ProfileError, collect_profile, load_profile, profile_for,
@@ -62,6 +63,42 @@ def test_memory_total_matches_proc_meminfo(facts: HardwareProfile) -> None:
     line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal:"))
     assert facts.memory.total_bytes == int(line.split()[1]) * 1024
     assert 0 < facts.memory.available_bytes <= facts.memory.total_bytes
+
+
+CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\nbogomips\t: {mhz}\n"
+
+
+def test_py_cpuinfo_s_answer_is_kept_per_boot_and_per_cpu_description(tmp_path: Path) -> None:
+    boot, proc = tmp_path / "boot_id", tmp_path / "cpuinfo"
+    boot.write_text("boot-1\n")
+    proc.write_text(CPUINFO.format(mhz="2400.1", flags="avx avx2"))
+    first = cpuinfo_cache_path(boot, proc)
+    assert first is not None and first.parent == Path(tempfile.gettempdir())
+    proc.write_text(CPUINFO.format(mhz="3100.7", flags="avx avx2"))  # the clock moves: the same CPU
+    assert cpuinfo_cache_path(boot, proc) == first
+    proc.write_text(CPUINFO.format(mhz="3100.7", flags="avx avx2 avx512f"))  # another CPU description
+    other_cpu = cpuinfo_cache_path(boot, proc)
+    boot.write_text("boot-2\n")
+    assert len({first, other_cpu, cpuinfo_cache_path(boot, proc)}) == 3
+    assert cpuinfo_cache_path(tmp_path / "no-boot-id", proc) is None  # not Linux: no cache, every process probes
+
+
+def test_a_kept_answer_is_read_without_probing_and_a_broken_one_probed_over(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import cpuinfo
+
+    probes: list[int] = []
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: probes.append(1) or {"brand_raw": "Probed", "flags": ["avx2"]})
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps({"brand_raw": "Kept", "flags": []}))
+    assert raw_cpu_info(kept)["brand_raw"] == "Kept" and probes == []
+    for broken in ("{\"brand_raw\": ", "[1, 2]"):  # half a file (as a crash leaves one), or not py-cpuinfo's dict
+        kept.write_text(broken)
+        assert raw_cpu_info(kept)["brand_raw"] == "Probed"
+        assert json.loads(kept.read_text())["brand_raw"] == "Probed"  # written for the next process
+    assert raw_cpu_info(None)["brand_raw"] == "Probed" and len(probes) == 3
+    assert raw_cpu_info(tmp_path / "unwritable" / "kept.json")["brand_raw"] == "Probed"  # no place to keep it: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]  # no temp file left behind
 
 
 def test_cache_size_parsing() -> None:
