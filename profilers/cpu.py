@@ -156,7 +156,7 @@ def cpuinfo_cache_path(boot_id_file: Path = Path("/proc/sys/kernel/random/boot_i
 
 def raw_cpu_info(cache: Path | None) -> dict[str, Any]:
     """py-cpuinfo's dict, read from `cache` when a process of this boot wrote it, else probed and written there
-    (through a temp file and a rename, so a reader never sees half of it). The probe starts a child process and
+    (`keep`: a reader never sees half of it). The probe starts a child process and
     takes over a second, which every command paid at its start; an unreadable or foreign file is probed over."""
     if cache is not None:
         try:
@@ -169,14 +169,23 @@ def raw_cpu_info(cache: Path | None) -> dict[str, Any]:
 
     raw = cpuinfo.get_cpu_info()
     if cache is not None:
-        try:
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.")
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(raw, handle)
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only temp folder: the next process probes again
+        keep(raw, cache)
     return raw
+
+
+def keep(raw: Mapping[str, Any], cache: Path) -> None:
+    """Write `raw` to `cache` through a temp file and a rename; where that fails (a read-only or full temp folder)
+    nothing is left behind and the next process probes again."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(raw, handle)
+        os.replace(tmp, cache)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
 
 
 @functools.cache

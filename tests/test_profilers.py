@@ -98,7 +98,9 @@ def test_a_kept_answer_is_read_without_probing_and_a_broken_one_probed_over(tmp_
         assert json.loads(kept.read_text())["brand_raw"] == "Probed"  # written for the next process
     assert raw_cpu_info(None)["brand_raw"] == "Probed" and len(probes) == 3
     assert raw_cpu_info(tmp_path / "unwritable" / "kept.json")["brand_raw"] == "Probed"  # no place to keep it: fine
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]  # no temp file left behind
+    (tmp_path / "folder.json").mkdir()  # the rename fails: the temp file goes too
+    assert raw_cpu_info(tmp_path / "folder.json")["brand_raw"] == "Probed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json", "kept.json"]  # no temp file left behind
 
 
 def test_cache_size_parsing() -> None:
