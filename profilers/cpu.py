@@ -156,8 +156,8 @@ def cpuinfo_cache_path(boot_id_file: Path = Path("/proc/sys/kernel/random/boot_i
 
 def raw_cpu_info(cache: Path | None) -> dict[str, Any]:
     """py-cpuinfo's dict, read from `cache` when a process of this boot wrote it, else probed and written there
-    (`keep`: a reader never sees half of it). The probe starts a child process and
-    takes over a second, which every command paid at its start; an unreadable or foreign file is probed over."""
+    (`keep`: a reader never sees half of it). The probe starts a child process and takes over a second, which every
+    command paid at its start; an unreadable or foreign file is probed over."""
     if cache is not None:
         try:
             raw = json.loads(cache.read_text(encoding="utf-8"))
