@@ -1,12 +1,12 @@
 """An outside check of a finished run: does the recommendation hold when measured again, independently?
 
-Times RUN_DIR/model against RUN_DIR/baseline at the run's own target shape and threads, alternating one run of
-each for 300 rounds in a fresh child process with spinning off (as the tuner's final measurement does, but
+Times RUN_DIR/model against RUN_DIR/baseline at the run's own target shape and threads, taking turns until each
+has 300 timed runs in a fresh child process with spinning off (as the tuner's final measurement does, but
 later and separately), `--repeat` times. Each repeat checks the two promises of result.json: the recommended
 latency at the target percentile is within the target x 1.05, and the speedup (the ratio of median latencies,
 as result.json states it) is within 10% of the one claimed. The ratio at the target percentile is printed too.
 
-    python bench/remeasure.py runs/sentiment-quick [--repeat 3] [--rounds 300] [--pause 5]
+    python bench/remeasure.py runs/sentiment-quick [--repeat 3] [--runs 300] [--pause 5]
 
 Ends with one line of JSON: the target, the claimed speedup, each repeat's figures, and how many repeats held.
 """
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=300, help="timed runs of each model per repeat")
     parser.add_argument("--pause", type=float, default=5.0, help="seconds between repeats, so they sample other minutes")
     args = parser.parse_args(argv)
     try:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for index in range(args.repeat):
         if index:
             time.sleep(args.pause)
-        base, model = measure_onnx_interleaved(requests, rounds=args.rounds)
+        base, model = measure_onnx_interleaved(requests, runs=args.runs)
         latency, speedup = model.percentile_ms(target["percentile"]), base.p50_ms / model.p50_ms
         tail = base.percentile_ms(target["percentile"]) / latency
         row = {"baseline_ms": round(base.percentile_ms(target["percentile"]), 4), "model_ms": round(latency, 4),
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{index + 1:>6} {row['baseline_ms']:>14.3f} {row['model_ms']:>11.3f} {row['model_upper_ms']:>8.3f} "
               f"{row['speedup']:>7.2f}x {tail:>6.2f}x {str(row['latency_holds']):>11} {str(row['speedup_holds']):>13}")
     summary = {"run_dir": str(args.run_dir), "target_ms": round(target_ms, 4), "claimed_ms": round(recommended["latency_ms"], 4),
-               "claimed_speedup": round(claimed, 3), "rounds": args.rounds, "repeats": rows,
+               "claimed_speedup": round(claimed, 3), "runs": args.runs, "repeats": rows,
                "latency_held": sum(r["latency_holds"] for r in rows), "speedup_held": sum(r["speedup_holds"] for r in rows)}
     print(json.dumps(summary))
     return 0

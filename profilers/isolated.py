@@ -75,19 +75,28 @@ def measure_onnx_isolated(request: OnnxRequest, settings: MeasureSettings = Meas
     return LatencyStats(**json.loads(proc.stdout))
 
 
-#: Runs per model in an interleaved measurement: enough that a p95 is the 285th of 300 samples, not the maximum,
-#: and its confidence interval is a few ranks wide.
-INTERLEAVED_ROUNDS = 300
+#: Timed runs per model in an interleaved measurement: enough that a p95 is the 285th of 300 samples, not the
+#: maximum, and its confidence interval is a few ranks wide.
+INTERLEAVED_RUNS = 300
+#: Each model's turn in an interleaved measurement: this many runs in a row, the first SWITCH_WARMUP_RUNS untimed.
+#: The first run after another model's is 5-10% slower at the median and 10-15% at p90 (its caches and its thread
+#: pool gone cold: the demo's students beside the teacher, 2 cores); the second is back to steady state. A deployed
+#: model serving requests does not pay that switch, and alternating single runs made small students look 10-20%
+#: slower beside the teacher than alone.
+INTERLEAVED_BLOCK_RUNS, SWITCH_WARMUP_RUNS = 20, 2
 
 
-def measure_onnx_interleaved(requests: Sequence[OnnxRequest], rounds: int = INTERLEAVED_ROUNDS, warmup: int = 10,
+def measure_onnx_interleaved(requests: Sequence[OnnxRequest], runs: int = INTERLEAVED_RUNS, warmup: int = 10,
                              timeout_s: float = 900) -> list[LatencyStats]:
-    """Time several models in one child process, alternating one run of each per round, every session with
-    spinning off: the figures share the same minutes, so their ratios (speedups) are not the drift of a shared
-    host between two measurements. Stats come back in the order of `requests`."""
+    """Time several models in one child process, taking turns (INTERLEAVED_BLOCK_RUNS runs each, warmed after each
+    switch) until each has `runs` timed runs, every session with spinning off: the figures share the same minutes,
+    so their ratios (speedups) are not the drift of a shared host between two measurements. Stats come back in the
+    order of `requests`."""
     if not requests:
         raise ValueError("measure_onnx_interleaved needs at least one model")
-    payload = json.dumps({"requests": [asdict(r) for r in requests], "rounds": rounds, "warmup": warmup})
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    payload = json.dumps({"requests": [asdict(r) for r in requests], "runs": runs, "warmup": warmup})
     env = {**os.environ, "OMP_NUM_THREADS": str(requests[0].threads)}
     proc = subprocess.run([sys.executable, "-m", "profilers.isolated"], input=payload, capture_output=True, text=True,
                           timeout=timeout_s, env=env)
@@ -104,7 +113,7 @@ def _request(data: dict) -> OnnxRequest:
     return request
 
 
-def _interleaved(requests: list[OnnxRequest], rounds: int, warmup: int) -> list[dict]:
+def _interleaved(requests: list[OnnxRequest], runs: int, warmup: int) -> list[dict]:
     import time
 
     from profilers.latency import summarize
@@ -114,11 +123,16 @@ def _interleaved(requests: list[OnnxRequest], rounds: int, warmup: int) -> list[
     feeds = [feeds_for(r.input_names, r.batch_size, r.seq_len, r.vocab_size, r.seed) for r in requests]
     samples: list[list[float]] = [[] for _ in requests]
     start = time.perf_counter()
-    for index in range(warmup + rounds):
-        for session, feed, timed in zip(sessions, feeds, samples):
-            began = time.perf_counter()
+    for session, feed in zip(sessions, feeds):
+        for _ in range(warmup):
             session.run(None, feed)
-            if index >= warmup:
+    while len(samples[0]) < runs:
+        for session, feed, timed in zip(sessions, feeds, samples):
+            for _ in range(SWITCH_WARMUP_RUNS):
+                session.run(None, feed)
+            for _ in range(min(INTERLEAVED_BLOCK_RUNS - SWITCH_WARMUP_RUNS, runs - len(timed))):
+                began = time.perf_counter()
+                session.run(None, feed)
                 timed.append((time.perf_counter() - began) * 1000.0)
     seconds = time.perf_counter() - start
     return [asdict(summarize(timed, converged=True, seconds=seconds, batch_size=r.batch_size, threads=r.threads,
@@ -130,7 +144,7 @@ def _child() -> None:
 
     message = json.loads(sys.stdin.read())
     if "requests" in message:
-        out = _interleaved([_request(r) for r in message["requests"]], message["rounds"], message["warmup"])
+        out = _interleaved([_request(r) for r in message["requests"]], message["runs"], message["warmup"])
         sys.stdout.write(json.dumps(out))
         return
     request = _request(message["request"])

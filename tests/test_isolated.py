@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import VOCAB
-from profilers.isolated import MeasurementError, OnnxRequest, feeds_for, measure_onnx_isolated
+from profilers.isolated import (INTERLEAVED_BLOCK_RUNS, MeasurementError, OnnxRequest, feeds_for, measure_onnx_interleaved,
+                                measure_onnx_isolated)
 from profilers.latency import LatencyStats, MeasureSettings, measure_onnx
 
 SEQ_LEN = 64
@@ -53,6 +54,23 @@ def test_stats_carry_the_requested_threads_and_batch(bert_onnx: tuple[Path, tupl
     assert stats.threads == 1 and stats.batch_size == 3
     assert stats.runs >= 10 and 0 < stats.p50_ms <= stats.p95_ms
     assert stats.throughput_items_per_s == pytest.approx(3 * 1000 / stats.p50_ms)  # items/s at the median
+
+
+def test_interleaved_times_each_model_the_runs_asked_in_request_order(bert_onnx: tuple[Path, tuple[str, ...]]) -> None:
+    path, names = bert_onnx
+    runs = INTERLEAVED_BLOCK_RUNS + 7  # a last turn shorter than the others
+    small, large = measure_onnx_interleaved([request_for(path, names), request_for(path, names, batch_size=8)], runs=runs)
+    assert small.runs == large.runs == runs
+    assert (small.batch_size, large.batch_size) == (1, 8)
+    assert large.p50_ms > small.p50_ms  # eight sequences a call against one: the order of `requests` is kept
+
+
+@pytest.mark.parametrize("requests, runs", [([], 10), (None, 0)])
+def test_interleaved_refuses_no_models_or_no_runs(bert_onnx: tuple[Path, tuple[str, ...]], requests: list[OnnxRequest] | None,
+                                                 runs: int) -> None:
+    path, names = bert_onnx
+    with pytest.raises(ValueError, match="at least one model" if requests == [] else "runs must be >= 1"):
+        measure_onnx_interleaved(requests if requests is not None else [request_for(path, names)], runs=runs)
 
 
 def test_missing_model_is_one_line_measurement_error(tmp_path: Path) -> None:

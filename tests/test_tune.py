@@ -145,7 +145,7 @@ def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     assert recommended["latency_ms"] <= target["latency_ms"]
     # The speedup is a ratio taken in the same minutes: the final measurement alternates the two in one process.
     final = recommended["final_measurement"]
-    assert final["interleaved_rounds"] == final["baseline"]["runs"] == final["recommended"]["runs"] == 300
+    assert final["interleaved_runs"] == final["baseline"]["runs"] == final["recommended"]["runs"] == 300
     assert recommended["latency_ms"] == final["recommended"]["p95_ms"]
     assert final["baseline"]["p50_ms"] / final["recommended"]["p50_ms"] in final["speedups"]
     assert final["baseline"]["p95_ms"] / final["recommended"]["p95_ms"] in final["speedups_at_percentile"]
