@@ -55,12 +55,14 @@ def search_spec(spec: Any, overrides: Mapping[str, Any]) -> TuneSpec:
     return load_spec(spec, {"search": given} if given else None)
 
 
-def run_session(session: Session, progress: SilentProgress) -> None:
-    """Run the study's trials in this process until its budget is reached (or the timeout)."""
+def run_session(session: Session, progress: SilentProgress, started: float) -> None:
+    """Run the study's trials in this process until its budget is reached, or until `search.timeout_min` minutes
+    after `started` (the command's `time.perf_counter()` at its start): the teacher's fine-tune and the baseline
+    count against the time, so a slow machine searches less rather than overrunning the user's budget."""
     search = session.spec.search
     progress.start(search.trials, finished_count(session.study), session.target.latency_ms)
     try:
-        run_study(session.study, session.objective, search.trials, search.timeout_min * 60 if search.timeout_min else None,
+        run_study(session.study, session.objective, search.trials, started + search.timeout_min * 60 if search.timeout_min else None,
                   callbacks=[progress.trial_finished], poll_s=session.poll_s)
     finally:
         progress.stop()
@@ -96,6 +98,7 @@ def work(
     `--resume` on the same storage writes the result once the budget is reached. A full disk is a DiskFullError
     (finished trials are kept; the trial in progress is retried by the next worker). `profile` as for `tune`.
     """
+    started = time.perf_counter()
     spec = search_spec(spec, {**overrides, "storage": storage})
     progress = progress or SilentProgress()
     run_dir = prepare_run_dir(Path(out) if out is not None else Path("runs") / spec.name)
@@ -103,7 +106,7 @@ def work(
         session = start_session(spec, run_dir, resume=True, join=True, study_name=study_name,
                                 allow_mixed_hardware=allow_mixed_hardware, progress=progress, metric=None,
                                 baseline_dir=scratch, profile=profile)
-        run_session(session, progress)
+        run_session(session, progress, started)
     study = session.study
     mine = [t for t in kept_trials(study) if t.user_attrs.get(WORKER_ATTR) == worker_id()]
     return WorkerSummary(study_name=study.study_name, storage=redact(session.storage), budget=spec.search.trials,
@@ -141,7 +144,7 @@ def tune(
     session = start_session(spec, run_dir, resume=resume, join=False, study_name=study_name,
                             allow_mixed_hardware=allow_mixed_hardware, progress=progress, metric=metric,
                             baseline_dir=run_dir, profile=profile)
-    run_session(session, progress)
+    run_session(session, progress, started)
     trials = kept_trials(session.study)
     here_fingerprint = session.profile.fingerprint
     here = [t for t in trials if t.user_attrs.get(HARDWARE_ATTR, here_fingerprint) == here_fingerprint]

@@ -196,7 +196,7 @@ def build_parser() -> Parser:
     )
     tune.add_argument("spec", metavar="SPEC.yaml", help="the tune spec (see examples/)")
     tune.add_argument("--trials", type=positive(int), default=None, metavar="N", help="the study's total trial budget (a resumed study runs only the rest)")
-    tune.add_argument("--timeout-min", type=positive(float), default=None, metavar="M", help="stop starting new trials after M minutes")
+    tune.add_argument("--timeout-min", type=positive(float), default=None, metavar="M", help="start no new trial M minutes after this command began (teacher fine-tune included)")
     tune.add_argument("--out", default=None, metavar="DIR", help="output directory (default: runs/<name>/)")
     tune.add_argument("--storage", default=None, metavar="URL", help=STORAGE_HELP + " (default: sqlite:///<out>/study.db)")
     tune.add_argument("--study-name", default=None, metavar="N", help="the study's name in the storage (default: the spec's name)")

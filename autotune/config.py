@@ -160,7 +160,9 @@ class SearchSpec(Strict):
 
     sampler: SamplerName = "nsga2"
     trials: int = Field(20, ge=1)
-    timeout_min: float | None = Field(None, gt=0)
+    timeout_min: float | None = Field(
+        None, gt=0, description="no new trial starts this many minutes after the command began (the teacher's fine-tune "
+                                "and the baseline count; the trial running then, refining and the selection follow)")
     storage: str | None = None
     seed: int = 0
     minimize_size: bool = False

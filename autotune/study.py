@@ -549,11 +549,12 @@ def keeps_waiting(study: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
 
 
 def run(
-    study: optuna.Study, objective: Callable[[optuna.Trial], list[float]], budget: int, timeout_s: float | None,
+    study: optuna.Study, objective: Callable[[optuna.Trial], list[float]], budget: int, deadline: float | None,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (), poll_s: float | None = None,
 ) -> None:
     """Run trials, one at a time, until the study holds `budget` finished trials; several workers may run this
-    on one study at once, and a resumed study only runs the rest.
+    on one study at once, and a resumed study only runs the rest. No trial starts after `deadline` (a
+    `time.perf_counter()` value), except a study's first: a run past its time still ends with a result.
 
     When the rest of the budget is running in other workers, `poll_s` says how often to look again: a worker
     that died mid-trial leaves a trial that is failed and re-enqueued (`fail_lost_trials`), and its retry is
@@ -561,14 +562,16 @@ def run(
     On Ctrl-C or a full disk the trial in progress is recorded FAIL, re-enqueued for a later run, and the
     interrupt (or DiskFullError) goes on.
     """
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     stopped: list[DiskFullError] = []
     guarded = stopping_on_full_disk(objective, stopped)
-    while deadline is None or time.monotonic() < deadline:
+    while True:
         fail_lost_trials(study)
         trials = study.get_trials(deepcopy=False)
         use = budget_use(trials)
         if use.finished >= budget:
+            return
+        if deadline is not None and time.perf_counter() >= deadline and use.finished:
+            log.info("timeout_min reached: no new trial starts (%d of %d finished)", use.finished, budget)
             return
         if use.claimed >= budget and not use.waiting:
             if poll_s is None or not keeps_waiting(study, trials):

@@ -1,9 +1,11 @@
-"""Retries that a kill lost: failing a lost trial and enqueuing its retry are two writes, and a worker killed between
-them must not leave a failed attempt that nothing retries (it would count against the budget for good). Fast: real
-Optuna studies on SQLite, no model."""
+"""The study loop (`autotune.study.run`) on real Optuna studies on SQLite, no model. Retries that a kill lost: failing
+a lost trial and enqueuing its retry are two writes, and a worker killed between them must not leave a failed attempt
+that nothing retries (it would count against the budget for good). The deadline: no trial starts after it but a
+study's first."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import optuna
@@ -12,7 +14,7 @@ from optuna.distributions import IntDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from autotune.study import ERROR_ATTR, MAX_RETRY, OWNER_ATTR, budget_use, retry_lost_retries, surplus_reason
+from autotune.study import ERROR_ATTR, MAX_RETRY, OWNER_ATTR, budget_use, retry_lost_retries, run, surplus_reason
 
 LAYERS = {"layers": IntDistribution(1, 4)}
 
@@ -64,3 +66,19 @@ def test_a_trial_beyond_the_budget_runs_nothing(tmp_path: Path) -> None:
     first, second = study.ask(), study.ask()
     assert surplus_reason(study, first.number, budget=1) is None
     assert "beyond the budget of 1" in surplus_reason(study, second.number, budget=1)
+
+
+def layers_objective(trial: optuna.Trial) -> list[float]:
+    return [float(trial.suggest_int("layers", 1, 4)), 1.0]
+
+
+def test_no_trial_starts_after_the_deadline_once_one_has_finished(tmp_path: Path) -> None:
+    study = new_study(tmp_path)
+    run(study, layers_objective, budget=5, deadline=time.perf_counter() - 1)  # the setup took longer than the budget
+    assert budget_use(study.get_trials(deepcopy=False)).finished == 1  # a first trial still runs: a run ends with a result
+    run(study, layers_objective, budget=5, deadline=time.perf_counter() - 1)  # resumed past its time: nothing more
+    assert len(study.get_trials(deepcopy=False)) == 1
+    run(study, layers_objective, budget=3, deadline=time.perf_counter() + 600)  # time left: the budget decides
+    assert budget_use(study.get_trials(deepcopy=False)).finished == 3
+    run(study, layers_objective, budget=4, deadline=None)
+    assert budget_use(study.get_trials(deepcopy=False)).finished == 4
