@@ -56,14 +56,14 @@ def search_spec(spec: Any, overrides: Mapping[str, Any]) -> TuneSpec:
 
 
 def run_session(session: Session, progress: SilentProgress, started: float) -> None:
-    """Run the study's trials in this process until its budget is reached, or until `search.timeout_min` minutes
-    after `started` (the command's `time.perf_counter()` at its start): the teacher's fine-tune and the baseline
-    count against the time, so a slow machine searches less rather than overrunning the user's budget."""
+    """Run the study's trials here until its budget is reached, or `search.timeout_min` after `started` (the command's
+    `time.perf_counter()` at its start): a slow setup leaves less search rather than overrunning the user's time."""
     search = session.spec.search
+    deadline = started + search.timeout_min * 60 if search.timeout_min else None
     progress.start(search.trials, finished_count(session.study), session.target.latency_ms)
     try:
-        run_study(session.study, session.objective, search.trials, started + search.timeout_min * 60 if search.timeout_min else None,
-                  callbacks=[progress.trial_finished], poll_s=session.poll_s)
+        run_study(session.study, session.objective, search.trials, deadline, callbacks=[progress.trial_finished],
+                  poll_s=session.poll_s)
     finally:
         progress.stop()
 

@@ -81,7 +81,7 @@ INTERLEAVED_RUNS = 300
 #: Each model's turn in an interleaved measurement: this many runs in a row, the first SWITCH_WARMUP_RUNS untimed.
 #: The first run after another model's is 5-10% slower at the median and 10-15% at p90 (its caches and its thread
 #: pool gone cold: the demo's students beside the teacher, 2 cores); the second is back to steady state. A deployed
-#: model serving requests does not pay that switch, and alternating single runs made small students look 10-20%
+#: model serving requests does not pay that switch, and alternating single runs made small students look up to 20%
 #: slower beside the teacher than alone.
 INTERLEAVED_BLOCK_RUNS, SWITCH_WARMUP_RUNS = 20, 2
 
