@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--heal-tokens", type=int, default=32768, help="training tokens of healing per student")
     parser.add_argument("--train-windows", type=int, default=128, help="256-token training windows for healing")
     parser.add_argument("--windows", type=int, default=12, help="256-token validation windows for perplexity")
-    parser.add_argument("--runs", type=int, default=10, help="timed generations per artifact (16 decode steps each)")
+    parser.add_argument("--runs", type=int, default=10, help="timed generations per artifact (4 rounds of 16 decode steps each)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--quick", action="store_true", help="block 32 only, one depth student: a smoke run")
     args = parser.parse_args()

@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--spec", type=Path, default=SPEC)
     parser.add_argument("--trials", type=int, help="the search's trial budget (default: the spec's)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-llm-search"))
-    parser.add_argument("--runs", type=int, default=10, help="generation runs per row and round (16 decoded tokens each)")
+    parser.add_argument("--runs", type=int, default=10, help="generation runs per row and round (4 rounds of 16 decoded tokens each)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of timing, every row once per round")
     args = parser.parse_args()
     started = time.perf_counter()

@@ -9,7 +9,10 @@ each with its percentiles, the way a deployment runs them: ONNX Runtime GenAI's 
   token's logits).
 - Decode: after a prefill of `context_len` tokens, each `generate_next_token` call is one forward pass of one
   token with a KV cache of about `context_len` (the first call after a prefill only samples from the logits the
-  prefill computed, so it is not timed).
+  prefill computed, so it is not timed). After `decode_tokens` steps the generator is rewound to the context
+  (`Generator.rewind_to`) and decodes again, `decode_rounds` times: one prefill then yields decode_rounds x
+  decode_tokens samples at the same contexts. Prefill is most of a run's time, and a decode p95's confidence
+  interval needs hundreds of samples: with 96 its upper bound is the sample maximum.
 
 The child imports only onnxruntime-genai and numpy (see `profilers.isolated` for why timing never shares a
 process with training), builds random token ids of the requested lengths (latency depends on lengths, not on
@@ -38,8 +41,9 @@ class GenerationError(RuntimeError):
 class GenerationRequest:
     """What to time: the GenAI model directory, the prompt and context lengths, and how many runs.
 
-    Each run times one prefill of `prompt_len` tokens and `decode_tokens` decode steps at a context of
-    `context_len` tokens; so `runs` TTFT samples and `runs * decode_tokens` decode samples.
+    Each run times one prefill of `prompt_len` tokens and `decode_rounds` rounds of `decode_tokens` decode steps at
+    a context of `context_len` tokens; so `runs` TTFT samples and `runs * decode_rounds * decode_tokens` decode
+    samples.
     """
 
     model_dir: str
@@ -49,6 +53,7 @@ class GenerationRequest:
     vocab_size: int
     runs: int = 10
     decode_tokens: int = 16
+    decode_rounds: int = 4
     warmup: int = 1
     seed: int = 0
 
@@ -58,13 +63,14 @@ class GenerationRequest:
         if self.prompt_len > self.context_len:
             raise ValueError(f"prompt_len ({self.prompt_len}) is longer than context_len ({self.context_len}): the "
                              "prompt must fit in the context")
-        if self.runs < 1 or self.decode_tokens < 1 or self.threads < 1 or self.vocab_size < 1:
-            raise ValueError("runs, decode_tokens, threads and vocab_size must be >= 1")
+        if min(self.runs, self.decode_tokens, self.decode_rounds, self.threads, self.vocab_size) < 1:
+            raise ValueError("runs, decode_tokens, decode_rounds, threads and vocab_size must be >= 1")
 
     @property
     def max_length(self) -> int:
-        """The longest sequence a run reaches: the context, its decoded tokens, and the untimed first step."""
-        return self.context_len + self.decode_tokens + 1
+        """The longest sequence a run reaches: the context, the untimed first step and a round's decoded tokens, plus
+        one: after a rewind the sequence ends one token longer than before it (seen with onnxruntime-genai 0.18)."""
+        return self.context_len + self.decode_tokens + 2
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,8 @@ def _model(request: GenerationRequest):
 
 
 def _one_run(og, model, tokens, request: GenerationRequest) -> tuple[float, list[float]]:
-    """One TTFT sample (a fresh generator's prefill of the prompt) and `decode_tokens` decode samples."""
+    """One TTFT sample (a fresh generator's prefill of the prompt) and `decode_rounds` x `decode_tokens` decode
+    samples, rewinding to the context after each round."""
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=request.max_length, min_length=request.max_length, do_sample=False)
     generator = og.Generator(model, params)
@@ -119,11 +126,14 @@ def _one_run(og, model, tokens, request: GenerationRequest) -> tuple[float, list
     if request.context_len > request.prompt_len:
         generator.append_tokens(tokens[request.prompt_len: request.context_len])
     generator.generate_next_token()  # samples from the prefill's logits: no forward pass to time
+    rewound = generator.token_count()
     decode = []
-    for _ in range(request.decode_tokens):
-        began = time.perf_counter()
-        generator.generate_next_token()
-        decode.append((time.perf_counter() - began) * 1000.0)
+    for _ in range(request.decode_rounds):
+        for _ in range(request.decode_tokens):
+            began = time.perf_counter()
+            generator.generate_next_token()
+            decode.append((time.perf_counter() - began) * 1000.0)
+        generator.rewind_to(rewound)
     return ttft, decode
 
 

@@ -233,9 +233,9 @@ def test_score_rejects_windows_it_cannot_use(fp32_artifact: LMArtifact) -> None:
 
 def test_generation_timing_reports_ttft_decode_and_memory(fp32_artifact: LMArtifact) -> None:
     request = GenerationRequest(str(fp32_artifact.directory), prompt_len=16, context_len=32, threads=1, vocab_size=31,
-                                runs=3, decode_tokens=4)
+                                runs=3, decode_tokens=4, decode_rounds=2)
     stats = measure_generation(request)
-    assert stats.ttft.runs == 3 and stats.decode.runs == 12
+    assert stats.ttft.runs == 3 and stats.decode.runs == 3 * 2 * 4  # each prefill decodes twice, rewound between
     assert 0 < stats.ttft.p50_ms <= stats.ttft.p95_ms and 0 < stats.decode.p50_ms <= stats.decode.p95_ms
     assert stats.peak_rss_bytes > 10 * 2**20  # the runtime and the model are resident
     assert (stats.prompt_len, stats.context_len) == (16, 32)
@@ -253,6 +253,11 @@ def test_peak_memory_is_the_child_s_own_not_its_parent_s(fp32_artifact: LMArtifa
 def test_a_prompt_longer_than_the_context_is_refused() -> None:
     with pytest.raises(ValueError, match="longer than context_len"):
         GenerationRequest("unused", prompt_len=64, context_len=32, threads=1, vocab_size=31)
+
+
+def test_a_request_without_decode_rounds_is_refused() -> None:
+    with pytest.raises(ValueError, match="decode_rounds"):
+        GenerationRequest("unused", prompt_len=4, context_len=8, threads=1, vocab_size=31, decode_rounds=0)
 
 
 def test_timing_a_missing_model_is_one_error(tmp_path: Path) -> None:

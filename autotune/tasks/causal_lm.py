@@ -57,10 +57,11 @@ CALIBRATION_WINDOWS = 16
 TOP_K = 32
 #: Windows per healing step (a batch of long windows; fits a CPU's memory for 100M-parameter models).
 HEAL_BATCH = 4
-#: Generation runs per timing: `settings.min_runs` divided by this (each run is a prefill and 16 decoded tokens).
+#: Generation runs per timing: `settings.min_runs` divided by this (each run is a prefill and 4 rounds of 16 decoded
+#: tokens, `profilers.generation`).
 RUNS_PER_SAMPLE = 4
 #: Generation runs per artifact when several are timed in the same minutes (the selection's re-measurements, three
-#: rounds for a candidate it confirms): 6 runs of 16 decoded tokens each; a SmolLM2 fp32 run takes about a second.
+#: rounds for a candidate it confirms): 6 runs of 64 decoded tokens each; a SmolLM2 fp32 run takes about 2.5 seconds.
 TOGETHER_RUNS = 6
 #: Tokens of the prompt and of the continuation in the report's sample generations.
 SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS = 48, 48
