@@ -43,7 +43,7 @@ def _digest(payload: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One compressed model to try: architecture, sparsity, bit width and optionally thread count.
+    """One compressed model to try: architecture, sparsity and bit width (and a causal LM's own knobs).
 
     Validated on construction, so an impossible model (hidden not divisible by heads, 2:4 at other than 50%) fails
     here with a sentence instead of deep inside training or export.
@@ -56,7 +56,6 @@ class Candidate:
     sparsity: float = 0.0
     sparsity_pattern: str = "unstructured"
     bits: int = 32
-    threads: int | None = None
     #: Causal LMs only (None elsewhere): int4/int8 block size, quantization method, LM head bits, whether the
     #: sensitive layers stay int8 in an int4 body, and the tokens of distillation that heal a student.
     block_size: int | None = None
@@ -80,8 +79,6 @@ class Candidate:
             raise ValueError(f"a 2:4 pattern prunes exactly half the weights; sparsity must be 0.5, got {self.sparsity}")
         if self.bits not in BIT_WIDTHS:
             raise ValueError(f"candidate bits must be one of {list(BIT_WIDTHS)}, got {self.bits!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"candidate threads must be >= 1, got {self.threads}")
         if self.heal_tokens is not None and (not isinstance(self.heal_tokens, int) or self.heal_tokens < 0):
             raise ValueError(f"candidate heal_tokens must be an integer >= 0, got {self.heal_tokens!r}")
         if self.head_bits is not None and self.head_bits not in LM_WEIGHT_BITS:
@@ -121,8 +118,10 @@ class Candidate:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Candidate":
         """Rebuild from stored JSON (results, caches), refusing unknown fields so a file from another version fails
-        loudly rather than silently dropping a knob."""
+        loudly rather than silently dropping a knob. An empty `threads`, which files before its removal store, is
+        dropped: it never changed what was measured."""
         known = {f.name for f in fields(cls)}
+        data = {name: value for name, value in data.items() if not (name == "threads" and value is None)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown candidate field(s) {unknown}; known: {sorted(known)}")
@@ -144,10 +143,10 @@ class Candidate:
 
     @property
     def shape_key(self) -> str:
-        """Latency depends on shape, bits and threads, not on trained weights. Unstructured zeros run through
+        """Latency depends on shape and bits, not on trained weights. Unstructured zeros run through
         the same dense kernels, so their amount is left out; a 2:4 pattern can select sparse kernels, so it is in."""
         return _digest({"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "ffn": self.ffn,
-                        "bits": self.bits, "threads": self.threads, "semi_structured": self.sparsity_pattern == "2:4",
+                        "bits": self.bits, "semi_structured": self.sparsity_pattern == "2:4",
                         **self.lm_fields(*WEIGHT_ONLY_FIELDS)})
 
     @property
@@ -163,11 +162,10 @@ class Candidate:
         if self.method is not None or self.heal_tokens is not None:
             return self.describe_decoder()
         sparsity = "dense" if self.sparsity == 0 else f"{self.sparsity:.0%} {self.sparsity_pattern} sparsity"
-        threads = f", {self.threads} threads" if self.threads else ""
         heads = f"{self.heads} head" + ("s" if self.heads != 1 else "")
         layers = f"{self.layers} layer" + ("s" if self.layers != 1 else "")
         return (f"{layers} x {self.hidden} hidden ({heads}, FFN {self.ffn}), "
-                f"{sparsity}, {BITS_NAMES[self.bits]}{threads}")
+                f"{sparsity}, {BITS_NAMES[self.bits]}")
 
     def describe_decoder(self) -> str:
         """A causal LM candidate in words (see `describe`)."""

@@ -19,13 +19,22 @@ from search_spaces.candidate import (
 from search_spaces.knobs import Categorical, FloatRange, IntRange, Knob
 
 REQUIRED_KNOBS = ("layers", "hidden", "heads", "ffn", "sparsity", "sparsity_pattern", "bits")
-#: `threads`, and a causal LM's own knobs (see search_spaces.candidate); a candidate leaves those not searched None.
-OPTIONAL_KNOBS = ("threads",) + LM_FIELDS
+#: A causal LM's own knobs (see search_spaces.candidate); an encoder's candidate leaves them None.
+OPTIONAL_KNOBS = LM_FIELDS
 KNOB_NAMES = REQUIRED_KNOBS + OPTIONAL_KNOBS
 
 
 class SpaceError(ValueError):
     """A search space that cannot be searched; the message is one sentence naming the knob."""
+
+
+def check_knob_name(name: str) -> None:
+    """Refuse a name that is not a knob, with the nearest one; `threads` is the target's, not the search's."""
+    if name == "threads":
+        raise SpaceError("threads is not a knob: a candidate runs at the target's threads (target.threads), the "
+                         "threads its deployment will have")
+    if name not in KNOB_NAMES:
+        raise SpaceError(f"unknown knob {name!r}{did_you_mean(name, KNOB_NAMES)}; knobs: {list(KNOB_NAMES)}")
 
 
 def did_you_mean(name: str, options: tuple[str, ...] | list[str]) -> str:
@@ -77,8 +86,7 @@ class Space:
     def __post_init__(self) -> None:
         names = [k.name for k in self.knobs]
         for name in names:
-            if name not in KNOB_NAMES:
-                raise SpaceError(f"unknown knob {name!r}{did_you_mean(name, KNOB_NAMES)}; knobs: {list(KNOB_NAMES)}")
+            check_knob_name(name)
         missing = [n for n in REQUIRED_KNOBS if n not in names]
         if missing:
             raise SpaceError(f"search space lacks knob(s) {missing}")
@@ -144,7 +152,7 @@ class Space:
 
     def params_of(self, candidate: Candidate) -> dict[str, Any]:
         """The knob values that sample `candidate` (the inverse of `candidate`, for enqueueing hand-picked ones): a
-        knob the candidate leaves None, like threads, is left out, and the teacher shape's folded healing budget
+        knob the candidate leaves None (a causal LM's, for an encoder) is left out, and the teacher shape's folded healing budget
         of 0 is sampled as the knob's first value."""
         values = candidate.to_dict()
         params = {k.name: values[k.name] for k in self.knobs if values.get(k.name) is not None}
@@ -201,8 +209,7 @@ def knob_from_spec(name: str, spec: Any) -> Knob:
 def with_overrides(space: Space, overrides: Mapping[str, Any]) -> Space:
     """Narrow or replace knobs of a preset; every override is checked like the preset itself."""
     for name in overrides:
-        if name not in KNOB_NAMES:
-            raise SpaceError(f"unknown knob {name!r}{did_you_mean(name, KNOB_NAMES)}; knobs: {list(KNOB_NAMES)}")
+        check_knob_name(name)
     try:
         replaced = {name: knob_from_spec(name, spec) for name, spec in overrides.items()}
     except ValueError as exc:

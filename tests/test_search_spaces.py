@@ -80,6 +80,13 @@ def test_invalid_candidates_are_refused(fields: dict, fragment: str) -> None:
         Candidate.from_dict({**base, "depth": 3})
 
 
+def test_a_stored_candidate_from_before_the_threads_knob_went_loads_as_it_was_measured() -> None:
+    stored = dict(layers=2, hidden=384, heads=12, ffn=1536, sparsity=0.0, sparsity_pattern="unstructured", bits=8)
+    assert Candidate.from_dict({**stored, "threads": None}) == Candidate.from_dict(stored)
+    with pytest.raises(ValueError, match=r"unknown candidate field\(s\) \['threads'\]"):
+        Candidate.from_dict({**stored, "threads": 2})  # a thread count would be a knob dropped silently
+
+
 def test_overrides_narrow_or_replace_knobs() -> None:
     space = with_overrides(preset("bert-default", MINILM), {"layers": [2, 4], "bits": [8], "sparsity": {"low": 0.0, "high": 0.5}})
     assert space.knob("layers").values() == (2, 4) and space.knob("bits").values() == (8,)
@@ -99,6 +106,7 @@ def test_overrides_narrow_or_replace_knobs() -> None:
         ({"layers": {"low": 4, "high": 2}}, "above high"),
         ({"layers": {"lo": 1, "high": 2}}, "needs 'low' and 'high'"),
         ({"bits": []}, "no values"),
+        ({"threads": [1, 2]}, "threads is not a knob: a candidate runs at the target's threads"),
     ],
 )
 def test_bad_overrides_are_one_clear_error(overrides: dict, fragment: str) -> None:
