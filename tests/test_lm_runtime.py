@@ -3,6 +3,7 @@ agreement on the artifact, and TTFT/decode timing in a child process; all on a t
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from autotune.runtime.genai import ExportError, LMArtifact, WeightOnly, cache_shape, empty_cache_feeds, export_causal_lm
 from autotune.tasks.lm_quality import _session, score_lm, window_logits
-from profilers.generation import GenerationError, GenerationRequest, measure_generation
+from profilers.generation import GenerationError, GenerationRequest, measure_generation, measure_generations
 from conftest import save_tiny_llama
 
 
@@ -239,6 +240,28 @@ def test_generation_timing_reports_ttft_decode_and_memory(fp32_artifact: LMArtif
     assert 0 < stats.ttft.p50_ms <= stats.ttft.p95_ms and 0 < stats.decode.p50_ms <= stats.decode.p95_ms
     assert stats.peak_rss_bytes > 10 * 2**20  # the runtime and the model are resident
     assert (stats.prompt_len, stats.context_len) == (16, 32)
+
+
+def test_models_timed_together_take_turns_each_in_its_own_child(fp32_artifact: LMArtifact) -> None:
+    def request(context_len: int) -> GenerationRequest:
+        return GenerationRequest(str(fp32_artifact.directory), prompt_len=4, context_len=context_len, threads=1,
+                                 vocab_size=31, runs=2, decode_tokens=3, decode_rounds=1)
+
+    short, long = measure_generations([request(8), request(24)])
+    assert (short.context_len, long.context_len) == (8, 24)  # in the order asked
+    assert short.ttft.runs == long.ttft.runs == 2 and short.decode.runs == long.decode.runs == 2 * 3
+    assert short.peak_rss_bytes > 10 * 2**20 and long.peak_rss_bytes > 10 * 2**20  # each child's own
+
+
+def test_models_timed_together_are_refused_without_models_or_with_unequal_runs(fp32_artifact: LMArtifact,
+                                                                               tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least one model"):
+        measure_generations([])
+    one = GenerationRequest(str(fp32_artifact.directory), prompt_len=4, context_len=8, threads=1, vocab_size=31, runs=1)
+    with pytest.raises(ValueError, match="same number of runs"):
+        measure_generations([one, dataclasses.replace(one, runs=2)])
+    with pytest.raises(GenerationError, match=f"timing {tmp_path} failed in a child process"):
+        measure_generations([one, dataclasses.replace(one, model_dir=str(tmp_path))])  # the second cannot load
 
 
 def test_peak_memory_is_the_child_s_own_not_its_parent_s(fp32_artifact: LMArtifact) -> None:

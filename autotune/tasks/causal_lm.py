@@ -38,7 +38,7 @@ from autotune.runtime.genai import LMArtifact, WeightOnly, export_causal_lm, gre
 from autotune.tasks.base import Score, Steps, TaskFamily, Timed, Timing
 from autotune.tasks.data import DataError
 from profilers.decode_predictor import DecoderConfig, DecoderDims, weight_bytes_read
-from profilers.generation import GenerationRequest, measure_generation
+from profilers.generation import GenerationRequest, GenerationStats, measure_generation, measure_generations
 from profilers.latency import MeasureSettings
 from profilers.recipes import Recipe
 from search_spaces import Candidate, Space, TeacherShape, preset, with_overrides
@@ -57,15 +57,20 @@ CALIBRATION_WINDOWS = 16
 TOP_K = 32
 #: Windows per healing step (a batch of long windows; fits a CPU's memory for 100M-parameter models).
 HEAL_BATCH = 4
-#: Generation runs per timing: `settings.min_runs` divided by this (each run is a prefill and 4 rounds of 16 decoded
-#: tokens, `profilers.generation`).
-RUNS_PER_SAMPLE = 4
+#: Generation runs per timing: `settings.min_runs` divided by this, at least 3 (each run is a prefill and 4 rounds of
+#: 16 decoded tokens, `profilers.generation`): a trial's evaluation 5 runs (320 decode samples), its gate 3 (192).
+RUNS_PER_SAMPLE = 8
 #: Generation runs per artifact when several are timed in the same minutes (the selection's re-measurements, three
-#: rounds for a candidate it confirms): 6 runs of 64 decoded tokens each; a SmolLM2 fp32 run takes about 2.5 seconds.
-TOGETHER_RUNS = 6
+#: rounds for a candidate it confirms): 256 decode samples each; a SmolLM2 fp32 run takes about 2.5 seconds.
+TOGETHER_RUNS = 4
 #: Tokens of the prompt and of the continuation in the report's sample generations.
 SAMPLE_PROMPT_TOKENS, SAMPLE_NEW_TOKENS = 48, 48
 MB = 1024 * 1024
+
+
+def timed_of(stats: GenerationStats) -> Timed:
+    """A generation's latencies by name ("decode", "ttft") and its peak memory in MB."""
+    return Timed({"decode": stats.decode, "ttft": stats.ttft}, stats.peak_rss_bytes / MB)
 
 
 @dataclass(frozen=True)
@@ -405,15 +410,12 @@ class CausalLM(TaskFamily):
 
     def time(self, artifact: Artifact, timing: Timing, settings: MeasureSettings) -> Timed:
         """TTFT and per-token decode ("ttft", "decode") and peak memory, generating in a fresh child process."""
-        stats = measure_generation(self.request(artifact, timing, max(3, settings.min_runs // RUNS_PER_SAMPLE)))
-        return Timed({"decode": stats.decode, "ttft": stats.ttft}, stats.peak_rss_bytes / MB)
+        return timed_of(measure_generation(self.request(artifact, timing, max(3, settings.min_runs // RUNS_PER_SAMPLE))))
 
     def time_together(self, artifacts: list[Artifact], timing: Timing) -> list[Timed]:
-        """Each artifact generating in its own child process, one after the other in the same minutes (generation has
-        no interleaved harness: a KV cache per model would share the caches of the CPU anyway). TOGETHER_RUNS runs
-        each: the selection repeats these measurements, so each can be shorter than a trial's."""
-        settings = MeasureSettings(min_runs=TOGETHER_RUNS * RUNS_PER_SAMPLE)
-        return [self.time(artifact, timing, settings) for artifact in artifacts]
+        """Each artifact generating in its own child process, taking turns of one run (`measure_generations`):
+        TOGETHER_RUNS runs each, since the selection repeats these measurements."""
+        return [timed_of(stats) for stats in measure_generations([self.request(a, timing, TOGETHER_RUNS) for a in artifacts])]
 
     def split_size(self, split: str) -> int:
         """Windows of that split: all the training windows healing may read, SCORED_WINDOWS held out."""
