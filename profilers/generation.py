@@ -88,15 +88,6 @@ class GenerationStats:
     prompt_len: int
     context_len: int
 
-    def to_dict(self) -> dict:
-        """The JSON form (result files, bench output)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "GenerationStats":
-        """Inverse of to_dict."""
-        return cls(**{**data, "ttft": LatencyStats(**data["ttft"]), "decode": LatencyStats(**data["decode"])})
-
 
 def measure_generation(request: GenerationRequest, timeout_s: float = 900) -> GenerationStats:
     """Time one model generating, in its own child process (`python -m profilers.generation`)."""
