@@ -152,8 +152,8 @@ class Space:
 
     def params_of(self, candidate: Candidate) -> dict[str, Any]:
         """The knob values that sample `candidate` (the inverse of `candidate`, for enqueueing hand-picked ones): a
-        knob the candidate leaves None (a causal LM's, for an encoder) is left out, and the teacher shape's folded healing budget
-        of 0 is sampled as the knob's first value."""
+        knob the candidate leaves None (a causal LM's, for an encoder) is left out, and the teacher shape's folded
+        healing budget of 0 is sampled as the knob's first value."""
         values = candidate.to_dict()
         params = {k.name: values[k.name] for k in self.knobs if values.get(k.name) is not None}
         t = self.teacher

@@ -410,12 +410,14 @@ class CausalLM(TaskFamily):
 
     def time(self, artifact: Artifact, timing: Timing, settings: MeasureSettings) -> Timed:
         """TTFT and per-token decode ("ttft", "decode") and peak memory, generating in a fresh child process."""
-        return timed_of(measure_generation(self.request(artifact, timing, max(3, settings.min_runs // RUNS_PER_SAMPLE))))
+        runs = max(3, settings.min_runs // RUNS_PER_SAMPLE)
+        return timed_of(measure_generation(self.request(artifact, timing, runs)))
 
     def time_together(self, artifacts: list[Artifact], timing: Timing) -> list[Timed]:
         """Each artifact generating in its own child process, taking turns of one run (`measure_generations`):
         TOGETHER_RUNS runs each, since the selection repeats these measurements."""
-        return [timed_of(stats) for stats in measure_generations([self.request(a, timing, TOGETHER_RUNS) for a in artifacts])]
+        requests = [self.request(artifact, timing, TOGETHER_RUNS) for artifact in artifacts]
+        return [timed_of(stats) for stats in measure_generations(requests)]
 
     def split_size(self, split: str) -> int:
         """Windows of that split: all the training windows healing may read, SCORED_WINDOWS held out."""
