@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,16 +50,16 @@ def generation_for(directory: Path, target: dict, runs: int) -> GenerationReques
                              threads=target["threads"], vocab_size=load_artifact(directory).vocab_size, runs=runs)
 
 
-def measure_pair(run_dir: Path, target: dict, runs: int) -> tuple[LatencyStats, LatencyStats]:
-    """The baseline's and the recommended model's latency (the target's own: an encoder's forward pass, a causal
-    LM's decode or TTFT), measured taking turns."""
-    measure = target.get("measure", "latency")
+def pair_measurement(run_dir: Path, target: dict, measure: str,
+                     runs: int) -> Callable[[], tuple[LatencyStats, LatencyStats]]:
+    """A measurement of the baseline's and the recommended model's latency (the target's own: an encoder's forward
+    pass, a causal LM's decode or TTFT), taking turns; its requests are built once for every repeat."""
     directories = [run_dir / "baseline", run_dir / "model"]
     if measure == "latency":
-        base, model = measure_onnx_interleaved([request_for(d, target) for d in directories], runs=runs)
-        return base, model
-    base, model = measure_generations([generation_for(d, target, runs) for d in directories])
-    return getattr(base, measure), getattr(model, measure)
+        requests = [request_for(d, target) for d in directories]
+        return lambda: tuple(measure_onnx_interleaved(requests, runs=runs))
+    generations = [generation_for(d, target, runs) for d in directories]
+    return lambda: tuple(getattr(stats, measure) for stats in measure_generations(generations))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if runs < 1:
         print(f"--runs must be >= 1, got {runs}", file=sys.stderr)
         return 2
+    measure_pair = pair_measurement(args.run_dir, target, measure, runs)
     print(f"{args.run_dir}: target {measure} {pct} <= {target_ms:.3f} ms at batch {target['batch_size']}, seq "
           f"{target['seq_len']}, {target['threads']} threads; claimed {recommended['latency_ms']:.3f} ms, speedup "
           f"{claimed:.2f}x")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for index in range(args.repeat):
         if index:
             time.sleep(args.pause)
-        base, model = measure_pair(args.run_dir, target, runs)
+        base, model = measure_pair()
         latency, speedup = model.percentile_ms(target["percentile"]), base.p50_ms / model.p50_ms
         tail = base.percentile_ms(target["percentile"]) / latency
         row = {"baseline_ms": round(base.percentile_ms(target["percentile"]), 4), "model_ms": round(latency, 4),

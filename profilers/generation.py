@@ -107,7 +107,7 @@ def measure_generations(requests: Sequence[GenerationRequest], timeout_s: float 
     with contextlib.ExitStack() as stack:
         children = [stack.enter_context(_Child(request, timeout_s)) for request in requests]
         for child in children:
-            child.ask(json.dumps(asdict(child.request)))  # loaded and warmed one after another, then the turns
+            child.load()  # one after another, then the turns
         runs = [[child.ask("run") for child in children] for _ in range(requests[0].runs)]
         peaks = [child.ask("stop")["peak_rss_bytes"] for child in children]
     return [_stats(request, [turn[index] for turn in runs], peak)
@@ -145,6 +145,10 @@ class _Child:
             self.proc.kill()
         self.proc.wait()
         self.stderr.close()
+
+    def load(self) -> dict:
+        """Send the request: the child loads its model and warms it up before it answers."""
+        return self.ask(json.dumps(asdict(self.request)))
 
     def ask(self, command: str) -> dict:
         """Send one command line and read the child's answer; a dead child is a GenerationError with its last line."""
