@@ -115,6 +115,63 @@ def encoder_layers(model: nn.Module, family: Family | None = None) -> nn.ModuleL
     return model.get_submodule(f"{family.base}.{family.layers}")
 
 
+#: The config attribute recording a student's head width when its attention is narrower than hidden (HF's
+#: BERT-family configs derive the head width from hidden / heads); saved in config.json, so the layout loads back.
+HEAD_DIM_ATTR = "autotune_head_dim"
+
+
+def self_attention(layer: nn.Module, family: Family) -> nn.Module:
+    """The module that splits a layer's heads (the query projection's parent): it holds the head size and scale."""
+    return layer.get_submodule(family.query.rsplit(".", 1)[0])
+
+
+def attention_layout(model: nn.Module) -> tuple[int, int]:
+    """(heads, attention width) of a model's layers, what ONNX Runtime's attention fusion must be told."""
+    family, config = family_of(model), model.config
+    heads, head_dim = getattr(config, family.heads_attr), getattr(config, HEAD_DIM_ATTR, None)
+    return heads, heads * head_dim if head_dim else getattr(config, family.hidden_attr)
+
+
+def _narrower(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=old.bias is not None, dtype=old.weight.dtype)
+
+
+def narrow_attention(model: nn.Module, head_dim: int) -> nn.Module:
+    """Every layer's attention as the config's heads of `head_dim` each: Q, K, V and the output projection replaced
+    by Linears of that width (fresh weights, for a caller to fill), the head size and softmax scale set, and the
+    config told (HEAD_DIM_ATTR). The model's forward reshapes by the head size, so it runs as it is."""
+    family, config = family_of(model), model.config
+    heads, hidden = getattr(config, family.heads_attr), getattr(config, family.hidden_attr)
+    width = heads * head_dim
+    for layer in encoder_layers(model, family):
+        for path in (family.query, family.key, family.value):
+            parent, name = path.rsplit(".", 1)
+            setattr(layer.get_submodule(parent), name, _narrower(layer.get_submodule(path), hidden, width))
+        parent, name = family.attn_out.rsplit(".", 1)
+        setattr(layer.get_submodule(parent), name, _narrower(layer.get_submodule(family.attn_out), width, hidden))
+        attention = self_attention(layer, family)
+        attention.attention_head_size, attention.scaling = head_dim, head_dim ** -0.5
+        if hasattr(attention, "all_head_size"):
+            attention.all_head_size = width
+    setattr(config, HEAD_DIM_ATTR, head_dim)
+    return model
+
+
+def load_saved(model_class: type, path: str | Path) -> nn.Module:
+    """A model written by `save_pretrained` (safetensors), in eval mode and in the attention layout its config
+    records: `from_pretrained` would build the default layout and refuse the narrower weights."""
+    from safetensors.torch import load_file
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    config = model_class.config_class.from_pretrained(path)
+    head_dim = getattr(config, HEAD_DIM_ATTR, None)
+    if head_dim is None:
+        return model_class.from_pretrained(path, use_safetensors=True).eval()
+    model = narrow_attention(model_class(config), head_dim)
+    model.load_state_dict(load_file(Path(path) / SAFE_WEIGHTS_NAME))
+    return model.eval()
+
+
 def shape_of(model: nn.Module) -> TeacherShape:
     """The four numbers that decide an encoder's cost (depth, width, heads, FFN width), in the search space's
     own type, since its presets are derived from the teacher's shape."""

@@ -39,7 +39,8 @@ MB = 1024 * 1024
 def model_shape(candidate: Candidate) -> ModelShape:
     """A candidate as the predictor's ModelShape: shape and bits are all its cost model reads, since latency does not
     depend on the weights' values."""
-    return ModelShape(candidate.layers, candidate.hidden, candidate.heads, candidate.ffn, candidate.bits)
+    return ModelShape(candidate.layers, candidate.hidden, candidate.heads, candidate.ffn, candidate.bits,
+                      None if candidate.head_dim is None else candidate.attention_width)
 
 
 def predicted_size_mb(candidate: Candidate, vocab_size: int, max_positions: int = 512) -> float:

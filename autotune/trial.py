@@ -40,6 +40,7 @@ from autotune.caches import (
 )
 from autotune.compress import PruningSchedule
 from autotune.config import TrainingSpec
+from autotune.models import load_saved
 from autotune.records import LATENCY_CONSTRAINT, Stage, TrialOutcome, TrialRecord
 from autotune.runtime import Artifact, load_artifact
 from autotune.screening import Screen
@@ -402,7 +403,7 @@ class TrialPipeline:
             return trained[0]
 
         def load(path: Path) -> nn.Module:
-            return type(self.ctx.task.teacher).from_pretrained(path, use_safetensors=True).eval()
+            return load_saved(type(self.ctx.task.teacher), path)
 
         def size_hint() -> int:  # what a full disk's message says the student needed
             return sum(t.numel() * t.element_size() for m in trained for t in m.state_dict().values())

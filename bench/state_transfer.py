@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +29,7 @@ from autotune.config import load_spec  # noqa: E402
 from autotune.tasks import TextClassification, Timing, prepared_task  # noqa: E402
 from profilers.recipes import PORTABLE  # noqa: E402
 from search_spaces import Candidate  # noqa: E402
+from students import scores, trained  # noqa: E402  (bench/students.py: this script's directory is on sys.path)
 
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "sentiment" / "tune.yaml"
 DEFAULT_SHAPES = "2x384x12x1536,3x288x6x1152,2x288x6x1152"
@@ -42,22 +42,11 @@ def parse_shape(text: str) -> Candidate:
     return Candidate(layers=layers, hidden=hidden, heads=heads, ffn=ffn, bits=32)
 
 
-def teacher_scores(task: TextClassification, out_dir: Path) -> dict[str, float]:
-    """The teacher's own accuracy on both splits, exported as the students are."""
-    artifact = task.build(task.teacher, task.teacher_shape.as_candidate(32), out_dir / "teacher", PORTABLE)
-    return {split: task.score(artifact, split, TIMING).objective for split in ("validation", "test")}
-
-
 def student_row(task: TextClassification, candidate: Candidate, weight: float, epochs: int, out_dir: Path) -> dict:
     """One student distilled at `weight`, exported and scored."""
-    start = time.perf_counter()
-    model = task.distil(task.make_student(candidate), candidate, epochs=epochs, lr=task.spec.training.lr, seed=0,
-                        pruning=None)
-    seconds = time.perf_counter() - start
-    artifact = task.build(model, candidate, out_dir / f"{candidate.describe()}-{weight}", PORTABLE)
-    scores = {split: task.score(artifact, split, TIMING).objective for split in ("validation", "test")}
-    return {"shape": f"{candidate.layers}x{candidate.hidden}x{candidate.heads}x{candidate.ffn}", "state_weight": weight,
-            **scores, "train_s": round(seconds, 1)}
+    row = trained(task, candidate, epochs, PORTABLE, out_dir / f"weight-{weight:g}")
+    return {"shape": row["shape"], "state_weight": weight, **scores(task, row["artifact"], TIMING),
+            "train_s": row["train_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {"training": {"state_weight": weight}} | ({"data": {"limit": args.limit}} if args.limit else {})
             task = prepared_task(load_spec(args.spec, overrides))
             assert isinstance(task, TextClassification), "the state transfer is an encoder student's"
-            teacher = teacher or teacher_scores(task, Path(tmp))
+            teacher = teacher or scores(task, task.build(task.teacher, task.teacher_shape.as_candidate(32),
+                                                         Path(tmp) / "teacher", PORTABLE), TIMING)
             for candidate in candidates:
                 rows.append(student_row(task, candidate, weight, args.epochs, Path(tmp)))
                 r = rows[-1]

@@ -104,6 +104,8 @@ class ModelShape:
     heads: int
     ffn: int
     bits: int
+    #: The attention's width (Q/K/V outputs) where heads were pruned below hidden; None means hidden.
+    attention: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,21 +145,22 @@ def analytic_cost(shape: ModelShape, workload: Workload) -> Cost:
                               "fp16 runs through casts there")
     m = float(workload.batch_size * workload.seq_len)
     h, f, layers = float(shape.hidden), float(shape.ffn), shape.layers
-    qkv_w, rest_w = 3 * h * h, h * h + 2 * h * f  # weights per layer: QKV; out projection + FFN
+    a = float(shape.attention or shape.hidden)
+    qkv_w, rest_w = 3 * h * a, a * h + 2 * h * f  # weights per layer: QKV; out projection + FFN
     head_w = h * h  # pooler (the classifier's handful of columns is noise)
     qkv_flops, rest_flops = 2 * m * qkv_w * layers, 2 * m * rest_w * layers
     head_flops = 2 * workload.batch_size * head_w
     scores = float(workload.batch_size * shape.heads * workload.seq_len ** 2)
     per_layer_act = (
-        m * 3 * h * 2 + scores * 4 + m * h * 2  # attention: QKV out/in, scores written/softmaxed/read, context
-        + m * h * 2 * 2  # out projection, FFN2 inputs and outputs (FFN2 reads m*f, below)
+        m * 3 * a * 2 + scores * 4 + m * a * 2  # attention: QKV out/in, scores written/softmaxed/read, context
+        + m * (a + h) * 2  # out projection, FFN2 inputs and outputs (FFN2 reads m*f, below)
         + m * h * 3 * 2  # two skip-layernorms: two inputs, one output each
         + m * f * 4  # FFN1 output, gelu in/out, FFN2 input
     ) * FP32_BYTES
     quantize_bytes = 0.0
     if shape.bits == 8:
-        gemm_inputs = m * (h + h + h + f)  # QKV, out projection, FFN1, FFN2 inputs
-        gemm_outputs = m * (3 * h + h + f + h)
+        gemm_inputs = m * (h + a + h + f)  # QKV, out projection, FFN1, FFN2 inputs
+        gemm_outputs = m * (3 * a + h + f + h)
         quantize_bytes = layers * (gemm_inputs * (2 * FP32_BYTES + 1) + gemm_outputs * 4 * FP32_BYTES)
     weights = (qkv_w + rest_w) * layers + head_w
     bytes_per_weight = {32: FP32_BYTES, 8: 1.0, 4: INT4_BYTES_PER_WEIGHT}[shape.bits]
@@ -167,7 +170,7 @@ def analytic_cost(shape: ModelShape, workload: Workload) -> Cost:
         gemm_fp32_flops={32: qkv_flops + rest_flops + head_flops, 8: 0.0, 4: qkv_flops + head_flops}[shape.bits],
         gemm_int8_ops=qkv_flops + rest_flops + head_flops if shape.bits == 8 else 0.0,
         gemm_int4_flops=rest_flops if shape.bits == 4 else 0.0,
-        attention_flops=4 * m * workload.seq_len * h * layers,
+        attention_flops=4 * m * workload.seq_len * a * layers,
         activation_bytes=layers * per_layer_act + m * h * 3 * FP32_BYTES,  # + embeddings
         quantize_bytes=quantize_bytes,
         weight_bytes=weight_bytes,

@@ -4,6 +4,10 @@ Two derived keys matter for cost: `shape_key` (what latency depends on: architec
 weights) keys the latency gate cache, and `student_key` (architecture and sparsity, not bits) keys the trained
 student cache, because bit widths are applied after training: one trained student serves every bit width.
 
+An encoder's attention may be narrower than its hidden size: `head_dim` set, its `heads` heads of `head_dim` are
+teacher heads kept whole (head pruning), and the attention is heads x head_dim wide. Left None (the default layout,
+hidden / heads per head), it is left out of every key, so the keys of candidates without it are unchanged.
+
 A causal LM's candidate uses the same architecture fields (`layers` are the decoder blocks kept, `ffn` the FFN
 width; hidden and heads stay the teacher's) and adds its own (`WEIGHT_ONLY_FIELDS`, `heal_tokens`). They are None
 for an encoder, and a None field is left out of every key and of the stored form, so an encoder's keys, and so its
@@ -23,6 +27,8 @@ BITS_NAMES = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 #: How a causal LM's weights are quantized (see autotune.runtime.genai.WeightOnly): they mean nothing at fp32.
 WEIGHT_ONLY_FIELDS = ("block_size", "method", "head_bits", "sensitive_int8")
 LM_FIELDS = WEIGHT_ONLY_FIELDS + ("heal_tokens",)
+#: The fields a candidate may leave None, and then leaves out of its stored form and keys.
+OPTIONAL_FIELDS = LM_FIELDS + ("head_dim",)
 #: Weight-only quantization of a causal LM: round-to-nearest (symmetric, the builder's default), asymmetric,
 #: asymmetric with every block's offset kept (autotune.runtime.offset_grid), k-quant (the builder's), HQQ and GPTQ
 #: (ONNX Runtime's quantizer); block sizes; widths of the linears and LM head.
@@ -63,13 +69,19 @@ class Candidate:
     head_bits: int | None = None
     sensitive_int8: bool | None = None
     heal_tokens: int | None = None
+    #: Encoders only: the width of each attention head when the attention is narrower than hidden (see the module
+    #: docstring); None means hidden / heads.
+    head_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "heads", "ffn"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"candidate {name} must be a positive integer, got {value!r}")
-        if self.hidden % self.heads:
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
+                                          or self.head_dim < 1):
+            raise ValueError(f"candidate head_dim must be a positive integer, got {self.head_dim!r}")
+        if self.hidden % self.heads:  # transformers' encoders build their layers only so, whatever the head width
             raise ValueError(f"candidate hidden {self.hidden} is not a multiple of heads {self.heads}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"candidate sparsity must be in [0, 1), got {self.sparsity}")
@@ -93,7 +105,8 @@ class Candidate:
         """Build from sampled knob values, folding spellings of the same model into one candidate.
 
         Dense weights have no pattern (sparsity 0 -> 'unstructured'), and 2:4 means exactly 50%, so a sampler
-        that proposes (2:4, 0.3) and (2:4, 0.7) gets the same candidate, and the same cache entries.
+        that proposes (2:4, 0.3) and (2:4, 0.7) gets the same candidate, and the same cache entries. A head_dim of
+        hidden / heads is the default layout (None).
         A causal LM's weight-only fields mean nothing at fp32 (they are dropped), a 4-bit-only method at int8 means
         the builder's RTN, and `sensitive_int8` means something only in an int4 body quantized by the builder (False
         elsewhere).
@@ -105,6 +118,8 @@ class Candidate:
         elif pattern == "2:4":
             sparsity = 0.5
         folded: dict[str, Any] = {"sparsity": sparsity, "sparsity_pattern": pattern}
+        if params.get("head_dim") is not None and params["head_dim"] * params["heads"] == params["hidden"]:
+            folded["head_dim"] = None  # heads of hidden / heads: the default layout, one candidate with one key
         if params.get("bits", 32) == 32:
             folded |= dict.fromkeys(WEIGHT_ONLY_FIELDS)
         else:
@@ -128,11 +143,18 @@ class Candidate:
         return cls(**dict(data))
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field as plain data, for result.json and for hashing into `key`; a causal LM's fields only where set."""
-        return {name: value for name, value in asdict(self).items() if value is not None or name not in LM_FIELDS}
+        """Every field as plain data, for result.json and for hashing into `key`; a causal LM's fields and head_dim
+        only where set."""
+        return {name: value for name, value in asdict(self).items() if value is not None or name not in OPTIONAL_FIELDS}
 
-    def lm_fields(self, *names: str) -> dict[str, Any]:
-        """The named causal-LM fields that are set, for the keys (empty for an encoder, whose keys stay as they were)."""
+    @property
+    def attention_width(self) -> int:
+        """The attention's width (heads x head size, what Q, K and V project to): hidden unless head_dim narrows it."""
+        return self.hidden if self.head_dim is None else self.heads * self.head_dim
+
+    def set_fields(self, *names: str) -> dict[str, Any]:
+        """The named optional fields that are set, for the keys (a causal LM's are empty for an encoder, and head_dim
+        for a default layout, so those keys stay as they were)."""
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     @property
@@ -147,14 +169,14 @@ class Candidate:
         the same dense kernels, so their amount is left out; a 2:4 pattern can select sparse kernels, so it is in."""
         return _digest({"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "ffn": self.ffn,
                         "bits": self.bits, "semi_structured": self.sparsity_pattern == "2:4",
-                        **self.lm_fields(*WEIGHT_ONLY_FIELDS)})
+                        **self.set_fields(*WEIGHT_ONLY_FIELDS, "head_dim")})
 
     @property
     def student_key(self) -> str:
         """Everything training depends on; bits are post-training, so they are left out."""
         return _digest({"layers": self.layers, "hidden": self.hidden, "heads": self.heads, "ffn": self.ffn,
                         "sparsity": self.sparsity, "sparsity_pattern": self.sparsity_pattern,
-                        **self.lm_fields("heal_tokens")})
+                        **self.set_fields("heal_tokens", "head_dim")})
 
     def describe(self) -> str:
         """In words, e.g. '4 layers x 384 hidden (12 heads, FFN 1536), 50% unstructured sparsity, int8', or for a
@@ -162,7 +184,7 @@ class Candidate:
         if self.method is not None or self.heal_tokens is not None:
             return self.describe_decoder()
         sparsity = "dense" if self.sparsity == 0 else f"{self.sparsity:.0%} {self.sparsity_pattern} sparsity"
-        heads = f"{self.heads} head" + ("s" if self.heads != 1 else "")
+        heads = f"{self.heads} head" + ("s" if self.heads != 1 else "") + (f" of {self.head_dim}" if self.head_dim else "")
         layers = f"{self.layers} layer" + ("s" if self.layers != 1 else "")
         return (f"{layers} x {self.hidden} hidden ({heads}, FFN {self.ffn}), "
                 f"{sparsity}, {BITS_NAMES[self.bits]}")

@@ -24,10 +24,12 @@ def head_choices(teacher_heads: int) -> tuple[int, ...]:
 
 def bert_default(teacher: TeacherShape) -> Space:
     """Every depth from the teacher's down to 1; hidden and FFN at 100/75/50/25% of the teacher's; the teacher's
-    heads and their divisors; sparsity {0, 0.3, 0.5, 0.7} unstructured or 2:4; all bit widths.
+    heads and their divisors, each kept whole at the teacher's head width (head pruning: fewer heads, a narrower
+    attention); sparsity {0, 0.3, 0.5, 0.7} unstructured or 2:4; all bit widths.
 
-    Hidden sizes are multiples of the teacher's head count, hence of every head choice, so every point of
-    the product is a valid architecture.
+    Heads are pruned rather than merged because attention's cost is its width: at the teacher's width, fewer and
+    wider heads cost what the teacher's do (a 3-layer MiniLM student with half its heads ran as fast as 2 layers
+    with all of them, int8, 64 tokens, at the same accuracy).
     """
     hidden = tuple(sorted({_scaled(teacher.hidden, f, teacher.heads) for f in WIDTH_FRACTIONS}, reverse=True))
     ffn = tuple(sorted({_scaled(teacher.ffn, f, 8 if teacher.ffn >= 32 else 1) for f in WIDTH_FRACTIONS}, reverse=True))
@@ -36,6 +38,7 @@ def bert_default(teacher: TeacherShape) -> Space:
             IntRange("layers", 1, teacher.layers),
             Categorical("hidden", hidden),
             Categorical("heads", head_choices(teacher.heads)),
+            Categorical("head_dim", (teacher.hidden // teacher.heads,)),
             Categorical("ffn", ffn),
             Categorical("sparsity", SPARSITY_AMOUNTS),
             Categorical("sparsity_pattern", SPARSITY_PATTERNS),

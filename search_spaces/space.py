@@ -19,8 +19,9 @@ from search_spaces.candidate import (
 from search_spaces.knobs import Categorical, FloatRange, IntRange, Knob
 
 REQUIRED_KNOBS = ("layers", "hidden", "heads", "ffn", "sparsity", "sparsity_pattern", "bits")
-#: A causal LM's own knobs (see search_spaces.candidate); an encoder's candidate leaves them None.
-OPTIONAL_KNOBS = LM_FIELDS
+#: A causal LM's own knobs (see search_spaces.candidate), which an encoder's candidate leaves None, and an encoder's
+#: head width (heads kept whole when the attention is narrower than hidden).
+OPTIONAL_KNOBS = LM_FIELDS + ("head_dim",)
 KNOB_NAMES = REQUIRED_KNOBS + OPTIONAL_KNOBS
 
 
@@ -134,12 +135,26 @@ class Space:
         out = [a for a in amounts if not isinstance(a, (int, float)) or not 0 <= a < 1]
         if out:
             raise SpaceError(f"knob 'sparsity' has values {out}; accepted: fractions in [0, 1)")
+        if self.has("head_dim"):
+            self._check_head_dims()
         pairs = [(h, n) for h, n in itertools.product(self.knob("hidden").values(), self.knob("heads").values()) if h % n]
         if pairs:
             raise SpaceError(
                 f"knobs 'hidden' and 'heads' allow pairs where hidden is not a multiple of heads: {pairs[:5]}; "
                 "choose hidden values that every heads value divides"
             )
+
+    def _check_head_dims(self) -> None:
+        """Head widths are integers, and no heads x head_dim is wider than the teacher's attention (a student keeps
+        teacher heads, it cannot add any)."""
+        dims = self.knob("head_dim").values()
+        bad = [d for d in dims if not isinstance(d, int) or isinstance(d, bool) or d < 1]
+        if bad:
+            raise SpaceError(f"knob 'head_dim' has values {bad}; accepted: positive integers")
+        widest = max(self.knob("heads").values()) * max(dims)
+        if widest > self.teacher.hidden:
+            raise SpaceError(f"knobs 'heads' and 'head_dim' allow an attention {widest} wide, wider than the "
+                             f"teacher's {self.teacher.hidden}; a student keeps teacher heads, it cannot add any")
 
     def candidate(self, params: Mapping[str, Any]) -> Candidate:
         """The canonical candidate for sampled knob values (see Candidate.canonical); the teacher's own depth and
@@ -152,9 +167,12 @@ class Space:
 
     def params_of(self, candidate: Candidate) -> dict[str, Any]:
         """The knob values that sample `candidate` (the inverse of `candidate`, for enqueueing hand-picked ones): a
-        knob the candidate leaves None (a causal LM's, for an encoder) is left out, and the teacher shape's folded
-        healing budget of 0 is sampled as the knob's first value."""
+        knob the candidate leaves None (a causal LM's, for an encoder) is left out, a default head layout is spelled
+        out as its head_dim where the space searches head widths, and the teacher shape's folded healing budget of 0
+        is sampled as the knob's first value."""
         values = candidate.to_dict()
+        if self.has("head_dim") and candidate.head_dim is None and candidate.hidden % candidate.heads == 0:
+            values["head_dim"] = candidate.hidden // candidate.heads  # the default layout, spelled out
         params = {k.name: values[k.name] for k in self.knobs if values.get(k.name) is not None}
         t = self.teacher
         if params.get("heal_tokens") == 0 and (candidate.layers, candidate.ffn) == (t.layers, t.ffn):

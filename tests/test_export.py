@@ -114,6 +114,23 @@ def test_pruned_zeros_stay_exact_zeros(tiny_bert_dir: Path, tmp_path: Path) -> N
     assert zeros_fused >= sum(int((w == 0).sum()) for w in pruned)
 
 
+@pytest.mark.parametrize("bits", [32, 8])
+def test_a_student_with_pruned_heads_exports_fuses_and_matches_torch(tiny_bert_dir: Path, tmp_path: Path, bits: int) -> None:
+    from autotune.compress import make_student
+    from autotune.runtime import op_counts
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    student = make_student(teacher, 2, 32, 2, 64, head_dim=8)  # half the heads, each the teacher's width
+    plain = export_artifact(student, AutoTokenizer.from_pretrained(tiny_bert_dir), tmp_path / "fp32")
+    assert (plain.num_heads, plain.hidden_size) == (2, 16)  # the attention's, what the fusion is told
+    variant = quantize_artifact(plain, tmp_path / f"{bits}", bits=bits)
+    fused = op_counts(onnx.load(str(variant.onnx_path)))
+    assert fused.get("Attention" if bits == 32 else "QAttention") == 2
+    feeds = padded_feeds(variant.input_names, 3, 19, variant.vocab_size, seed=3)
+    logits = OrtRuntime(variant.onnx_path, threads=1, vocab_size=variant.vocab_size).run(feeds)
+    np.testing.assert_allclose(logits, torch_logits(student, feeds), atol=1e-4 if bits == 32 else 0.05)
+
+
 def test_unsupported_family_is_rejected() -> None:
     with pytest.raises(ValueError, match="model family must be one of"):
         model_family(SimpleNamespace(config=SimpleNamespace(model_type="gpt2")))

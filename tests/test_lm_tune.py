@@ -84,8 +84,8 @@ def test_a_binding_decode_target_over_a_worker_and_a_resumed_tune_recommends_the
     assert teacher_shaped and all(not t["feasible"] for t in teacher_shaped)  # binding: the teacher's shape is too slow
     assert rec is not None and rec["candidate"]["layers"] == 2
     assert {"decode_ms", "ttft_ms", "peak_mb"} <= set(rec["figures"]) and rec["figures"]["decode_ms"] == rec["latency_ms"]
-    if rec["verdict"] == "meets":  # re-measured in fresh processes, alternating with the teacher
-        assert rec["latency_interval_ms"][1] <= target["latency_ms"] * (1 - rec["margin"])
+    if rec["verdict"] == "meets":  # re-measured beside the teacher, judged at the target at the teacher's pace then
+        assert rec["latency_interval_ms"][1] <= rec["target_ms"] * (1 - rec["margin"])
     else:
         assert rec["verdict"] == "meets within noise"
     # Everything more accurate was passed over, with its reason; two trials that drew one configuration (knobs its

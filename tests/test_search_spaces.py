@@ -100,6 +100,8 @@ def test_overrides_narrow_or_replace_knobs() -> None:
         ({"layer": [2]}, "did you mean 'layers'"),
         ({"layers": [7]}, "outside 1..6"),
         ({"hidden": [384, 100]}, "not a multiple of heads"),
+        ({"head_dim": [32, 64]}, "an attention 768 wide, wider than the teacher's 384"),
+        ({"head_dim": [0]}, "knob 'head_dim' has values [0]; accepted: positive integers"),
         ({"bits": [32, 2]}, "accepted: [32, 16, 8, 4]"),
         ({"sparsity": [0.0, 1.5]}, "fractions in [0, 1)"),
         ({"sparsity_pattern": ["1:8"]}, "accepted: ['unstructured', '2:4']"),
@@ -113,6 +115,24 @@ def test_bad_overrides_are_one_clear_error(overrides: dict, fragment: str) -> No
     with pytest.raises(ValueError) as info:
         with_overrides(preset("bert-default", MINILM), overrides)
     assert fragment in str(info.value)
+
+
+def test_pruned_heads_are_kept_whole_and_the_default_layout_keeps_its_keys() -> None:
+    space = preset("bert-default", MINILM)
+    assert space.knob("head_dim").values() == (32,)  # the teacher's head width: heads are pruned, not merged
+    pruned = space.candidate({"layers": 2, "hidden": 384, "heads": 4, "head_dim": 32, "ffn": 768, "sparsity": 0.0,
+                              "sparsity_pattern": "unstructured", "bits": 8})
+    assert pruned.attention_width == 128 and "4 heads of 32" in pruned.describe()
+    whole = space.candidate({"layers": 2, "hidden": 384, "heads": 12, "head_dim": 32, "ffn": 768, "sparsity": 0.0,
+                             "sparsity_pattern": "unstructured", "bits": 8})
+    plain = Candidate(layers=2, hidden=384, heads=12, ffn=768, bits=8)
+    assert whole == plain and whole.key == plain.key and "head_dim" not in whole.to_dict()
+    assert space.contains(plain) and space.params_of(plain)["head_dim"] == 32
+    assert pruned.shape_key != replace(pruned, head_dim=None, heads=12).shape_key
+    assert pruned.student_key != replace(pruned, heads=6).student_key
+    assert Candidate.from_dict(pruned.to_dict()) == pruned
+    with pytest.raises(ValueError, match="head_dim must be a positive integer"):
+        Candidate(layers=1, hidden=384, heads=4, ffn=768, head_dim=0)
 
 
 def test_unknown_preset_suggests_the_name() -> None:

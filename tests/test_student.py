@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from autotune.compress import even_layer_indices, make_student
-from autotune.models import encoder_layers, family_of, shape_of
+from autotune.models import attention_layout, encoder_layers, family_of, load_saved, self_attention, shape_of
 from conftest import tiny_config
 
 FAMILIES = ["bert", "roberta", "distilbert"]
@@ -142,6 +142,47 @@ def test_invalid_shapes_raise_one_sentence(shape: tuple[int, int, int, int], fra
     with pytest.raises(ValueError, match=fragment) as error:
         make_student(teacher("bert"), *shape)
     assert str(error.value).endswith(".") and "\n" not in str(error.value)
+
+
+@torch.no_grad()
+def _silence_heads(model, heads: tuple[int, ...], head_dim: int = 8):
+    """Zero the queries, keys and values of `heads` in every layer: they attend uniformly to nothing and write nothing."""
+    f = family_of(model)
+    for layer in encoder_layers(model, f):
+        for path in (f.query, f.key, f.value):
+            linear = layer.get_submodule(path)
+            for h in heads:
+                linear.weight[h * head_dim:(h + 1) * head_dim] = 0
+                linear.bias[h * head_dim:(h + 1) * head_dim] = 0
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_heads_keep_the_teachers_useful_heads_whole_and_round_trip(family: str, tmp_path: Path) -> None:
+    model = _silence_heads(teacher(family), heads=(1, 3))
+    student = make_student(model, 2, 32, 2, 64, head_dim=8)  # 2 of 4 heads at the teacher's width of 8
+    assert attention_layout(student) == (2, 16) and attention_layout(model) == (4, 32)
+    f = family_of(student)
+    for mine, theirs in zip(encoder_layers(student, f), encoder_layers(model, f)):
+        kept = theirs.get_submodule(f.query).weight[[*range(0, 8), *range(16, 24)]]  # heads 0 and 2, whole
+        torch.testing.assert_close(mine.get_submodule(f.query).weight, kept, atol=0, rtol=0)
+        assert mine.get_submodule(f.attn_out).weight.shape == (32, 16) and self_attention(mine, f).attention_head_size == 8
+    torch.testing.assert_close(logits(student, batch()), logits(model, batch()), atol=1e-5, rtol=0)  # nothing lost
+    student.save_pretrained(tmp_path, safe_serialization=True)
+    torch.testing.assert_close(logits(load_saved(type(student), tmp_path), batch()), logits(student, batch()), atol=0, rtol=0)
+
+
+def test_pruned_heads_are_validated_and_shaped_alike_for_the_gate() -> None:
+    from autotune.compress import shaped_like
+
+    bert = teacher("bert")
+    with pytest.raises(ValueError, match="attention 4 x 16 is wider than the teacher's 32"):
+        make_student(bert, 2, 32, 4, 64, head_dim=16)
+    with pytest.raises(ValueError, match="head_dim must be an integer >= 1"):
+        make_student(bert, 2, 32, 4, 64, head_dim=0)
+    stand_in = shaped_like(bert, 1, 16, 2, 32, head_dim=8, vocab_size=7)  # attention 16 wide, as wide as hidden
+    assert attention_layout(stand_in) == attention_layout(make_student(bert, 1, 16, 2, 32, head_dim=8)) == (2, 16)
+    assert attention_layout(shaped_like(bert, 1, 32, 1, 32, head_dim=8)) == (1, 8)
 
 
 def test_bad_layer_indices_raise() -> None:

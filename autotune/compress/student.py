@@ -20,6 +20,8 @@ rules, so that a given shape always yields the same student:
   So when d_s <= d_t each student head is one teacher head narrowed to its best d_s dims, and when
   d_s > d_t (384/12 -> 256/4) each student head is consecutive teacher heads side by side. Q is scaled by
   sqrt(d_s / d_t) so that the 1/sqrt(head_dim) softmax temperature stays the teacher's.
+  With `head_dim` the attention is heads x head_dim wide instead of `hidden` (autotune.models.narrow_attention):
+  at the teacher's head width that keeps the `heads` best teacher heads whole (head pruning), the same rule.
 - FFN neurons: ranked by |W_in row| * |W_out col|, per layer.
 
 A student with the teacher's own shape is the teacher (same logits), which the tests hold it to.
@@ -34,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from autotune.models import Family, encoder_layers, family_of, shape_of
+from autotune.models import Family, encoder_layers, family_of, narrow_attention, shape_of
 from search_spaces import TeacherShape
 
 
@@ -45,17 +47,23 @@ def even_layer_indices(teacher_layers: int, layers: int) -> tuple[int, ...]:
     return tuple(i * (teacher_layers - 1) // (layers - 1) for i in range(layers))
 
 
-def _validate(teacher: TeacherShape, student: TeacherShape, layer_indices: Sequence[int] | None) -> tuple[int, ...]:
+def _validate(teacher: TeacherShape, student: TeacherShape, layer_indices: Sequence[int] | None,
+              head_dim: int | None = None) -> tuple[int, ...]:
     for name in ("layers", "hidden", "heads", "ffn"):
         value, limit = getattr(student, name), getattr(teacher, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"Student {name} must be an integer >= 1, got {value!r}.")
         if value > limit:
             raise ValueError(f"Student {name}={value} exceeds the teacher's {limit}; a student can only shrink.")
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1):
+        raise ValueError(f"Student head_dim must be an integer >= 1, got {head_dim!r}.")
+    if head_dim is not None and student.heads * head_dim > teacher.hidden:
+        raise ValueError(f"Student attention {student.heads} x {head_dim} is wider than the teacher's "
+                         f"{teacher.hidden}; a student can only shrink.")
     if student.hidden % student.heads:
         raise ValueError(
             f"Student hidden={student.hidden} is not a multiple of heads={student.heads}; "
-            "pick hidden = heads * head_dim."
+            "transformers builds an encoder's layers only when the heads divide hidden."
         )
     if layer_indices is None:
         return even_layer_indices(teacher.layers, student.layers)
@@ -130,17 +138,18 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
 
-def _attention_units(layer: nn.Module, family: Family, teacher_heads: int, student: TeacherShape) -> torch.Tensor:
-    """Indices into the teacher's attention width (heads * d_t) that make the student's, head by head."""
+def _attention_units(layer: nn.Module, family: Family, teacher_heads: int, heads: int, width: int) -> torch.Tensor:
+    """Indices into the teacher's attention width (heads * d_t) that make the student's (`heads` heads, `width`
+    wide), head by head."""
     q, k, v = (layer.get_submodule(p).weight for p in (family.query, family.key, family.value))
     o = layer.get_submodule(family.attn_out).weight
     unit = q.norm(dim=1) * k.norm(dim=1) + v.norm(dim=1) * o.norm(dim=0)
     head_dim = unit.numel() // teacher_heads
     per_head = unit.view(teacher_heads, head_dim)
-    kept_heads = max(student.heads, math.ceil(student.hidden / head_dim))
-    heads = _top(per_head.sum(dim=1), kept_heads)
-    quotas = [student.hidden // kept_heads + (i < student.hidden % kept_heads) for i in range(kept_heads)]
-    return torch.cat([h * head_dim + _top(per_head[h], quota) for h, quota in zip(heads.tolist(), quotas)])
+    kept_heads = max(heads, math.ceil(width / head_dim))
+    kept = _top(per_head.sum(dim=1), kept_heads)
+    quotas = [width // kept_heads + (i < width % kept_heads) for i in range(kept_heads)]
+    return torch.cat([h * head_dim + _top(per_head[h], quota) for h, quota in zip(kept.tolist(), quotas)])
 
 
 def _ffn_units(layer: nn.Module, family: Family, ffn: int) -> torch.Tensor:
@@ -179,12 +188,12 @@ def _student_config(teacher: nn.Module, family: Family, shape: TeacherShape, kep
 
 
 def _copy_layer(dst: nn.Module, src: nn.Module, family: Family, teacher: TeacherShape, student: TeacherShape,
-                dims: torch.Tensor) -> None:
+                head_dim: float, dims: torch.Tensor) -> None:
     """One teacher layer sliced into a student layer: its heads and FFN neurons kept by importance, the hidden
     dims `dims`; queries rescaled so that attention logits keep their scale at the student's head width."""
-    units = _attention_units(src, family, teacher.heads, student)
+    units = _attention_units(src, family, teacher.heads, student.heads, round(student.heads * head_dim))
     neurons = _ffn_units(src, family, student.ffn)
-    q_scale = math.sqrt((student.hidden / student.heads) / (teacher.hidden / teacher.heads))
+    q_scale = math.sqrt(head_dim / (teacher.hidden / teacher.heads))
     for path, scale in ((family.query, q_scale), (family.key, 1.0), (family.value, 1.0)):
         _copy_linear(dst.get_submodule(path), src.get_submodule(path), units, dims, scale)
     _copy_linear(dst.get_submodule(family.attn_out), src.get_submodule(family.attn_out), dims, units)
@@ -202,19 +211,20 @@ def make_student(
     heads: int,
     ffn: int,
     *,
+    head_dim: int | None = None,
     layer_indices: Sequence[int] | None = None,
     calibration: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """A student of the teacher's class and family, its weights sliced from the teacher (module docstring).
 
-    `calibration` is a tokenised batch (`input_ids`, `attention_mask`, ...) whose activations rank the hidden
+    `head_dim` narrows the attention to heads x head_dim (None: hidden / heads per head). `calibration` is a tokenised batch (`input_ids`, `attention_mask`, ...) whose activations rank the hidden
     dims; without it weight magnitudes do. The student is returned in eval mode, on the CPU dtype of the
     teacher, as an ordinary HF model that `save_pretrained`/`from_pretrained` round-trips.
     """
     family = family_of(teacher)
     teacher_shape = shape_of(teacher)
     shape = TeacherShape(layers=layers, hidden=hidden, heads=heads, ffn=ffn)
-    kept_layers = _validate(teacher_shape, shape, layer_indices)
+    kept_layers = _validate(teacher_shape, shape, layer_indices, head_dim)
 
     hidden_scores = (
         hidden_importance_from_weights(teacher) if calibration is None
@@ -222,7 +232,7 @@ def make_student(
     )
     dims = _top(hidden_scores, hidden)
 
-    student = type(teacher)(_student_config(teacher, family, shape, kept_layers)).to(
+    student = _built(type(teacher)(_student_config(teacher, family, shape, kept_layers)), head_dim).to(
         dtype=next(teacher.parameters()).dtype
     )
     filled: set[int] = set()
@@ -236,7 +246,7 @@ def make_student(
 
     teacher_layers, student_layers = encoder_layers(teacher, family), encoder_layers(student, family)
     for dst, index in zip(student_layers, kept_layers):
-        _copy_layer(dst, teacher_layers[index], family, teacher_shape, shape, dims)
+        _copy_layer(dst, teacher_layers[index], family, teacher_shape, shape, head_dim or hidden / heads, dims)
         mark(dst)
 
     (dst_hidden, dst_out), (src_hidden, src_out) = _head_linears(student, family), _head_linears(teacher, family)
@@ -252,8 +262,14 @@ def make_student(
     return student.eval()
 
 
+def _built(student: nn.Module, head_dim: int | None) -> nn.Module:
+    """A student model as its config builds it, its attention narrowed where `head_dim` says so."""
+    return student if head_dim is None else narrow_attention(student, head_dim)
+
+
 def shaped_like(
-    teacher: nn.Module, layers: int, hidden: int, heads: int, ffn: int, *, vocab_size: int | None = None
+    teacher: nn.Module, layers: int, hidden: int, heads: int, ffn: int, *, head_dim: int | None = None,
+    vocab_size: int | None = None,
 ) -> nn.Module:
     """A model of the teacher's family in the student's shape, with random weights.
 
@@ -268,10 +284,10 @@ def shaped_like(
     """
     family = family_of(teacher)
     shape = TeacherShape(layers=layers, hidden=hidden, heads=heads, ffn=ffn)
-    kept_layers = _validate(shape_of(teacher), shape, None)
+    kept_layers = _validate(shape_of(teacher), shape, None, head_dim)
     config = _student_config(teacher, family, shape, kept_layers)
     if vocab_size is not None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         config.vocab_size = vocab_size
-    return type(teacher)(config).eval()
+    return _built(type(teacher)(config), head_dim).eval()

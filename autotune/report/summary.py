@@ -10,7 +10,8 @@ from typing import Any
 
 from autotune.records import Stage
 from profilers.hardware import HardwareProfile
-from profilers.predictor import ModelShape, PredictionError, Workload
+from autotune.screening import model_shape
+from profilers.predictor import PredictionError, Workload
 from profilers.recipes import INT4_INT8_COMPUTE
 from profilers.roofline import roofline
 from search_spaces import Candidate
@@ -39,9 +40,8 @@ def roofline_pct(result: dict[str, Any], trial: dict[str, Any]) -> float | None:
     c, target = trial["candidate"], result["target"]
     int8_compute = (result.get("recipe") or {}).get("int4_accuracy_level") == INT4_INT8_COMPUTE
     try:
-        return roofline(ModelShape(c["layers"], c["hidden"], c["heads"], c["ffn"], c["bits"]),
-                        Workload(target["batch_size"], target["seq_len"]), latency["p50_ms"], profile.microbench,
-                        int4_int8_compute=int8_compute).pct
+        return roofline(model_shape(Candidate.from_dict(c)), Workload(target["batch_size"], target["seq_len"]),
+                        latency["p50_ms"], profile.microbench, int4_int8_compute=int8_compute).pct
     except PredictionError:
         return None
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from autotune.models import FAMILIES
+from autotune.models import FAMILIES, attention_layout
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ class Artifact:
     """A deployable model directory: the ONNX file, its tokenizer and what it is.
 
     `bits` and `fused` say which variant the ONNX file is (the plain export is 32 bits, unfused);
-    `size_bytes` is the ONNX file's size on disk, the figure reports quote.
+    `size_bytes` is the ONNX file's size on disk, the figure reports quote. `num_heads` and `hidden_size` are the
+    attention's heads and width, what ONNX Runtime's attention fusion is told (the width is the model's hidden size
+    unless its heads were pruned).
     """
 
     dir: Path
@@ -164,13 +166,14 @@ def export_artifact(
     tokenizer.save_pretrained(directory)
     save_config(model, directory, labels)
     config = model.config
+    heads, attention_width = attention_layout(model)
     artifact = Artifact(
         dir=directory,
         onnx_path=onnx_path,
         family=model_family(model),
         input_names=input_names,
-        num_heads=int(config.num_attention_heads),
-        hidden_size=int(config.hidden_size),
+        num_heads=int(heads),
+        hidden_size=int(attention_width),
         num_layers=int(config.num_hidden_layers),
         vocab_size=int(config.vocab_size),
         bits=32,

@@ -26,6 +26,15 @@ logger = logging.getLogger(__name__)
 ORT_MODEL_TYPE = "bert"
 
 
+def _not_pruned_attention_notice(record: logging.LogRecord) -> bool:
+    """Drop ORT's notice that an attention is narrower than its input: a student with pruned heads is told its
+    attention's width (Artifact.hidden_size), which is what the fusion needs to fuse it."""
+    return not record.getMessage().startswith("Input hidden size")
+
+
+logging.getLogger("fusion_attention").addFilter(_not_pruned_attention_notice)
+
+
 def optimize_transformer(onnx_path: str | os.PathLike[str], *, num_heads: int, hidden_size: int) -> OnnxModel:
     """ORT's fused model object for an exported BERT-family graph (kept in memory for further conversion)."""
     if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:

@@ -143,7 +143,7 @@ class TaskFamily(ABC):
         """Whether the candidate is the teacher's own shape, dense: nothing to train."""
         s = self.teacher_shape
         return (candidate.layers, candidate.hidden, candidate.heads, candidate.ffn) == (s.layers, s.hidden, s.heads, s.ffn) \
-            and candidate.sparsity == 0.0
+            and candidate.head_dim is None and candidate.sparsity == 0.0
 
     # -- the steps of a trial -------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from profilers.decode_predictor import DecoderConfig, DecoderDims, weight_bytes_
 from profilers.generation import GenerationRequest, GenerationStats, measure_generation, measure_generations
 from profilers.latency import MeasureSettings
 from profilers.recipes import Recipe
-from search_spaces import Candidate, Space, TeacherShape, preset, with_overrides
+from search_spaces import Candidate, Space, SpaceError, TeacherShape, preset, with_overrides
 from search_spaces.candidate import HEAD_INT8_SHARE
 
 if TYPE_CHECKING:
@@ -210,6 +210,9 @@ class CausalLM(TaskFamily):
         from autotune.tasks.lm_exports import LMShape, max_positions
         from autotune.tasks.lm_models import prepare_causal_lm
 
+        if "head_dim" in spec.space.knobs:
+            raise SpaceError("knob 'head_dim' prunes an encoder's attention heads; a causal LM keeps its teacher's "
+                             "heads (its KV cache and attention kernels are shaped by them)")
         if spec.model.trust_remote_code or spec.model.allow_pickle:
             raise DataError("model.trust_remote_code and model.allow_pickle do not apply to causal LMs: they load from "
                             "safetensors or a GGUF, with the architectures the exporter supports")
