@@ -28,8 +28,8 @@ def bert_default(teacher: TeacherShape) -> Space:
     attention); sparsity {0, 0.3, 0.5, 0.7} unstructured or 2:4; all bit widths.
 
     Heads are pruned rather than merged because attention's cost is its width: at the teacher's width, fewer and
-    wider heads cost what the teacher's do (a 3-layer MiniLM student with half its heads ran as fast as 2 layers
-    with all of them, int8, 64 tokens, at the same accuracy).
+    wider heads cost what the teacher's do (3 MiniLM layers with FFN 768, int8, 64 tokens, 2 threads: 6 heads of 32
+    ran 16% faster than 12).
     """
     hidden = tuple(sorted({_scaled(teacher.hidden, f, teacher.heads) for f in WIDTH_FRACTIONS}, reverse=True))
     ffn = tuple(sorted({_scaled(teacher.ffn, f, 8 if teacher.ffn >= 32 else 1) for f in WIDTH_FRACTIONS}, reverse=True))

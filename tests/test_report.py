@@ -15,7 +15,7 @@ import pytest
 from autotune.cli import main
 from autotune.report import build_report, write_report
 from autotune.report.summary import (
-    best_under, capacity, changed_targets, fp32_reference_text, one_line_answer, pareto_trials, roofline_pct,
+    architecture, best_under, capacity, changed_targets, fp32_reference_text, one_line_answer, pareto_trials, roofline_pct,
 )
 from profilers.hardware import HardwareProfile
 from profilers.predictor import ModelShape, Workload
@@ -194,3 +194,12 @@ def test_the_front_shows_each_trial_s_roofline_and_the_fp32_reference_its_choice
     assert fp32_reference_text(result).startswith("fp32 fused (p50 9.50 ms, the fastest measured; fp32 unfused 10.25 ms")
     predicted = copy.deepcopy(trial) | {"latency": trial["latency"] | {"predicted": True}}
     assert roofline_pct(result, predicted) is None
+
+
+def test_a_student_with_pruned_heads_is_named_and_counted_at_its_attention_s_width(result: dict) -> None:
+    trial = copy.deepcopy(pareto_trials(result)[0])
+    c = trial["candidate"] = trial["candidate"] | {"hidden": 32, "heads": 4}
+    pruned = trial | {"candidate": c | {"heads": 2, "head_dim": 8}}  # 2 of 4 heads, the attention 16 wide
+    assert architecture(pruned["candidate"]) == f"{c['layers']}x32 (2h of 8, FFN {c['ffn']})"
+    assert "of" not in architecture(c)
+    assert roofline_pct(result, pruned) < roofline_pct(result, trial)  # fewer operations in the same milliseconds

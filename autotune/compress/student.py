@@ -188,12 +188,13 @@ def _student_config(teacher: nn.Module, family: Family, shape: TeacherShape, kep
 
 
 def _copy_layer(dst: nn.Module, src: nn.Module, family: Family, teacher: TeacherShape, student: TeacherShape,
-                head_dim: float, dims: torch.Tensor) -> None:
+                head_dim: int | None, dims: torch.Tensor) -> None:
     """One teacher layer sliced into a student layer: its heads and FFN neurons kept by importance, the hidden
     dims `dims`; queries rescaled so that attention logits keep their scale at the student's head width."""
-    units = _attention_units(src, family, teacher.heads, student.heads, round(student.heads * head_dim))
+    width = student.hidden if head_dim is None else student.heads * head_dim
+    units = _attention_units(src, family, teacher.heads, student.heads, width)
     neurons = _ffn_units(src, family, student.ffn)
-    q_scale = math.sqrt(head_dim / (teacher.hidden / teacher.heads))
+    q_scale = math.sqrt((width / student.heads) / (teacher.hidden / teacher.heads))
     for path, scale in ((family.query, q_scale), (family.key, 1.0), (family.value, 1.0)):
         _copy_linear(dst.get_submodule(path), src.get_submodule(path), units, dims, scale)
     _copy_linear(dst.get_submodule(family.attn_out), src.get_submodule(family.attn_out), dims, units)
@@ -217,9 +218,11 @@ def make_student(
 ) -> nn.Module:
     """A student of the teacher's class and family, its weights sliced from the teacher (module docstring).
 
-    `head_dim` narrows the attention to heads x head_dim (None: hidden / heads per head). `calibration` is a tokenised batch (`input_ids`, `attention_mask`, ...) whose activations rank the hidden
-    dims; without it weight magnitudes do. The student is returned in eval mode, on the CPU dtype of the
-    teacher, as an ordinary HF model that `save_pretrained`/`from_pretrained` round-trips.
+    `head_dim` narrows the attention to heads x head_dim (None: hidden / heads per head). `calibration` is a
+    tokenised batch (`input_ids`, `attention_mask`, ...) whose activations rank the hidden dims; without it
+    weight magnitudes do. The student is returned in eval mode, on the CPU dtype of the teacher, as an ordinary
+    HF model that `save_pretrained` and `autotune.models.load_saved` round-trip (`from_pretrained` too when its
+    attention is as wide as hidden).
     """
     family = family_of(teacher)
     teacher_shape = shape_of(teacher)
@@ -246,7 +249,7 @@ def make_student(
 
     teacher_layers, student_layers = encoder_layers(teacher, family), encoder_layers(student, family)
     for dst, index in zip(student_layers, kept_layers):
-        _copy_layer(dst, teacher_layers[index], family, teacher_shape, shape, head_dim or hidden / heads, dims)
+        _copy_layer(dst, teacher_layers[index], family, teacher_shape, shape, head_dim, dims)
         mark(dst)
 
     (dst_hidden, dst_out), (src_hidden, src_out) = _head_linears(student, family), _head_linears(teacher, family)

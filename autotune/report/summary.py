@@ -25,9 +25,10 @@ def evaluated(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def architecture(candidate: dict[str, Any]) -> str:
-    """A candidate's architecture in the report's short form (layers x hidden, heads, FFN), written one way in every
-    table."""
-    return f"{candidate['layers']}x{candidate['hidden']} ({candidate['heads']}h, FFN {candidate['ffn']})"
+    """A candidate's architecture in the report's short form (layers x hidden, heads and their width where pruned,
+    FFN), written one way in every table."""
+    heads = f"{candidate['heads']}h" + (f" of {candidate['head_dim']}" if candidate.get("head_dim") else "")
+    return f"{candidate['layers']}x{candidate['hidden']} ({heads}, FFN {candidate['ffn']})"
 
 
 def roofline_pct(result: dict[str, Any], trial: dict[str, Any]) -> float | None:
