@@ -19,7 +19,7 @@ from autotune.compress import (
     teacher_logits,
     teacher_states,
 )
-from autotune.compress.distillation import collate, length_grouped_batches, row_offsets
+from autotune.compress.distillation import collate, length_grouped_batches, row_offsets, untied_token_table
 from autotune.compress.pruning import prunable_linears
 from conftest import VOCAB, synthetic_rows, tiny_config
 
@@ -204,6 +204,31 @@ def test_pruned_weights_stay_zero_through_distillation(
     if schedule.pattern == "2:4":
         for linear in prunable_linears(result.model).values():
             assert bool(((linear.weight.reshape(linear.weight.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
+
+
+def test_the_token_table_learns_only_the_rows_the_data_uses_and_is_dense_again_after(
+        teacher, logits: np.ndarray, data: TokenizedData) -> None:
+    """Lazy Adam: rows of tokens the training data never holds keep their weights exactly, the others move, and the
+    table's gradient is dense again once training ends (what export and later training expect)."""
+    student = make_student(teacher, 1, 16, 2, 32)
+    before = student.get_input_embeddings().weight.detach().clone()
+    distill(student, None, data, epochs=1, lr=3e-3, batch_size=32, seed=0, teacher_logits=logits)
+    after = student.get_input_embeddings().weight.detach()
+    used = sorted({token for ids in data.input_ids for token in ids})
+    unused = sorted(set(range(before.shape[0])) - set(used))
+    assert unused, "the fixture's data should leave some tokens out"
+    assert torch.equal(after[unused], before[unused])
+    assert not torch.allclose(after[used], before[used])
+    assert student.get_input_embeddings().sparse is False
+
+
+def test_a_tied_token_table_trains_dense(tiny_llama_dir: Path) -> None:
+    """A table the output layer shares gets a dense gradient from it, so only an untied one is trained lazily."""
+    from transformers import AutoModelForCausalLM
+
+    classifier = tiny()
+    assert untied_token_table(classifier) is classifier.get_input_embeddings()
+    assert untied_token_table(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)) is None
 
 
 def test_bad_arguments_are_named(data: TokenizedData) -> None:

@@ -13,6 +13,7 @@ from autotune.compress.decoder import (
     prune_decoder,
 )
 from autotune.compress.distillation import (
+    OPTIMIZER,
     DistillResult,
     TokenizedData,
     distill,
@@ -35,6 +36,7 @@ from autotune.compress.student import even_layer_indices, make_student, shaped_l
 
 __all__ = [
     "ACCEPTED_BITS",
+    "OPTIMIZER",
     "build_variant",
     "check_bits",
     "quantize_artifact",

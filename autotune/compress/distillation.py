@@ -15,11 +15,12 @@ caller is left as it was (`torch.random.fork_rng`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from autotune.models import shape_of, state_fingerprint
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]
+
+#: How `_train` optimises, part of every trained model's cache key: a model trained another way is trained again.
+OPTIMIZER = "AdamW; lazy Adam (SparseAdam) for an untied token table"
 
 
 @dataclass(frozen=True)
@@ -246,6 +250,57 @@ class DistillResult:
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor, list[int]], torch.Tensor]
 
 
+def untied_token_table(model: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding table when no output layer shares its weight (an encoder classifier's), else
+    None: a tied table gets a dense gradient from the output layer anyway."""
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(table, nn.Embedding):
+        return None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if output is not None and output.weight is table.weight else table
+
+
+@contextlib.contextmanager
+def row_gradients(model: nn.Module) -> Iterator[None]:
+    """While training, a trainable untied token table's gradient holds only the rows a batch touches (what lazy Adam
+    updates); dense again afterwards, so the model exports and trains elsewhere as before."""
+    table = untied_token_table(model)
+    if table is None or not table.weight.requires_grad:
+        yield
+        return
+    table.sparse = True
+    try:
+        yield
+    finally:
+        table.sparse = False
+
+
+def training_optimizers(model: nn.Module, extra_parameters: Sequence[nn.Parameter],
+                        lr: float) -> list[torch.optim.Optimizer]:
+    """AdamW for the dense weights, lazy Adam (`SparseAdam`) for a token table with row gradients (`row_gradients`).
+
+    A dense AdamW step over a 30k-token table, and its dense gradient, cost more than two BERT layers' forward and
+    backward (bench/training_step.py); a batch touches a few hundred rows, and lazy Adam updates only those (rows not
+    in a batch keep their moments and weights, without AdamW's 0.01 weight decay, which moved them by 0.2% at most).
+    """
+    table = untied_token_table(model)
+    trainable = [p for p in (*model.parameters(), *extra_parameters) if p.requires_grad]
+    if table is None or not table.sparse:
+        return [torch.optim.AdamW(trainable, lr=lr)]
+    dense = [p for p in trainable if p is not table.weight]
+    return [torch.optim.AdamW(dense, lr=lr), torch.optim.SparseAdam([table.weight], lr=lr)]
+
+
+def _pruned(model: nn.Module, schedule: PruningSchedule, sparsity: float,
+            previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gradual pruning's next event: masks at `sparsity` (growing from `previous`), applied to the model."""
+    masks = compute_masks(model, sparsity, pattern=schedule.pattern, scope=schedule.scope,
+                          include_head=schedule.include_head, previous=previous or None)
+    apply_masks(model, masks)
+    log.info("Pruned to %.3f sparsity", measured_sparsity(model, include_head=schedule.include_head))
+    return masks
+
+
 def _train(
     model: nn.Module,
     data: TokenizedData,
@@ -259,39 +314,35 @@ def _train(
     progress: Progress | None,
     extra_parameters: Sequence[nn.Parameter] = (),
 ) -> DistillResult:
-    """The one training loop: AdamW, linear decay to 0, length-grouped batches, optional gradual pruning;
-    `extra_parameters` (a loss's own, such as a projection) train alongside the model."""
+    """The one training loop: `training_optimizers`, linear decay to 0, length-grouped batches, optional gradual
+    pruning; `extra_parameters` (a loss's own, such as a projection) train alongside the model."""
     if epochs < 1 or lr <= 0:
         raise ValueError(f"Training needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}.")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), row_gradients(model):
         torch.manual_seed(seed)
         plan = [length_grouped_batches(data.lengths, batch_size, seed + epoch) for epoch in range(epochs)]
         total = sum(len(batches) for batches in plan)
-        optimizer = torch.optim.AdamW([*model.parameters(), *extra_parameters], lr=lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+        optimizers = training_optimizers(model, extra_parameters, lr)
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0 - step / total) for o in optimizers]
         events = pruning_schedule.events(total) if pruning_schedule else {}
         masks: dict[str, torch.Tensor] = {}
         losses: list[float] = []
         epoch_losses: list[float] = []
         model.train()
+        model.zero_grad(set_to_none=True)
         step = 0
         for epoch, batches in enumerate(plan):
             running = 0.0
             for indices in batches:
                 if step in events:
-                    masks = compute_masks(
-                        model, events[step], pattern=pruning_schedule.pattern, scope=pruning_schedule.scope,
-                        include_head=pruning_schedule.include_head, previous=masks or None,
-                    )
-                    apply_masks(model, masks)
-                    log.info("Step %d: pruned to %.3f sparsity", step,
-                             measured_sparsity(model, include_head=pruning_schedule.include_head))
+                    masks = _pruned(model, pruning_schedule, events[step], masks)
                 inputs, labels = collate(data, indices, _pad_id(model))
                 loss = loss_fn(model, inputs, labels, indices)
-                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
-                scheduler.step()
+                for optimizer, scheduler in zip(optimizers, schedulers):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
                 if masks:
                     apply_masks(model, masks)
                 step += 1
@@ -412,7 +463,7 @@ def finetune_teacher(
     if cache_dir is None:
         return train()
     key = cache_key or hashlib.sha256(
-        f"{state_fingerprint(model)}|{data.fingerprint()}|{epochs}|{lr}|{seed}|{batch_size}".encode()
+        f"{state_fingerprint(model)}|{data.fingerprint()}|{epochs}|{lr}|{seed}|{batch_size}|{OPTIMIZER}".encode()
     ).hexdigest()[:32]
     target = Path(cache_dir) / key
     teacher, hit = cached_dir_value(target, train,
@@ -430,6 +481,7 @@ def mean_kd_loss(
 
 
 __all__ = [
-    "DistillResult", "TokenizedData", "collate", "distill", "finetune_teacher", "state_transfer_loss", "teacher_states",
+    "OPTIMIZER", "DistillResult", "TokenizedData", "collate", "distill", "finetune_teacher", "state_transfer_loss",
+    "teacher_states",
     "length_grouped_batches", "mean_kd_loss", "soft_target_loss", "teacher_logits", "tokenize",
 ]

@@ -20,7 +20,7 @@ from torch import nn
 
 from autotune.builtin import resolve_data, resolve_model
 from autotune.compress import (
-    PruningSchedule, distill, finetune_teacher, make_student, measured_sparsity, shaped_like, teacher_logits,
+    OPTIMIZER, PruningSchedule, distill, finetune_teacher, make_student, measured_sparsity, shaped_like, teacher_logits,
     teacher_states, tokenize,
 )
 from autotune.compress.distillation import TokenizedData
@@ -112,19 +112,22 @@ def slim_cuts(teacher: TeacherShape, layers: int) -> list[Candidate]:
 
 
 def encoder_anchors(teacher: TeacherShape, space: Space) -> list[Candidate]:
-    """The teacher and its int8 twin, then for each shallower depth of the space, deepest first, the teacher cut to
-    it at full width and, where the space prunes heads (`head_dim`), the same cut slim (`slim_cuts`), all int8.
+    """The teacher and its int8 twin, then the teacher cut to the space's deepest shallower depth at full width, then,
+    where the space prunes heads (`head_dim`), every shallower depth's slim cuts (`slim_cuts`), deepest first, and
+    last the full-width cuts of the other depths; all int8.
 
     Dropping layers while keeping every width is the strongest simple student that a sampler drawing the knobs at
-    random rarely proposes, and its slim twins keep the depth that accuracy needs at the speed of a shallower cut
-    (bench/students.py on the demo: 4 slim layers kept 99.3% of the teacher's test accuracy at 4.5x with half the
-    heads and 99.9% at 5.1x with a third, where the 2-layer full-width cut kept 97.2% at 4.4x). A slice too slow
-    for the target costs one gate (seconds); a fitting one is the baseline the search has to beat.
+    random rarely proposes, and the slim cuts keep the depth that accuracy needs at the speed of a shallower cut. At
+    the same speed a deeper slim cut keeps more than a shallower full-width one (bench/students.py on the demo: 4
+    slim layers kept 99.3% of the teacher's test accuracy at 4.5x, the 2-layer full-width cut 97.2% at 4.4x), so
+    below the deepest depth the full-width cuts wait behind every slim one, and the slim cuts span the front from
+    the target to its fast end (2 slim layers with a third of the heads: 96.8% at 9.7x). A slice too slow for the
+    target costs one gate (seconds); a fitting one is the baseline the search has to beat.
     """
     depths = sorted((d for d in space.knob("layers").values() if d < teacher.layers), reverse=True)
-    slim = space.has("head_dim")
-    cuts = [c for d in depths for c in (teacher.cut_to(d, bits=8), *(slim_cuts(teacher, d) if slim else []))]
-    return [teacher.as_candidate(32), teacher.as_candidate(8), *cuts]
+    full_width = [teacher.cut_to(d, bits=8) for d in depths]
+    slim = [c for d in depths for c in slim_cuts(teacher, d)] if space.has("head_dim") else []
+    return [teacher.as_candidate(32), teacher.as_candidate(8), *full_width[:1], *slim, *full_width[1:]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,8 +197,8 @@ class TextClassification(TaskFamily):
 
     @functools.cached_property
     def cache_identity(self) -> tuple[str, ...]:
-        """The teacher's weight hash and the tokenized training split's fingerprint."""
-        return (self.teacher_key, self.train.fingerprint())
+        """The teacher's weight hash, the tokenized training split's fingerprint and how students are optimised."""
+        return (self.teacher_key, self.train.fingerprint(), OPTIMIZER)
 
     @property
     def space(self) -> Space:
