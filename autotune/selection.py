@@ -58,7 +58,8 @@ def finalists(pipeline: TrialPipeline, records: list[TrialRecord], count: int) -
 
 
 def refine_finalists(pipeline: TrialPipeline, records: list[TrialRecord], progress: SilentProgress) -> list[TrialRecord]:
-    """Each finalist's student distilled `training.refine_epochs` more epochs, deployed and evaluated again.
+    """Each finalist's student distilled again from the start for `training.refine_epochs` more epochs than the
+    search's, deployed and evaluated again.
 
     A refined record keeps its source trial's number and says how many epochs it was trained in all.
     """
@@ -69,8 +70,8 @@ def refine_finalists(pipeline: TrialPipeline, records: list[TrialRecord], progre
     for source in finalists(pipeline, records, training.finalists):
         candidate = Candidate.from_dict(source.candidate)
         epochs = training.epochs + training.refine_epochs
-        progress.note(f"refining trial {source.number} ({candidate.describe()}): {training.refine_epochs} more "
-                      f"epoch(s), {epochs} in all")
+        progress.note(f"refining trial {source.number} ({candidate.describe()}): distilled again from the start, "
+                      f"{epochs} epochs")
         start = time.perf_counter()
         model, hit = pipeline.refine(candidate, training.refine_epochs,
                                      functools.partial(progress.training, f"refining trial {source.number}"))

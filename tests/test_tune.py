@@ -156,7 +156,8 @@ def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     assert data["passed_over"] == [] or all(p["reason"] for p in data["passed_over"])
     assert recommended["accuracy"]["test"] is not None
 
-    # Finalists: the most accurate feasible students (not the teacher), one per student, distilled one more epoch.
+    # Finalists: the most accurate feasible students (not the teacher), one per student, distilled again for one
+    # more epoch than the search.
     refined = data["refined"]
     assert 1 <= len(refined) <= 2
     trial_numbers = {t["number"]: t for t in data["trials"]}
