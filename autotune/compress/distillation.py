@@ -279,8 +279,8 @@ def training_optimizers(model: nn.Module, extra_parameters: Sequence[nn.Paramete
                         lr: float) -> list[torch.optim.Optimizer]:
     """AdamW for the dense weights, lazy Adam (`SparseAdam`) for a token table with row gradients (`row_gradients`).
 
-    A dense AdamW step over a 30k-token table, and its dense gradient, cost more than two BERT layers' forward and
-    backward (bench/training_step.py); a batch touches a few hundred rows, and lazy Adam updates only those (rows not
+    A dense AdamW step over a 30k-token table, and its dense gradient, cost more than two slim BERT layers' forward
+    and backward (bench/training_step.py); a batch touches a few hundred rows, and lazy Adam updates only those (rows not
     in a batch keep their moments and weights, without AdamW's 0.01 weight decay, which moved them by 0.2% at most).
     """
     table = untied_token_table(model)
