@@ -1,11 +1,11 @@
 """Causal language models, the second task family: a llama-family decoder, plain text, perplexity.
 
 Its students are the teacher with fewer decoder blocks (the least important by angular distance removed) and a
-narrower FFN (the least active neurons removed), healed by distillation on the teacher's top-k next-token
-log-probabilities for a budget of training tokens (`heal_tokens`; one "epoch" of a trial is that budget, so a
-finalist refined one more epoch heals twice the budget from the start). Its artifact is the ONNX Runtime GenAI
-model the builder writes, with a KV cache and the candidate's weight-only quantization (int8/int4, method, block
-size, LM-head bits, sensitive layers at int8); it is timed by generating (time to first token of a prompt, per-token decode at a
+narrower FFN (the least active neurons removed), healed by distillation on the teacher's top-k next-token log-
+probabilities for a budget of training tokens (`heal_tokens`; one "epoch" of a trial is that budget, so a finalist
+refined one more epoch heals twice the budget from the start). Its artifact is the ONNX Runtime GenAI model the
+builder writes, with a KV cache and the candidate's weight-only quantization (int8/int4, method, block size, LM-head
+bits, sensitive layers at int8); it is timed by generating (time to first token of a prompt, per-token decode at a
 context, peak memory) and scored by perplexity on held-out windows, the objective being the teacher's perplexity
 over the candidate's (1.0: as good as the teacher), with top-1 agreement beside it.
 
