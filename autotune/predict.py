@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from autotune.models import ModelError
-from autotune.runtime import Artifact, OrtRuntime, load_artifact
+from autotune.runtime import Artifact, InferenceRuntime, artifact_runtime, load_artifact
 from autotune.runtime.export import ARTIFACT_JSON
 from autotune.tasks.encoding import predict_logits
 
@@ -38,7 +38,7 @@ class Classifier:
 
     artifact: Artifact
     tokenizer: Any
-    runtime: OrtRuntime
+    runtime: InferenceRuntime
     max_length: int
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:
@@ -68,6 +68,6 @@ def load_model(directory: str | os.PathLike[str], threads: int | None = None) ->
     artifact = load_artifact(root)
     measured = artifact.measured or {}
     threads = threads or measured.get("threads") or default_threads(probe_cpu())
-    runtime = OrtRuntime(artifact.onnx_path, threads=int(threads), vocab_size=artifact.vocab_size)
+    runtime = artifact_runtime(artifact, threads=int(threads))
     return Classifier(artifact, AutoTokenizer.from_pretrained(root), runtime,
                       int(measured.get("max_length") or DEFAULT_MAX_LENGTH))

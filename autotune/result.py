@@ -22,6 +22,7 @@ from statistics import median
 from typing import TYPE_CHECKING, Any
 
 from autotune.records import Stage, TrialRecord
+from autotune.runtime.export import load_artifact
 from autotune.study import redact
 from autotune.trial import MB
 from profilers.latency import LatencyStats
@@ -138,6 +139,7 @@ def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: S
         "epochs": record.epochs or session.spec.training.epochs,
         "refined": record.stage == Stage.REFINED,
         "artifact": str(model_dir),
+        "engine": load_artifact(model_dir).engine,
     }
 
 

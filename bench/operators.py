@@ -5,8 +5,9 @@ Rows: the demo's fine-tuned teacher (BERT 6x384, 12 heads) as fp32 unfused, fp32
 recipe choice that depends on the CPU (int8 with 7-bit or full-range weights; int4 MatMulNBits computing in fp32
 or in int8); the teacher under every engine and precision mode of `profilers.recipes.engine_modes` whose engine
 is installed (ONNX Runtime static int8; OpenVINO fp32, bf16, NNCF static int8), kept by this CPU's rules or not,
-so the rows show why; and student shapes 4x384, 2x384, 2x256 at fp32 (fused) and int8 with this CPU's recipe
-(random weights: latency depends on shape and bits, as in the tuner's latency gate).
+so the rows show why; and student shapes 4x384, 2x384, 2x256 at fp32 (fused), ONNX Runtime's dynamic int8 and, where
+this CPU's recipe runs int8 in OpenVINO, OpenVINO's static int8 (random weights: latency depends on shape and bits,
+as in the tuner's latency gate).
 
 Each teacher row gives its validation accuracy on the demo's split and its largest logit difference from the fused
 fp32 teacher on random token ids. Static int8 is calibrated on 64 rows of the training split. Speedups are against
@@ -48,10 +49,10 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 from autotune.compress.quantization import build_variant  # noqa: E402
 from autotune.config import load_spec  # noqa: E402
 from autotune.runtime import OrtRuntime, export_artifact, feeds_for  # noqa: E402
-from autotune.runtime.engines import OpenVinoRuntime, quantize_openvino_int8  # noqa: E402
-from autotune.runtime.sessions import InferenceRuntime  # noqa: E402
+from autotune.runtime.engines import quantize_openvino_int8  # noqa: E402
+from autotune.runtime.sessions import InferenceRuntime, OpenVinoRuntime  # noqa: E402
 from autotune.tasks import TextClassification, prepared_task  # noqa: E402
-from autotune.tasks.encoding import encode_batches, evaluate  # noqa: E402
+from autotune.tasks.encoding import evaluate  # noqa: E402
 from profilers.cpu import probe_cpu  # noqa: E402
 from profilers.hardware import collect_profile  # noqa: E402
 from profilers.latency import LatencyStats, MeasureSettings  # noqa: E402
@@ -68,7 +69,6 @@ TEACHER_BEST = "teacher-best"
 ACCURACY_TOLERANCE = 0.005  # half a point of validation accuracy
 SETTINGS = MeasureSettings(warmup=10, min_runs=50, max_runs=2000, max_seconds=6.0, rel_ci=0.02)
 ERROR_ROWS = 64  # rows of random token ids each quantized teacher's logits are compared on
-CALIBRATION_ROWS, CALIBRATION_BATCH = 64, 8
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,8 @@ def recipe_choices(chosen: Recipe) -> list[tuple[str, int, Recipe]]:
     """(row name, bits, recipe) of every recipe choice that depends on the CPU, the chosen one included."""
     rows = []
     for reduce_range in (True, False):
-        rows.append((f"int8-{'7bit' if reduce_range else 'full'}-weights", 8, replace(chosen, int8_reduce_range=reduce_range)))
+        rows.append((f"int8-{'7bit' if reduce_range else 'full'}-weights", 8,
+                     replace(chosen, int8_reduce_range=reduce_range, int8_engine="onnxruntime")))
     for level in (0, INT4_INT8_COMPUTE):
         rows.append((f"int4-{'int8' if level else 'fp32'}-compute", 4, replace(chosen, int4_accuracy_level=level)))
     return rows
@@ -141,13 +142,6 @@ def prepared_teacher(spec_path: Path) -> TextClassification:
     task = prepared_task(load_spec(spec_path))
     assert isinstance(task, TextClassification), "the operators bench measures an encoder classifier"
     return task
-
-
-def calibration_feeds(task: TextClassification) -> list[dict[str, np.ndarray]]:
-    """CALIBRATION_ROWS rows of the training split, in batches padded to their longest row: static int8's ranges."""
-    texts = task.splits.train.texts[:CALIBRATION_ROWS]
-    return [b.feeds() for b in encode_batches(task.tokenizer, texts, batch_size=CALIBRATION_BATCH,
-                                             max_length=task.spec.data.max_length)]
 
 
 def engine_variants(mode: EngineMode, unfused: Path, out_dir: Path, vocab: int, shape: ModelShape,
@@ -179,25 +173,31 @@ def build_variants(task: TextClassification, out_dir: Path, chosen: Recipe, mode
     vocab = artifact.vocab_size
     c = teacher.config
     teacher_shape = ModelShape(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size, 32)
-    fused = build_variant(artifact.onnx_path, out_dir / "teacher-fp32-fused.onnx", 32, **shape)
-    variants = [Variant("fp32-unfused", artifact.onnx_path, vocab, "fp32", teacher_shape, teacher=True),
+    fused = build_variant(artifact.model_path, out_dir / "teacher-fp32-fused.onnx", 32, **shape)
+    variants = [Variant("fp32-unfused", artifact.model_path, vocab, "fp32", teacher_shape, teacher=True),
                 Variant("fp32-fused", fused, vocab, "fp32", teacher_shape, teacher=True)]
     for name, bits, recipe in recipe_choices(chosen):
-        path = build_variant(artifact.onnx_path, out_dir / f"teacher-{name}.onnx", bits, recipe=recipe, **shape)
+        path = build_variant(artifact.model_path, out_dir / f"teacher-{name}.onnx", bits, recipe=recipe, **shape)
         variants.append(Variant(name, path, vocab, recipe.describe(bits), replace(teacher_shape, bits=bits),
                                 chosen=recipe == chosen, teacher=True,
                                 int4_int8_compute=recipe.int4_accuracy_level == INT4_INT8_COMPUTE))
-    calibration = calibration_feeds(task)
+    calibration = task.calibration_feeds()
     for mode in modes:
-        variants += engine_variants(mode, artifact.onnx_path, out_dir, vocab, teacher_shape, calibration, chosen)
+        variants += engine_variants(mode, artifact.model_path, out_dir, vocab, teacher_shape, calibration, chosen)
     for layers, hidden in STUDENT_SHAPES:
         student = export_artifact(student_shape(teacher, layers, hidden), tokenizer, out_dir / f"student-{layers}x{hidden}")
-        for suffix, bits in (("fp32", 32), ("int8", 8)):
+        dynamic = replace(chosen, int8_engine="onnxruntime")
+        kinds = [("fp32", 32, dynamic), ("int8", 8, dynamic)] + ([("int8-openvino", 8, chosen)] if dynamic != chosen else [])
+        for suffix, bits, recipe in kinds:
             name = f"student-{layers}x{hidden}-{suffix}"
-            path = build_variant(student.onnx_path, out_dir / f"{name}.onnx", bits, recipe=chosen,
-                                 num_heads=student.num_heads, hidden_size=student.hidden_size)
-            variants.append(Variant(name, path, vocab, chosen.describe(bits),
-                                    ModelShape(layers, hidden, hidden // HEAD_DIM, 4 * hidden, bits),
+            engine = recipe.int8_engine if bits == 8 else "onnxruntime"
+            path = (quantize_openvino_int8(student.model_path, calibration, out_dir / name / "model.xml")
+                    if engine == "openvino" else
+                    build_variant(student.model_path, out_dir / f"{name}.onnx", bits, recipe=recipe,
+                                  num_heads=student.num_heads, hidden_size=student.hidden_size))
+            variants.append(Variant(name, path, vocab, recipe.describe(bits),
+                                    ModelShape(layers, hidden, hidden // HEAD_DIM, 4 * hidden, bits), engine,
+                                    chosen=recipe == chosen or bits == 32,
                                     int4_int8_compute=chosen.int4_accuracy_level == INT4_INT8_COMPUTE))
     return variants
 

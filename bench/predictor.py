@@ -154,7 +154,7 @@ def build_candidate(teacher: Any, tokenizer: Any, candidate: Candidate, director
     model = shaped_like(teacher, candidate.layers, candidate.hidden, candidate.heads, candidate.ffn)
     plain = export_artifact(model, tokenizer, directory / "fp32")
     variant = quantize_artifact(plain, directory / "variant", bits=candidate.bits, recipe=this_cpu_recipe())
-    request = OnnxRequest(onnx_path=str(variant.onnx_path), input_names=variant.input_names,
+    request = OnnxRequest(model_path=str(variant.model_path), input_names=variant.input_names,
                           batch_size=WORKLOAD.batch_size, seq_len=WORKLOAD.seq_len, vocab_size=variant.vocab_size, threads=2)
     measure_onnx_isolated(request, GATE_SETTINGS)
     return request, time.perf_counter() - start

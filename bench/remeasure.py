@@ -40,7 +40,7 @@ DEFAULT_RUNS = {"latency": 300, "decode": 8, "ttft": 8}
 def request_for(directory: Path, target: dict) -> OnnxRequest:
     """How the tuner timed the encoder artifact in `directory`: the target's batch, sequence length and threads."""
     artifact = load_artifact(directory)
-    return OnnxRequest(str(artifact.onnx_path), artifact.input_names, target["batch_size"], target["seq_len"],
+    return OnnxRequest(str(artifact.model_path), artifact.input_names, target["batch_size"], target["seq_len"],
                        artifact.vocab_size, target["threads"])
 
 

@@ -52,7 +52,7 @@ class HardwareProfile:
     @property
     def recipe(self) -> Recipe:
         """How int8 and int4 are built on this CPU (profilers/recipes.py), derived from its ISA flags."""
-        return recipe_for(self.cpu.flags)
+        return recipe_for(self.cpu.flags, openvino=self.software.has_openvino)
 
     @property
     def fingerprint(self) -> str:
@@ -113,7 +113,9 @@ def fingerprint_fields(profile: HardwareProfile) -> dict[str, Any]:
         "cpu": [cpu.vendor, cpu.model_name, cpu.architecture, cpu.physical_cores, cpu.logical_cores,
                 list(cpu.flags), cpu.l1d_bytes, cpu.l2_bytes, cpu.l3_bytes, cpu.numa_nodes],
         "gpus": [[g.name, g.compute_capability, g.memory_total_bytes, g.sm_count] for g in profile.gpus],
-        "software": [profile.software.torch, profile.software.onnxruntime, list(profile.software.onnxruntime_providers)],
+        # OpenVINO only where present, so the fingerprints of profiles without it stay what they were.
+        "software": [profile.software.torch, profile.software.onnxruntime, list(profile.software.onnxruntime_providers)]
+        + ([profile.software.openvino] if profile.software.openvino else []),
         "threads": profile.threads,
     }
 

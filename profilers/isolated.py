@@ -1,9 +1,10 @@
-"""Time an ONNX model in a fresh child process, where no other thread pool can steal the cores.
+"""Time an ONNX model (or an OpenVINO IR) in a fresh child process, where no other thread pool can steal the cores.
 
 In a tuning process, torch's OpenMP workers keep spinning for a while after training and other ORT sessions
 may be alive; on a machine with few cores either inflates latencies several-fold, because they compete for the
 same cores. A child process that imports only ONNX Runtime and numpy has nothing else running, is cheap to
-start, and makes a latency measured right after training equal to one measured on a quiet machine.
+start, and makes a latency measured right after training equal to one measured on a quiet machine. A request
+names its engine: ONNX Runtime (the default) or OpenVINO, compiled as `profilers.openvino` says.
 
 The child builds its own synthetic feeds (random token ids, full attention mask) from a small JSON request,
 so nothing large crosses the process boundary; it answers with the LatencyStats as JSON on stdout.
@@ -17,11 +18,15 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from profilers.latency import LatencyStats, MeasureSettings
+
+
+#: The engines a request may name.
+ENGINES = ("onnxruntime", "openvino")
 
 
 class MeasurementError(RuntimeError):
@@ -30,9 +35,10 @@ class MeasurementError(RuntimeError):
 
 @dataclass(frozen=True)
 class OnnxRequest:
-    """What to time: the model, the synthetic input shape, and how."""
+    """What to time: the model file (ONNX, or an OpenVINO IR when `engine` is "openvino"), the synthetic input shape,
+    and how."""
 
-    onnx_path: str
+    model_path: str
     input_names: tuple[str, ...]
     batch_size: int
     seq_len: int
@@ -40,6 +46,7 @@ class OnnxRequest:
     threads: int
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     seed: int = 0
+    engine: str = "onnxruntime"
 
 
 def feeds_for(input_names: Sequence[str], batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -71,7 +78,7 @@ def measure_onnx_isolated(request: OnnxRequest, settings: MeasureSettings = Meas
     )
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MeasurementError(f"measuring {request.onnx_path} failed in a child process: {last}")
+        raise MeasurementError(f"measuring {request.model_path} failed in a child process: {last}")
     return LatencyStats(**json.loads(proc.stdout))
 
 
@@ -108,31 +115,45 @@ def measure_onnx_interleaved(requests: Sequence[OnnxRequest], runs: int = INTERL
 
 def _request(data: dict) -> OnnxRequest:
     request = OnnxRequest(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-    if not Path(request.onnx_path).exists():
-        raise SystemExit(f"model {request.onnx_path} does not exist")
+    if not Path(request.model_path).exists():
+        raise SystemExit(f"model {request.model_path} does not exist")
+    if request.engine not in ENGINES:
+        raise SystemExit(f"engine must be one of {list(ENGINES)}, got {request.engine!r}")
     return request
+
+
+def _runner(request: OnnxRequest) -> Callable[[dict[str, np.ndarray]], Any]:
+    """One forward pass of the requested model in its engine, ready to call with feeds."""
+    if request.engine == "openvino":
+        from profilers.openvino import compile_openvino
+
+        infer = compile_openvino(request.model_path, threads=request.threads).create_infer_request().infer
+        return lambda feeds: infer(feeds)
+    from profilers.ort import make_session
+
+    session = make_session(request.model_path, threads=request.threads, providers=request.providers)
+    return lambda feeds: session.run(None, feeds)
 
 
 def _interleaved(requests: list[OnnxRequest], runs: int, warmup: int) -> list[dict]:
     import time
 
     from profilers.latency import summarize
-    from profilers.ort import make_session
 
-    sessions = [make_session(r.onnx_path, threads=r.threads, providers=r.providers) for r in requests]
+    runners = [_runner(r) for r in requests]
     feeds = [feeds_for(r.input_names, r.batch_size, r.seq_len, r.vocab_size, r.seed) for r in requests]
     samples: list[list[float]] = [[] for _ in requests]
     start = time.perf_counter()
-    for session, feed in zip(sessions, feeds):
+    for run, feed in zip(runners, feeds):
         for _ in range(warmup):
-            session.run(None, feed)
+            run(feed)
     while len(samples[0]) < runs:
-        for session, feed, timed in zip(sessions, feeds, samples):
+        for run, feed, timed in zip(runners, feeds, samples):
             for _ in range(SWITCH_WARMUP_RUNS):
-                session.run(None, feed)
+                run(feed)
             for _ in range(min(INTERLEAVED_BLOCK_RUNS - SWITCH_WARMUP_RUNS, runs - len(timed))):
                 began = time.perf_counter()
-                session.run(None, feed)
+                run(feed)
                 timed.append((time.perf_counter() - began) * 1000.0)
     seconds = time.perf_counter() - start
     return [asdict(summarize(timed, converged=True, seconds=seconds, batch_size=r.batch_size, threads=r.threads,
@@ -140,7 +161,7 @@ def _interleaved(requests: list[OnnxRequest], runs: int, warmup: int) -> list[di
 
 
 def _child() -> None:
-    from profilers.latency import measure_onnx
+    from profilers.latency import measure_onnx, measure_pooled
 
     message = json.loads(sys.stdin.read())
     if "requests" in message:
@@ -150,8 +171,12 @@ def _child() -> None:
     request = _request(message["request"])
     settings = MeasureSettings(**message["settings"])
     feeds = feeds_for(request.input_names, request.batch_size, request.seq_len, request.vocab_size, request.seed)
-    stats = measure_onnx(request.onnx_path, feeds, threads=request.threads, batch_size=request.batch_size,
-                         providers=request.providers, settings=settings)
+    if request.engine == "openvino":
+        run = _runner(request)
+        stats = measure_pooled(lambda: run(feeds), threads=request.threads, batch_size=request.batch_size, settings=settings)
+    else:
+        stats = measure_onnx(request.model_path, feeds, threads=request.threads, batch_size=request.batch_size,
+                             providers=request.providers, settings=settings)
     sys.stdout.write(json.dumps(asdict(stats)))
 
 

@@ -280,6 +280,16 @@ def measure(
     )
 
 
+def measure_pooled(fn: Callable[[], Any], *, threads: int | None, batch_size: int = 1,
+                   settings: MeasureSettings = MeasureSettings()) -> LatencyStats:
+    """Time a zero-argument callable of an engine that sizes its own thread pool (ONNX Runtime, OpenVINO): `threads`
+    is the pool it was built with, recorded, and torch is left alone (not imported where it is not loaded)."""
+    _check_common(batch_size, threads)
+    samples, converged, seconds, rss_delta = _timed_runs(fn, settings, _no_sync)
+    return summarize(samples, converged=converged, seconds=seconds, batch_size=batch_size, threads=threads,
+                     peak_rss_delta_bytes=rss_delta)
+
+
 def measure_ort_session(
     session: Any,
     feeds: Mapping[str, np.ndarray],
@@ -290,17 +300,8 @@ def measure_ort_session(
     """Time `session.run` on fixed feeds; the thread count reported is the one the session was built with."""
     output_names = [o.name for o in session.get_outputs()]
     feeds = dict(feeds)
-    threads = session_threads(session) or None
-    _check_common(batch_size, threads)
-    samples, converged, seconds, rss_delta = _timed_runs(lambda: session.run(output_names, feeds), settings, _no_sync)
-    return summarize(
-        samples,
-        converged=converged,
-        seconds=seconds,
-        batch_size=batch_size,
-        threads=threads,
-        peak_rss_delta_bytes=rss_delta,
-    )
+    return measure_pooled(lambda: session.run(output_names, feeds), threads=session_threads(session) or None,
+                          batch_size=batch_size, settings=settings)
 
 
 def measure_onnx(

@@ -23,6 +23,15 @@ class SoftwareInfo:
     #: Whether ONNX Runtime's CPU provider runs fp16 MatMul with its own kernel here (None: not probed, an older
     #: profile). A flag says a kernel may exist; this probe says ORT chose one rather than casting to fp32.
     onnxruntime_cpu_fp16: bool | None = None
+    #: OpenVINO and NNCF (its post-training quantizer), the optional engine int8 may run in (None: absent, or an
+    #: older profile).
+    openvino: str | None = None
+    nncf: str | None = None
+
+    @property
+    def has_openvino(self) -> bool:
+        """Whether OpenVINO models can be built (NNCF) and run here."""
+        return self.openvino is not None and self.nncf is not None
 
 
 def package_version(name: str) -> str | None:
@@ -56,4 +65,6 @@ def probe_software() -> SoftwareInfo:
         optuna=package_version("optuna"),
         transformers=package_version("transformers"),
         onnxruntime_cpu_fp16=fp16,
+        openvino=package_version("openvino"),
+        nncf=package_version("nncf"),
     )

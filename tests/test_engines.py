@@ -11,7 +11,9 @@ import pytest
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from autotune.runtime import OrtRuntime, export_artifact, feeds_for
-from autotune.runtime.engines import OpenVinoRuntime, optional_module, quantize_openvino_int8
+from autotune.runtime.engines import quantize_openvino_int8
+from autotune.runtime.sessions import OpenVinoRuntime
+from profilers.openvino import optional_module
 from profilers.latency import MeasureSettings
 from profilers.recipes import engine_modes
 
@@ -33,8 +35,8 @@ def calibration(artifact, rows: int = 8) -> list[dict[str, np.ndarray]]:
 def test_openvino_runs_the_onnx_export_to_the_same_logits_and_times_it(bert) -> None:
     pytest.importorskip("openvino")
     feeds = feeds_for(bert.input_names, 3, 16, bert.vocab_size, seed=5)
-    expected = OrtRuntime(bert.onnx_path, threads=1, vocab_size=bert.vocab_size).run(feeds)
-    runtime = OpenVinoRuntime(bert.onnx_path, threads=1, vocab_size=bert.vocab_size)
+    expected = OrtRuntime(bert.model_path, threads=1, vocab_size=bert.vocab_size).run(feeds)
+    runtime = OpenVinoRuntime(bert.model_path, threads=1, vocab_size=bert.vocab_size)
     np.testing.assert_allclose(runtime.run(feeds | {"unused": np.zeros(1)}), expected, atol=1e-4)
     stats = runtime.measure(1, 16, QUICK)
     assert stats.p50_ms > 0 and stats.runs >= 5
@@ -46,24 +48,24 @@ def test_openvino_bf16_runs_only_where_the_cpu_computes_it_natively(bert) -> Non
     native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if native:
         feeds = feeds_for(bert.input_names, 2, 16, bert.vocab_size, seed=5)
-        assert np.isfinite(OpenVinoRuntime(bert.onnx_path, threads=1, vocab_size=bert.vocab_size, precision="bf16").run(feeds)).all()
+        assert np.isfinite(OpenVinoRuntime(bert.model_path, threads=1, vocab_size=bert.vocab_size, precision="bf16").run(feeds)).all()
     else:
         with pytest.raises(ValueError, match="no native bf16"):
-            OpenVinoRuntime(bert.onnx_path, threads=1, vocab_size=bert.vocab_size, precision="bf16")
+            OpenVinoRuntime(bert.model_path, threads=1, vocab_size=bert.vocab_size, precision="bf16")
     with pytest.raises(ValueError, match="precision must be one of"):
-        OpenVinoRuntime(bert.onnx_path, threads=1, vocab_size=bert.vocab_size, precision="fp8")  # type: ignore[arg-type]
+        OpenVinoRuntime(bert.model_path, threads=1, vocab_size=bert.vocab_size, precision="fp8")  # type: ignore[arg-type]
 
 
 def test_nncf_static_int8_runs_in_openvino_close_to_fp32(bert, tmp_path: Path) -> None:
     pytest.importorskip("nncf")
     feeds = feeds_for(bert.input_names, 4, 16, bert.vocab_size, seed=9)
-    fp32 = OrtRuntime(bert.onnx_path, threads=1, vocab_size=bert.vocab_size).run(feeds)
-    ov_xml = quantize_openvino_int8(bert.onnx_path, calibration(bert), tmp_path / "ov" / "model.xml")
+    fp32 = OrtRuntime(bert.model_path, threads=1, vocab_size=bert.vocab_size).run(feeds)
+    ov_xml = quantize_openvino_int8(bert.model_path, calibration(bert), tmp_path / "ov" / "model.xml")
     assert ov_xml.exists() and ov_xml.with_suffix(".bin").exists()
     int8 = OpenVinoRuntime(ov_xml, threads=1, vocab_size=bert.vocab_size).run(feeds)
     assert int8.shape == fp32.shape and float(np.abs(int8 - fp32).max()) < 0.2 * float(np.abs(fp32).max()) + 0.05
     with pytest.raises(ValueError, match="needs calibration feeds"):
-        quantize_openvino_int8(bert.onnx_path, [], tmp_path / "empty" / "model.xml")
+        quantize_openvino_int8(bert.model_path, [], tmp_path / "empty" / "model.xml")
 
 
 def test_a_missing_engine_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,3 +89,57 @@ def test_the_rules_keep_native_modes_only() -> None:
     assert not avx2["openvino-bf16"].kept and "no native bf16" in avx2["openvino-bf16"].reason
     assert not avx2["openvino-int8-static"].kept and "no VNNI/AMX" in avx2["openvino-int8-static"].reason
     assert amx["openvino-bf16"].kept and amx["openvino-int8-static"].kept and "amx_int8" in amx["openvino-int8-static"].reason
+
+
+def test_an_openvino_int8_artifact_is_built_run_timed_and_loaded_like_any_other(bert, tmp_path: Path) -> None:
+    pytest.importorskip("nncf")
+    from autotune.compress.quantization import openvino_int8_artifact, quantize_artifact, with_engine
+    from autotune.runtime import artifact_runtime, load_artifact
+    from profilers.isolated import OnnxRequest, measure_onnx_interleaved, measure_onnx_isolated
+
+    tokens = [{**f, "input_ids": f["input_ids"] + bert.vocab_size} for f in calibration(bert)]  # beyond the table
+    int8 = openvino_int8_artifact(bert, tmp_path / "int8", tokens)
+    assert (int8.engine, int8.bits, int8.model_path.name) == ("openvino", 8, "model.xml")
+    assert int8.size_bytes == int8.model_path.stat().st_size + int8.model_path.with_suffix(".bin").stat().st_size
+    assert load_artifact(int8.dir) == int8
+    feeds = feeds_for(bert.input_names, 2, 16, bert.vocab_size, seed=3)
+    fp32 = OrtRuntime(bert.model_path, threads=1, vocab_size=bert.vocab_size).run(feeds)
+    logits = artifact_runtime(load_artifact(int8.dir), threads=1).run(feeds)
+    assert float(np.abs(logits - fp32).max()) < 0.2 * float(np.abs(fp32).max()) + 0.05
+    compiled_fp32 = with_engine(bert, tmp_path / "ov-fp32", "openvino")
+    np.testing.assert_allclose(artifact_runtime(compiled_fp32, threads=1).run(feeds), fp32, atol=1e-4)
+
+    def request(artifact) -> OnnxRequest:
+        return OnnxRequest(model_path=str(artifact.model_path), input_names=artifact.input_names, batch_size=1,
+                           seq_len=16, vocab_size=artifact.vocab_size, threads=1, engine=artifact.engine)
+
+    alone = measure_onnx_isolated(request(int8), QUICK)
+    together = measure_onnx_interleaved([request(bert), request(int8)], runs=20, warmup=2)
+    assert alone.p50_ms > 0 and alone.threads == 1 and [s.runs for s in together] == [20, 20]
+    with pytest.raises(ValueError, match="plain fp32 ONNX export"):
+        openvino_int8_artifact(int8, tmp_path / "again", tokens)
+    with pytest.raises(ValueError, match="plain fp32 ONNX export"):
+        openvino_int8_artifact(quantize_artifact(bert, tmp_path / "fused", bits=32), tmp_path / "f", tokens)
+    with pytest.raises(ValueError, match="CPU only"):
+        artifact_runtime(int8, threads=1, device="cuda")
+
+
+def test_a_request_for_an_unknown_engine_fails_in_one_sentence(bert) -> None:
+    from profilers.isolated import MeasurementError, OnnxRequest, measure_onnx_isolated
+
+    request = OnnxRequest(model_path=str(bert.model_path), input_names=bert.input_names, batch_size=1, seq_len=8,
+                          vocab_size=bert.vocab_size, threads=1, engine="tensorrt")
+    with pytest.raises(MeasurementError, match="engine must be one of"):
+        measure_onnx_isolated(request, QUICK)
+
+
+@pytest.mark.parametrize("flags, openvino, engine", [(AMX, True, "openvino"), (AMX, False, "onnxruntime"),
+                                                     (AVX2, True, "onnxruntime"), (AVX2, False, "onnxruntime")])
+def test_int8_runs_in_openvino_where_the_cpu_has_int8_dot_products_and_openvino_is_installed(
+        flags: tuple[str, ...], openvino: bool, engine: str) -> None:
+    from profilers.recipes import recipe_for
+
+    recipe = recipe_for(flags, openvino=openvino)
+    assert recipe.int8_engine == engine
+    assert ("OpenVINO" in recipe.describe(8)) == (engine == "openvino")
+    assert ("OpenVINO" in recipe.reasons[0]) == (engine == "openvino")

@@ -47,7 +47,7 @@ def artifacts(tiny_model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPat
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exported_logits_match_torch_at_two_shapes(artifacts, family: str) -> None:
     model, artifact = artifacts[family]
-    runtime = OrtRuntime(artifact.onnx_path, threads=1, vocab_size=artifact.vocab_size)
+    runtime = OrtRuntime(artifact.model_path, threads=1, vocab_size=artifact.vocab_size)
     for batch, seq in ((1, 7), (3, 19)):
         feeds = padded_feeds(artifact.input_names, batch, seq, artifact.vocab_size, seed=batch)
         logits = runtime.run(feeds)
@@ -58,7 +58,7 @@ def test_exported_logits_match_torch_at_two_shapes(artifacts, family: str) -> No
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inputs_are_int64_and_only_those_the_family_uses(artifacts, family: str) -> None:
     _, artifact = artifacts[family]
-    graph = onnx.load(artifact.onnx_path).graph
+    graph = onnx.load(artifact.model_path).graph
     names = tuple(i.name for i in graph.input)
     expected = ("input_ids", "attention_mask") + (("token_type_ids",) if family == "bert" else ())
     assert names == expected == artifact.input_names
@@ -75,10 +75,10 @@ def test_artifact_dir_round_trips(artifacts) -> None:
     meta = json.loads((artifact.dir / ARTIFACT_JSON).read_text())
     assert meta["family"] == "bert" and meta["num_heads"] == 4 and meta["hidden_size"] == 32
     assert meta["bits"] == 32 and meta["fused"] is False and meta["labels"] == ["neg", "pos"]
-    assert meta["size_bytes"] == artifact.onnx_path.stat().st_size
+    assert meta["size_bytes"] == artifact.model_path.stat().st_size
     tokenizer = AutoTokenizer.from_pretrained(loaded.dir)
     encoded = tokenizer(["a good movie", "the plot was very dull and flat"], padding=True, return_tensors="np")
-    logits = OrtRuntime(loaded.onnx_path, threads=1, vocab_size=loaded.vocab_size).run(encoded)
+    logits = OrtRuntime(loaded.model_path, threads=1, vocab_size=loaded.vocab_size).run(encoded)
     np.testing.assert_allclose(logits, torch_logits(model, {k: encoded[k] for k in loaded.input_names}), atol=1e-4)
 
 
@@ -104,12 +104,12 @@ def test_pruned_zeros_stay_exact_zeros(tiny_bert_dir: Path, tmp_path: Path) -> N
     pruned = _zero_half_of_linears(model)
     assert all((w == 0).mean() >= 0.5 for w in pruned)
     artifact = export_artifact(model, AutoTokenizer.from_pretrained(tiny_bert_dir), tmp_path / "art")
-    initializers = _float_initializers(artifact.onnx_path)
+    initializers = _float_initializers(artifact.model_path)
     for weight in pruned:
         assert any(
             np.array_equal(weight, init) or np.array_equal(weight.T, init) for init in initializers
         ), f"Linear weight {weight.shape} not found bit-exact among the ONNX initializers"
-    fused = fuse_onnx(artifact.onnx_path, tmp_path / "fused.onnx", num_heads=4, hidden_size=32)
+    fused = fuse_onnx(artifact.model_path, tmp_path / "fused.onnx", num_heads=4, hidden_size=32)
     zeros_fused = sum(int((init == 0).sum()) for init in _float_initializers(fused))
     assert zeros_fused >= sum(int((w == 0).sum()) for w in pruned)
 
@@ -124,10 +124,10 @@ def test_a_student_with_pruned_heads_exports_fuses_and_matches_torch(tiny_bert_d
     plain = export_artifact(student, AutoTokenizer.from_pretrained(tiny_bert_dir), tmp_path / "fp32")
     assert (plain.num_heads, plain.hidden_size) == (2, 16)  # the attention's, what the fusion is told
     variant = quantize_artifact(plain, tmp_path / f"{bits}", bits=bits)
-    fused = op_counts(onnx.load(str(variant.onnx_path)))
+    fused = op_counts(onnx.load(str(variant.model_path)))
     assert fused.get("Attention" if bits == 32 else "QAttention") == 2
     feeds = padded_feeds(variant.input_names, 3, 19, variant.vocab_size, seed=3)
-    logits = OrtRuntime(variant.onnx_path, threads=1, vocab_size=variant.vocab_size).run(feeds)
+    logits = OrtRuntime(variant.model_path, threads=1, vocab_size=variant.vocab_size).run(feeds)
     np.testing.assert_allclose(logits, torch_logits(student, feeds), atol=1e-4 if bits == 32 else 0.05)
 
 
@@ -142,7 +142,7 @@ def test_quantize_artifact_writes_a_self_contained_variant_dir(artifacts, tmp_pa
     assert (variant.bits, variant.fused) == (8, True) and load_artifact(variant.dir) == variant
     tokenizer = AutoTokenizer.from_pretrained(variant.dir)
     encoded = tokenizer(["a good movie"], return_tensors="np")
-    logits = OrtRuntime(variant.onnx_path, threads=1, vocab_size=variant.vocab_size).run(encoded)
+    logits = OrtRuntime(variant.model_path, threads=1, vocab_size=variant.vocab_size).run(encoded)
     reference = torch_logits(model, {k: encoded[k] for k in variant.input_names})
     assert np.abs(logits - reference).max() <= 0.05 * np.abs(reference).max() + 1e-4
     with pytest.raises(ValueError, match="plain fp32 export"):

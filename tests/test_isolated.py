@@ -43,7 +43,7 @@ def bert_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tuple[str
 
 
 def request_for(path: Path, names: tuple[str, ...], *, threads: int = THREADS, batch_size: int = 1) -> OnnxRequest:
-    return OnnxRequest(onnx_path=str(path), input_names=names, batch_size=batch_size, seq_len=SEQ_LEN,
+    return OnnxRequest(model_path=str(path), input_names=names, batch_size=batch_size, seq_len=SEQ_LEN,
                        vocab_size=len(VOCAB), threads=threads)
 
 

@@ -57,7 +57,7 @@ def test_fusion_finds_attention_skip_layernorm_and_gelu(tiny_model_dirs, tmp_pat
     directory = tiny_model_dirs[family]
     model = AutoModelForSequenceClassification.from_pretrained(directory)
     artifact = export_artifact(model, AutoTokenizer.from_pretrained(directory), tmp_path / "art")
-    counts = op_counts(fuse_onnx(artifact.onnx_path, tmp_path / "fused.onnx", num_heads=4, hidden_size=32))
+    counts = op_counts(fuse_onnx(artifact.model_path, tmp_path / "fused.onnx", num_heads=4, hidden_size=32))
     layers = artifact.num_layers
     assert counts["Attention"] == layers
     assert counts["SkipLayerNormalization"] == 2 * layers
@@ -68,7 +68,7 @@ def test_fusion_finds_attention_skip_layernorm_and_gelu(tiny_model_dirs, tmp_pat
 @pytest.mark.parametrize("bits", ACCEPTED_BITS)
 def test_each_bit_width_is_valid_and_close_to_fp32(bert, tmp_path: Path, bits: int) -> None:
     artifact, feeds, reference = bert
-    path = build_variant(artifact.onnx_path, tmp_path / f"b{bits}.onnx", bits, num_heads=4, hidden_size=32)
+    path = build_variant(artifact.model_path, tmp_path / f"b{bits}.onnx", bits, num_heads=4, hidden_size=32)
     onnx.checker.check_model(str(path))
     assert relative_error(artifact, path, feeds, reference) <= REL_TOL[bits]
     expected_op = {32: "Attention", 16: "Attention", 8: "QAttention", 4: "MatMulNBits"}[bits]
@@ -78,14 +78,14 @@ def test_each_bit_width_is_valid_and_close_to_fp32(bert, tmp_path: Path, bits: i
 @pytest.mark.parametrize("bits", [16, 8])
 def test_unfused_variants_also_work(bert, tmp_path: Path, bits: int) -> None:
     artifact, feeds, reference = bert
-    path = build_variant(artifact.onnx_path, tmp_path / "v.onnx", bits, fuse=False, num_heads=4, hidden_size=32)
+    path = build_variant(artifact.model_path, tmp_path / "v.onnx", bits, fuse=False, num_heads=4, hidden_size=32)
     assert op_counts(path)["Attention"] == 0
     assert relative_error(artifact, path, feeds, reference) <= REL_TOL[bits]
 
 
 def test_weights_shrink_with_bit_width(bert, tmp_path: Path) -> None:
     artifact, _, _ = bert
-    paths = {b: build_variant(artifact.onnx_path, tmp_path / f"s{b}.onnx", b, num_heads=4, hidden_size=32) for b in ACCEPTED_BITS}
+    paths = {b: build_variant(artifact.model_path, tmp_path / f"s{b}.onnx", b, num_heads=4, hidden_size=32) for b in ACCEPTED_BITS}
     fp32 = initializer_bytes(paths[32])
     assert 0.45 <= initializer_bytes(paths[16]) / fp32 <= 0.55  # every weight halves
     # int8 covers embeddings, Attention and MatMul weights (1 byte + per-channel scales); LayerNorm, biases,
@@ -106,7 +106,7 @@ def test_static_int8_qdq_with_calibration(bert, tmp_path: Path) -> None:
     artifact, feeds, reference = bert
     calibration = [feeds_for(artifact.input_names, 1, 32, artifact.vocab_size, seed=s) for s in range(8)]
     path = build_variant(
-        artifact.onnx_path, tmp_path / "static.onnx", 8, num_heads=4, hidden_size=32, calibration=calibration, static=True
+        artifact.model_path, tmp_path / "static.onnx", 8, num_heads=4, hidden_size=32, calibration=calibration, static=True
     )
     onnx.checker.check_model(str(path))
     counts = op_counts(path)
@@ -124,11 +124,11 @@ def test_unsupported_bits_raise_one_sentence(bits: int) -> None:
 def test_static_needs_calibration_and_eight_bits(bert, tmp_path: Path) -> None:
     artifact, _, _ = bert
     with pytest.raises(ValueError, match="needs calibration"):
-        build_variant(artifact.onnx_path, tmp_path / "x.onnx", 8, num_heads=4, hidden_size=32, static=True)
+        build_variant(artifact.model_path, tmp_path / "x.onnx", 8, num_heads=4, hidden_size=32, static=True)
     with pytest.raises(ValueError, match="bits=8 only"):
-        build_variant(artifact.onnx_path, tmp_path / "x.onnx", 4, num_heads=4, hidden_size=32, static=True, calibration=[])
+        build_variant(artifact.model_path, tmp_path / "x.onnx", 4, num_heads=4, hidden_size=32, static=True, calibration=[])
     with pytest.raises(ValueError, match="bits must be one of"):
-        build_variant(artifact.onnx_path, tmp_path / "x.onnx", 7, num_heads=4, hidden_size=32)
+        build_variant(artifact.model_path, tmp_path / "x.onnx", 7, num_heads=4, hidden_size=32)
 
 
 @pytest.mark.slow
@@ -156,6 +156,6 @@ def test_the_predictors_node_counts_are_those_of_a_real_fused_export(tmp_path: P
         model = AutoModelForSequenceClassification.from_config(config).eval()
         plain = export_artifact(model, tokenizer, tmp_path / f"plain-{layers}")
         variant = quantize_artifact(plain, tmp_path / f"variant-{layers}", bits=bits)
-        counts[layers] = len(onnx.load(str(variant.onnx_path)).graph.node)
+        counts[layers] = len(onnx.load(str(variant.model_path)).graph.node)
     assert counts[2] - counts[1] == NODES_PER_LAYER[bits]
     assert counts[1] - NODES_PER_LAYER[bits] == NODES_FIXED[bits]

@@ -56,5 +56,5 @@ def test_the_profile_chain_and_the_deployed_model_carry_the_same_int4_recipe(lev
     chain = onnx.load_from_string(quantized_chain(gemm_chain_model(), 4, recipe))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
     plain = export_artifact(model, AutoTokenizer.from_pretrained(tiny_bert_dir), tmp_path / "plain")
-    deployed = onnx.load(str(quantize_artifact(plain, tmp_path / "int4", bits=4, recipe=recipe).onnx_path))
+    deployed = onnx.load(str(quantize_artifact(plain, tmp_path / "int4", bits=4, recipe=recipe).model_path))
     assert accuracy_levels(chain) == accuracy_levels(deployed) == {level}

@@ -93,7 +93,7 @@ def test_the_more_accurate_but_slower_candidate_is_passed_over_with_its_reason_a
         write_manifest(artifact.dir)  # as the trial pipeline publishes its artifacts: verified, not rebuilt
 
     def timing(artifact, t, providers) -> OnnxRequest:
-        return OnnxRequest(str(artifact.onnx_path), artifact.input_names, t.batch_size, t.seq_len, artifact.vocab_size, t.threads)
+        return OnnxRequest(str(artifact.model_path), artifact.input_names, t.batch_size, t.seq_len, artifact.vocab_size, t.threads)
 
     probe = measure_onnx_interleaved([timing(a, SimpleNamespace(batch_size=1, seq_len=64, threads=1), ()) for a in (slow, fast)])
     # Binds, far from both: two thirds of the slow one's p95 and, on any host, several times the fast one's (a

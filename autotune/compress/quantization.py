@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -43,6 +43,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.onnx_model import OnnxModel
 
+from autotune.runtime.engines import quantize_openvino_int8
 from autotune.runtime.export import ARTIFACT_JSON, ONNX_FILENAME, Artifact, write_artifact_json
 from autotune.runtime.fusion import fuse_onnx
 from profilers import recipes
@@ -188,8 +189,40 @@ def quantize_artifact(source: Artifact, out_dir: str | Path, *, bits: int, fuse:
     shutil.copytree(source.dir, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ONNX_FILENAME, ARTIFACT_JSON))
     onnx_path = directory / ONNX_FILENAME
     build_variant(
-        source.onnx_path, onnx_path, bits, fuse=fuse, num_heads=source.num_heads, hidden_size=source.hidden_size, **variant_options
+        source.model_path, onnx_path, bits, fuse=fuse, num_heads=source.num_heads, hidden_size=source.hidden_size, **variant_options
     )
-    artifact = replace(source, dir=directory, onnx_path=onnx_path, bits=bits, fused=fuse, size_bytes=onnx_path.stat().st_size)
+    artifact = replace(source, dir=directory, model_path=onnx_path, bits=bits, fused=fuse, size_bytes=onnx_path.stat().st_size)
+    write_artifact_json(artifact)
+    return artifact
+
+
+#: The OpenVINO IR's file name in an artifact directory (its weights go to model.bin beside it).
+OPENVINO_FILENAME = "model.xml"
+
+
+def openvino_int8_artifact(source: Artifact, out_dir: str | Path, calibration: Sequence[Feeds]) -> Artifact:
+    """A new artifact directory holding `source`'s tokenizer and its int8 OpenVINO IR: NNCF's static quantization
+    calibrated on `calibration` (feeds from the training split), run by OpenVINO. Token ids beyond `source`'s
+    vocabulary (a latency gate's stand-in keeps a cut token table) wrap into it: calibration values only matter for
+    accuracy, which a stand-in does not have."""
+    if source.bits != 32 or source.fused or source.engine != "onnxruntime":
+        raise ValueError(f"openvino_int8_artifact needs the plain fp32 ONNX export as source, got bits={source.bits}, "
+                         f"fused={source.fused}, engine={source.engine}")
+    directory = Path(out_dir)
+    shutil.copytree(source.dir, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ONNX_FILENAME, ARTIFACT_JSON))
+    wrapped = [{**feeds, "input_ids": np.asarray(feeds["input_ids"]) % source.vocab_size} for feeds in calibration]
+    xml = quantize_openvino_int8(source.model_path, wrapped, directory / OPENVINO_FILENAME)
+    size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+    artifact = replace(source, dir=directory, model_path=xml, bits=8, engine="openvino", size_bytes=size)
+    write_artifact_json(artifact)
+    return artifact
+
+
+def with_engine(source: Artifact, out_dir: str | Path, engine: str) -> Artifact:
+    """A copy of `source`'s directory whose model file another engine runs (OpenVINO compiles the ONNX export
+    itself): the same model, deployed another way."""
+    directory = Path(out_dir)
+    shutil.copytree(source.dir, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ARTIFACT_JSON))
+    artifact = replace(source, dir=directory, model_path=directory / source.model_path.name, engine=engine)
     write_artifact_json(artifact)
     return artifact

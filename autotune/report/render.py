@@ -161,8 +161,10 @@ def _use_section(result: dict[str, Any]) -> Section | None:
     code = (f'autotune predict {model} "a gripping, funny film"\n\n'
             f'from autotune import load_model\nmodel = load_model("{model}")\n'
             'print(model.predict(["a gripping, funny film"]))')
+    holds = ("model.xml and model.bin (an OpenVINO IR: OpenVINO runs it, `pip install openvino`)"
+             if rec.get("engine") == "openvino" else "model.onnx")
     return Section("Use the model", (
-        f"{model} holds model.onnx, the tokenizer, config.json (with the label names) and artifact.json (bits, "
+        f"{model} holds {holds}, the tokenizer, config.json (with the label names) and artifact.json (engine, bits, "
         "recipe, and the latency it was measured at). Label texts from the command line, or from Python:",), code=code)
 
 

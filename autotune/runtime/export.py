@@ -35,16 +35,17 @@ LOGITS = "logits"
 
 @dataclass(frozen=True)
 class Artifact:
-    """A deployable model directory: the ONNX file, its tokenizer and what it is.
+    """A deployable model directory: the model file, its tokenizer and what it is.
 
-    `bits` and `fused` say which variant the ONNX file is (the plain export is 32 bits, unfused);
-    `size_bytes` is the ONNX file's size on disk, the figure reports quote. `num_heads` and `hidden_size` are the
+    `engine` is what runs the model file: "onnxruntime" (an ONNX file) or "openvino" (an OpenVINO IR, `model.xml`
+    with its weights in `model.bin` beside it). `bits` and `fused` say which variant the file is (the plain export is
+    32 bits, unfused, ONNX); `size_bytes` is the model's size on disk, the figure reports quote. `num_heads` and `hidden_size` are the
     attention's heads and width, what ONNX Runtime's attention fusion is told (the width is the model's hidden size
     unless its heads were pruned).
     """
 
     dir: Path
-    onnx_path: Path
+    model_path: Path
     family: str
     input_names: tuple[str, ...]
     num_heads: int
@@ -59,12 +60,13 @@ class Artifact:
     #: How the deployed model was measured where it was tuned (latency at its percentile, batch, sequence length,
     #: threads, hardware fingerprint, quantization recipe); set on the recommended model, None elsewhere.
     measured: dict[str, Any] | None = None
+    engine: str = "onnxruntime"
 
     def to_json(self) -> dict[str, Any]:
         """The `artifact.json` payload: paths are stored relative to the directory so it can move."""
         payload = asdict(self)
         payload["dir"] = "."
-        payload["onnx_path"] = self.onnx_path.name
+        payload["model_path"] = self.model_path.name
         payload["input_names"] = list(self.input_names)
         payload["labels"] = list(self.labels) if self.labels is not None else None
         return payload
@@ -169,7 +171,7 @@ def export_artifact(
     heads, attention_width = attention_layout(model)
     artifact = Artifact(
         dir=directory,
-        onnx_path=onnx_path,
+        model_path=onnx_path,
         family=model_family(model),
         input_names=input_names,
         num_heads=int(heads),
@@ -187,15 +189,18 @@ def export_artifact(
 
 
 def load_artifact(directory: str | Path) -> Artifact:
-    """Read an artifact directory's `artifact.json` back into an Artifact rooted at `directory`."""
+    """Read an artifact directory's `artifact.json` back into an Artifact rooted at `directory` (one written before
+    OpenVINO artifacts came names its ONNX file `onnx_path`)."""
     root = Path(directory)
     payload = json.loads((root / ARTIFACT_JSON).read_text(encoding="utf-8"))
     labels = payload.pop("labels")
+    if "onnx_path" in payload:
+        payload["model_path"] = payload.pop("onnx_path")
     return Artifact(
         **{
             **payload,
             "dir": root,
-            "onnx_path": root / payload["onnx_path"],
+            "model_path": root / payload["model_path"],
             "input_names": tuple(payload["input_names"]),
             "labels": tuple(labels) if labels is not None else None,
         }

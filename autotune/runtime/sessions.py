@@ -7,6 +7,7 @@ object on synthetic feeds of that shape through `profilers.latency`.
 
 - `OrtRuntime`: an ONNX file in an ONNX Runtime session built by `profilers.ort.make_session` (spinning off,
   so several runtimes alive in one process do not steal each other's cores).
+- `OpenVinoRuntime`: an ONNX file or OpenVINO IR compiled by `profilers.openvino.compile_openvino`.
 - `TorchRuntime`: an in-memory transformers model in fp32, bf16 or dynamic int8 (Linear layers).
 """
 
@@ -27,7 +28,8 @@ from autotune.models import FAMILIES
 from autotune.runtime.export import Artifact, load_artifact, model_family
 from profilers.isolated import feeds_for
 from search_spaces.hardware import DEVICES, RUNTIMES
-from profilers.latency import LatencyStats, MeasureSettings, measure_ort_session, measure_torch_module, torch_threads
+from profilers.latency import LatencyStats, MeasureSettings, measure_ort_session, measure_pooled, measure_torch_module, torch_threads
+from profilers.openvino import OvPrecision, compile_openvino, optional_module
 from profilers.ort import CUDA_PROVIDER, make_session, providers_for, session_threads
 
 logger = logging.getLogger(__name__)
@@ -90,11 +92,11 @@ class OrtRuntime(InferenceRuntime):
                 f"device='cuda' needs ONNX Runtime's {CUDA_PROVIDER} (the onnxruntime-gpu build); "
                 f"this installation only has {available}"
             )
-        self.onnx_path = Path(onnx_path)
+        self.model_path = Path(onnx_path)
         self.device = device
         self.threads = threads
         self.vocab_size = vocab_size
-        self.session = make_session(self.onnx_path, threads=threads, providers=providers)
+        self.session = make_session(self.model_path, threads=threads, providers=providers)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self._output_names = [self.session.get_outputs()[0].name]
 
@@ -112,12 +114,45 @@ class OrtRuntime(InferenceRuntime):
         return {
             "runtime": "onnxruntime",
             "onnxruntime_version": ort.__version__,
-            "onnx_path": str(self.onnx_path),
+            "onnx_path": str(self.model_path),
             "device": self.device,
             "providers": self.session.get_providers(),
             "threads": session_threads(self.session),
             "input_names": list(self.input_names),
         }
+
+
+class OpenVinoRuntime(InferenceRuntime):
+    """An ONNX (or OpenVINO IR) classifier compiled by OpenVINO for the CPU at `threads` threads, latency hint, in
+    `precision` (bf16 only where the CPU has it natively)."""
+
+    def __init__(self, model_path: str | os.PathLike[str], *, threads: int, vocab_size: int,
+                 precision: OvPrecision = "fp32") -> None:
+        self.model_path = Path(model_path)
+        self.threads = threads
+        self.vocab_size = vocab_size
+        self.precision = precision
+        self.compiled = compile_openvino(self.model_path, threads=threads, precision=precision)
+        self.version = optional_module("openvino").__version__
+        self.request = self.compiled.create_infer_request()
+        self.input_names = tuple(port.get_any_name() for port in self.compiled.inputs)
+
+    def run(self, feeds: Feeds) -> np.ndarray:
+        """Float32 logits of the first output."""
+        result = self.request.infer(select_feeds(feeds, self.input_names))
+        return np.asarray(result[self.compiled.outputs[0]], dtype=np.float32)
+
+    def measure_feeds(self, feeds: Feeds, *, batch_size: int, settings: MeasureSettings) -> LatencyStats:
+        """Time this compiled model's infer request on `feeds`."""
+        selected = select_feeds(feeds, self.input_names)
+        return measure_pooled(lambda: self.request.infer(selected), threads=self.threads, batch_size=batch_size,
+                              settings=settings)
+
+    def describe(self) -> dict[str, Any]:
+        """The engine as compiled: version, precision, threads read back from OpenVINO."""
+        return {"runtime": "openvino", "openvino_version": self.version, "model_path": str(self.model_path),
+                "precision": self.precision, "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
+                "input_names": list(self.input_names)}
 
 
 def _prepare_torch_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
@@ -182,7 +217,8 @@ def open_runtime(
     device: Device = "cpu",
     precision: Precision = "fp32",
 ) -> InferenceRuntime:
-    """The runtime for an artifact (object or directory) under ONNX Runtime, or for a torch model under torch.
+    """The runtime for an artifact (object or directory) under its engine (`artifact_runtime`), or for a torch model
+    under torch.
 
     `precision` applies to torch only: an artifact's precision is fixed by the bit width it was built with.
     """
@@ -193,5 +229,14 @@ def open_runtime(
         return TorchRuntime(target, threads=threads, precision=precision, device=device)
     if runtime != "onnxruntime":
         raise ValueError("an ONNX artifact runs with runtime='onnxruntime'; pass the torch model itself for runtime='torch'")
-    artifact = target if isinstance(target, Artifact) else load_artifact(target)
-    return OrtRuntime(artifact.onnx_path, threads=threads, vocab_size=artifact.vocab_size, device=device)
+    return artifact_runtime(target if isinstance(target, Artifact) else load_artifact(target), threads=threads,
+                            device=device)
+
+
+def artifact_runtime(artifact: Artifact, *, threads: int, device: Device = "cpu") -> InferenceRuntime:
+    """The artifact's model in the engine it was built for: ONNX Runtime, or OpenVINO (CPU only)."""
+    if artifact.engine == "openvino":
+        if device != "cpu":
+            raise ValueError(f"{artifact.dir} is built for OpenVINO, which autotune runs on the CPU only, not {device!r}")
+        return OpenVinoRuntime(artifact.model_path, threads=threads, vocab_size=artifact.vocab_size)
+    return OrtRuntime(artifact.model_path, threads=threads, vocab_size=artifact.vocab_size, device=device)

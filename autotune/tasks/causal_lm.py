@@ -161,7 +161,7 @@ def artifact_of(directory: Path, config: Any, bits: int) -> Artifact:
     onnx_path = directory / "model.onnx"
     graph = onnx.load(str(onnx_path), load_external_data=False)
     artifact = Artifact(
-        dir=directory, onnx_path=onnx_path, family=str(config.model_type),
+        dir=directory, model_path=onnx_path, family=str(config.model_type),
         input_names=tuple(i.name for i in graph.graph.input), num_heads=int(config.num_attention_heads),
         hidden_size=int(config.hidden_size), num_layers=int(config.num_hidden_layers), vocab_size=int(config.vocab_size),
         bits=bits, fused=True, opset=next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0),

@@ -24,16 +24,17 @@ from autotune.compress import (
     teacher_states, tokenize,
 )
 from autotune.compress.distillation import TokenizedData
-from autotune.compress.quantization import quantize_artifact
+from autotune.compress.quantization import openvino_int8_artifact, quantize_artifact, with_engine
 from autotune.config import TuneSpec
 from autotune.models import load_classifier, shape_of, state_fingerprint
-from autotune.runtime import Artifact, OrtRuntime, export_artifact
+from autotune.runtime import Artifact, artifact_runtime, export_artifact
 from autotune.caches import STAGING, owned_temporary_directory
 from autotune.tasks.base import Score, Steps, TaskFamily, Timed, Timing
 from autotune.tasks.data import LabeledTexts, Splits, load_labeled_texts, split, subsample
-from autotune.tasks.encoding import evaluate, predict_logits
+from autotune.tasks.encoding import encode_batches, evaluate, predict_logits
 from profilers.isolated import OnnxRequest, measure_onnx_interleaved, measure_onnx_isolated
 from profilers.latency import MeasureSettings
+from profilers.openvino import openvino_installed, optional_module
 from profilers.ort import providers_for
 from profilers.recipes import Recipe
 from search_spaces import Candidate, Space, TeacherShape, preset, with_overrides
@@ -47,6 +48,9 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 #: size does not change latency, but it is most of the bytes export, fusion and quantization copy. A prime, so
 #: that no other weight of the stand-in has it as a dimension (see `full_table_size_bytes`).
 GATE_VOCAB = 1021
+#: Rows of the training split static int8 calibrates its activation ranges on, and their batch: 64 rows took NNCF
+#: 11 s on the demo's teacher and kept its validation accuracy.
+CALIBRATION_ROWS, CALIBRATION_BATCH = 64, 8
 
 
 @dataclass(frozen=True)
@@ -60,20 +64,29 @@ class LoadedClassifierRun:
     space: Space
 
 
-def full_table_size_bytes(onnx_path: Path, size_bytes: int, rows: int, full_rows: int) -> int:
-    """The size on disk the model at `onnx_path` would have with `full_rows` token embeddings instead of `rows`.
+def table_bytes(artifact: Artifact, rows: int) -> int:
+    """The bytes of every weight with `rows` as its first dimension in the artifact's model file: the token table, and
+    its quantized twin and per-row scales after int8, in whatever precision the variant stores them."""
+    if artifact.engine == "openvino":
+        model = optional_module("openvino").Core().read_model(str(artifact.model_path))
+        shapes = [(list(op.get_output_shape(0)), op.get_output_element_type(0).size) for op in model.get_ordered_ops()
+                  if op.get_type_name() == "Constant"]
+        return sum(int(np.prod(shape)) * size for shape, size in shapes if shape and shape[0] == rows)
+    model = onnx.load(str(artifact.model_path), load_external_data=False)
+    return sum(onnx.numpy_helper.to_array(init).nbytes for init in model.graph.initializer
+               if init.dims and init.dims[0] == rows)
 
-    The rows' bytes are read off the file itself (every initializer with `rows` as its first dimension: the
-    table, and its quantized twin after int8), so whatever precision the variant stores them in is counted.
-    """
+
+def full_table_size_bytes(artifact: Artifact, full_rows: int) -> int:
+    """The size on disk the artifact would have with `full_rows` token embeddings instead of its `vocab_size`; the
+    rows' bytes are read off its model file (`table_bytes`)."""
+    rows = artifact.vocab_size
     if full_rows == rows:
-        return size_bytes
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    table_bytes = sum(onnx.numpy_helper.to_array(init).nbytes for init in model.graph.initializer
-                      if init.dims and init.dims[0] == rows)
-    if table_bytes == 0:
-        raise ValueError(f"{onnx_path} has no initializer with {rows} rows; cannot scale its token table")
-    return size_bytes + table_bytes * (full_rows - rows) // rows
+        return artifact.size_bytes
+    row_bytes = table_bytes(artifact, rows)
+    if row_bytes == 0:
+        raise ValueError(f"{artifact.model_path} has no weight with {rows} rows; cannot scale its token table")
+    return artifact.size_bytes + row_bytes * (full_rows - rows) // rows
 
 
 def load_splits(spec: TuneSpec) -> Splits:
@@ -236,8 +249,7 @@ class TextClassification(TaskFamily):
 
     def deployed_size_bytes(self, stand_in: Artifact) -> int:
         """The stand-in's size with its token table scaled back to the teacher's vocabulary."""
-        return full_table_size_bytes(stand_in.onnx_path, stand_in.size_bytes, self.gate_vocab(),
-                                     int(self.model.config.vocab_size))
+        return full_table_size_bytes(stand_in, int(self.model.config.vocab_size))
 
     def make_student(self, candidate: Candidate) -> nn.Module:
         """The student sliced from the teacher's weights (autotune.compress.student)."""
@@ -260,8 +272,18 @@ class TextClassification(TaskFamily):
         return export_artifact(model, self.tokenizer, out_dir, labels=self.splits.train.label_names)
 
     def quantize(self, plain: Artifact, out_dir: Path, bits: int, recipe: Recipe) -> Artifact:
-        """ORT's transformer fusion, then the bit width (profilers/recipes.py says how on this CPU)."""
+        """ORT's transformer fusion, then the bit width; or, where the recipe runs int8 in OpenVINO, NNCF's static
+        int8 calibrated on the training split (profilers/recipes.py says which on this CPU)."""
+        if bits == 8 and recipe.int8_engine == "openvino":
+            return openvino_int8_artifact(plain, out_dir, self.calibration_feeds())
         return quantize_artifact(plain, out_dir, bits=bits, recipe=recipe)
+
+    def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
+        """CALIBRATION_ROWS rows of the training split in batches padded to their longest row: static int8's
+        activation ranges come from the user's own data."""
+        texts = self.splits.train.texts[:CALIBRATION_ROWS]
+        return [batch.feeds() for batch in encode_batches(self.tokenizer, texts, batch_size=CALIBRATION_BATCH,
+                                                          max_length=self.spec.data.max_length)]
 
     def achieved_sparsity(self, model: nn.Module) -> float:
         """The zeros among the encoder's prunable weights (what its students are sparsified in)."""
@@ -274,16 +296,20 @@ class TextClassification(TaskFamily):
             return self.quantize(self.export(model, tmp / "fp32"), out_dir, candidate.bits, recipe)
 
     def fp32_deployments(self, out_dir: Path) -> dict[str, Artifact]:
-        """The teacher's export with ONNX Runtime's transformer fusion and without: fusion measured 0.95-1.16x
-        across CPUs, so only timing says which is the faster reference."""
+        """The teacher's export with ONNX Runtime's transformer fusion and without, and compiled by OpenVINO where it
+        is installed: fusion measured 0.95-1.16x across CPUs and OpenVINO 0.91x (AVX2) to 1.24x (AVX-512 VNNI), so
+        only timing says which is the fastest reference."""
         plain = self.export(self.teacher, out_dir / "unfused")
-        return {"fp32 fused": quantize_artifact(plain, out_dir / "fused", bits=32), "fp32 unfused": plain}
+        deployments = {"fp32 fused": quantize_artifact(plain, out_dir / "fused", bits=32), "fp32 unfused": plain}
+        if openvino_installed():
+            deployments["fp32 openvino"] = with_engine(plain, out_dir / "openvino", "openvino")
+        return deployments
 
     def request(self, artifact: Artifact, timing: Timing) -> OnnxRequest:
         """One forward pass of synthetic token ids at the target's batch and sequence length."""
-        return OnnxRequest(onnx_path=str(artifact.onnx_path), input_names=artifact.input_names,
+        return OnnxRequest(model_path=str(artifact.model_path), input_names=artifact.input_names,
                            batch_size=timing.batch_size, seq_len=timing.seq_len, vocab_size=artifact.vocab_size,
-                           threads=timing.threads, providers=providers_for(timing.device))
+                           threads=timing.threads, providers=providers_for(timing.device), engine=artifact.engine)
 
     def time(self, artifact: Artifact, timing: Timing, settings: MeasureSettings) -> Timed:
         """The forward pass's latency ("latency"), in a fresh child process."""
@@ -301,7 +327,7 @@ class TextClassification(TaskFamily):
     def score(self, artifact: Artifact, split: str, timing: Timing) -> Score:
         """Accuracy (and macro-F1) of the artifact, or the user's metric over its logits when one was given."""
         data: LabeledTexts = getattr(self.splits, split)
-        runtime = OrtRuntime(artifact.onnx_path, threads=timing.threads, vocab_size=artifact.vocab_size, device=timing.device)
+        runtime = artifact_runtime(artifact, threads=timing.threads, device=timing.device)
         max_length = self.spec.data.max_length
         if self.metric is None:
             result = evaluate(runtime.run, self.tokenizer, data, max_length=max_length)
