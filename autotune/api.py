@@ -149,7 +149,7 @@ def tune(
     here_fingerprint = session.profile.fingerprint
     here = [t for t in trials if t.user_attrs.get(HARDWARE_ATTR, here_fingerprint) == here_fingerprint]
     records = [record_of(t) for t in here]
-    refined = refine_finalists(session.pipeline, records, progress)
+    refined = refine_finalists(session.pipeline, session.baseline.artifact, records, session.margin, progress)
     choice = choose_recommendation(session.pipeline, session.baseline.artifact, records + refined, session.margin,
                                    progress.note)
     here_numbers = {t.number for t in here}

@@ -510,7 +510,8 @@ def run_tune(args: argparse.Namespace) -> int:
         console.print(one_line_answer(result.data))
         return EXIT_NO_FEASIBLE
     console.print(one_line_answer(result.data))
-    console.print(f"Artifact (ONNX + tokenizer): {recommended['artifact']}")
+    model = "OpenVINO IR" if recommended.get("engine") == "openvino" else "ONNX"
+    console.print(f"Artifact ({model} + tokenizer): {recommended['artifact']}")
     return EXIT_OK
 
 

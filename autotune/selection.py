@@ -1,7 +1,8 @@
 """After the search: refine the finalists, re-measure, and choose the recommendation.
 
 On a shared machine latencies move by tens of percent between minutes, and a search ranks students after a
-short training. So the most accurate feasible students (finalists) are distilled longer (multi-fidelity); then
+short training. So the most accurate feasible students that still meet the target beside the baseline
+(finalists) are distilled longer (multi-fidelity); then
 the most accurate candidates are re-measured together with the baseline, alternating in one clean child process,
 so that two versions of one shape are judged side by side. A candidate is recommended when the upper confidence
 bound of its latency percentile is under the target less a safety margin, and still is when confirmed alone with
@@ -41,23 +42,48 @@ def with_accuracy(records: list[TrialRecord], stages: tuple[Stage, ...]) -> list
                   key=lambda r: (-r.accuracy, r.latency_ms))
 
 
-def finalists(pipeline: TrialPipeline, records: list[TrialRecord], count: int) -> list[TrialRecord]:
-    """The `count` most accurate evaluated trials that meet the target, or sit within its noise, one per
-    trained student (a refined student serves every bit width, so two of one student would train it twice)."""
+def searched_finalists(pipeline: TrialPipeline, records: list[TrialRecord]) -> list[TrialRecord]:
+    """The evaluated students (not the teacher) that met the target in the search, or sat within its noise, whose
+    artifacts are on this machine (not a worker's elsewhere), most accurate first."""
     target_ms = pipeline.ctx.target.latency_ms
-    chosen: dict[str, TrialRecord] = {}
-    for record in with_accuracy(records, (Stage.EVALUATED,)):
-        candidate = Candidate.from_dict(record.candidate)
-        if pipeline.ctx.task.is_teacher(candidate) or candidate.student_key in chosen:
+    return [record for record in with_accuracy(records, (Stage.EVALUATED,))
+            if not pipeline.ctx.task.is_teacher(Candidate.from_dict(record.candidate))
+            and record.latency_ms <= target_ms * (1 + noise_margin(LatencyStats(**record.latency)))
+            and Path(record.artifact).exists()]
+
+
+def finalists(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRecord], count: int,
+              margin: float) -> list[TrialRecord]:
+    """The `count` most accurate students of `searched_finalists` that still meet the target, or sit within its noise,
+    re-measured beside the baseline (`judge`, as the recommendation is), one per trained student (a refined student
+    serves every bit width, so two of one student would train it twice).
+
+    Re-measuring first keeps refinement, the selection's costliest step, off a student the selection would pass
+    over: a host's pace moves between the search and the selection, and a student measured at the target's edge
+    alone can measure over it beside the teacher. They are measured `count` at a time, most accurate first, until
+    enough pass.
+    """
+    target = pipeline.ctx.target
+    ranked, chosen = searched_finalists(pipeline, records), {}
+    for start in range(0, len(ranked), count):
+        batch = [replace(r, artifact=pipeline.recorded_artifact(r)) for r in ranked[start:start + count]  # verified
+                 if Candidate.from_dict(r.candidate).student_key not in chosen]
+        if not batch:
             continue
-        if record.latency_ms <= target_ms * (1 + noise_margin(LatencyStats(**record.latency))):
-            chosen[candidate.student_key] = record
-        if len(chosen) == count:
-            break
+        baseline_timed, *timed = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
+        for record, measured in zip(batch, timed):
+            verdict, why = judge(target.latency(measured), target, target.latency(baseline_timed), margin)
+            if verdict == "over":
+                log.info("trial %d is not refined: %s", record.number, why)
+                continue
+            chosen.setdefault(Candidate.from_dict(record.candidate).student_key, record)
+            if len(chosen) == count:
+                return list(chosen.values())
     return list(chosen.values())
 
 
-def refine_finalists(pipeline: TrialPipeline, records: list[TrialRecord], progress: SilentProgress) -> list[TrialRecord]:
+def refine_finalists(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRecord], margin: float,
+                     progress: SilentProgress) -> list[TrialRecord]:
     """Each finalist's student distilled again from the start for `training.refine_epochs` more epochs than the
     search's, deployed and evaluated again.
 
@@ -67,7 +93,7 @@ def refine_finalists(pipeline: TrialPipeline, records: list[TrialRecord], progre
     if training.refine_epochs == 0:
         return []
     refined = []
-    for source in finalists(pipeline, records, training.finalists):
+    for source in finalists(pipeline, baseline, records, training.finalists, margin):
         candidate = Candidate.from_dict(source.candidate)
         epochs = training.epochs + training.refine_epochs
         progress.note(f"refining trial {source.number} ({candidate.describe()}): distilled again from the start, "

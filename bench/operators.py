@@ -58,6 +58,7 @@ from profilers.hardware import collect_profile  # noqa: E402
 from profilers.latency import LatencyStats, MeasureSettings  # noqa: E402
 from profilers.microbench import Microbench  # noqa: E402
 from profilers.predictor import ModelShape, Workload  # noqa: E402
+from profilers.openvino import openvino_installed  # noqa: E402
 from profilers.recipes import INT4_INT8_COMPUTE, INT8_DOT_FLAGS, EngineMode, Recipe, engine_modes, recipe_for  # noqa: E402
 from profilers.roofline import roofline  # noqa: E402
 
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     isa = probe_cpu().flags
-    chosen, modes = recipe_for(isa), engine_modes(isa)
+    chosen, modes = recipe_for(isa, openvino=openvino_installed()), engine_modes(isa)
     bench = collect_profile(args.threads).microbench  # before any torch work: the peaks each roofline divides by
     assert bench is not None
     task = prepared_teacher(args.spec)

@@ -37,6 +37,7 @@ from autotune.runtime import Artifact  # noqa: E402
 from autotune.tasks import TextClassification, Timing, prepared_task  # noqa: E402
 from profilers.cpu import probe_cpu  # noqa: E402
 from profilers.isolated import measure_onnx_interleaved  # noqa: E402
+from profilers.openvino import openvino_installed  # noqa: E402
 from profilers.recipes import Recipe, recipe_for  # noqa: E402
 from search_spaces import Candidate  # noqa: E402
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     candidates = [parse_shape(text) for text in args.shapes.split(",")]
     task = prepared_task(load_spec(args.spec, {"data": {"limit": args.limit}} if args.limit else None))
     assert isinstance(task, TextClassification), "students of an encoder classifier"
-    timing, recipe = Timing(1, args.seq_len, 2, "cpu"), recipe_for(probe_cpu().flags)
+    timing, recipe = Timing(1, args.seq_len, 2, "cpu"), recipe_for(probe_cpu().flags, openvino=openvino_installed())
     with tempfile.TemporaryDirectory() as tmp:
         teacher = task.build(task.teacher, task.teacher_shape.as_candidate(32), Path(tmp) / "teacher", recipe)
         teacher_scores = scores(task, teacher, timing)

@@ -128,3 +128,42 @@ def test_the_more_accurate_but_slower_candidate_is_passed_over_with_its_reason_a
     assert confirmation.baseline.p95_ms / confirmation.measured.p95_ms in confirmation.tail_speedups
     low, high = choice.speedup_interval
     assert 1 < low <= choice.speedup <= high
+
+
+def test_a_student_over_the_target_beside_the_baseline_is_not_refined_the_next_most_accurate_is(
+        tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """Refinement is the selection's costliest step: it goes to the most accurate student that still meets the target
+    re-measured beside the teacher, not to one that met it alone in a slower minute of the search."""
+    import shutil
+
+    from autotune.caches import write_manifest
+    from autotune.runtime import load_artifact
+    from autotune.selection import finalists
+    from search_spaces import Candidate
+
+    source = export_shape(tmp_path / "source", tiny_bert_dir, 1, 32)
+    p50_ms = {"baseline": 10.0, "edge": 3.6, "fits": 2.0, "teacher": 2.0, "far": 2.0}  # the edge one: over, beside it
+    dirs = {}
+    for name in p50_ms:
+        dirs[name] = shutil.copytree(source, tmp_path / name)
+        write_manifest(dirs[name])
+    calls: list[list[str]] = []
+
+    def time_together(artifacts, t) -> list[Timed]:
+        calls.append([a.dir.name for a in artifacts])
+        return [Timed({"latency": stats_of([p50_ms[a.dir.name]] * 300)}) for a in artifacts]
+
+    def candidate(layers: int) -> dict:
+        return Candidate(layers=layers, hidden=32, heads=4, ffn=64, bits=8).to_dict()
+
+    target = target_of(3.0, baseline_p50_ms=10.0)
+    task = SimpleNamespace(time_together=time_together, is_teacher=lambda c: c.layers == 6)
+    pipeline = TrialPipeline(SimpleNamespace(target=target, task=task))
+    searched = stats_of([2.5] * 300).__dict__
+    records = [TrialRecord(number=n, state="COMPLETE", candidate=candidate(layers), stage=Stage.EVALUATED,
+                           accuracy=accuracy, latency_ms=latency_ms, latency=searched, artifact=str(dirs[name]))
+               for n, name, layers, accuracy, latency_ms in ((0, "teacher", 6, 0.95, 2.5), (1, "far", 5, 0.94, 9.0),
+                                                              (2, "edge", 4, 0.93, 2.9), (3, "fits", 2, 0.90, 2.5))]
+    chosen = finalists(pipeline, load_artifact(dirs["baseline"]), records, 1, margin=0.05)
+    assert [r.number for r in chosen] == [3]
+    assert calls == [["baseline", "edge"], ["baseline", "fits"]]  # the teacher and the one far over: never measured
