@@ -167,3 +167,41 @@ def test_a_student_over_the_target_beside_the_baseline_is_not_refined_the_next_m
     chosen = finalists(pipeline, load_artifact(dirs["baseline"]), records, 1, margin=0.05)
     assert [r.number for r in chosen] == [3]
     assert calls == [["baseline", "edge"], ["baseline", "fits"]]  # the teacher and the one far over: never measured
+
+
+def test_a_candidate_within_noise_in_the_batch_is_confirmed_alone_and_recommended_when_it_meets(
+        tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """A refined student and its searched twin share a shape: one wide interval in the shared batch must not hand the
+    recommendation to the less accurate twin."""
+    import shutil
+
+    from autotune.caches import write_manifest
+    from autotune.runtime import load_artifact
+    from search_spaces import Candidate
+
+    source = export_shape(tmp_path / "source", tiny_bert_dir, 1, 32)
+    dirs = {name: shutil.copytree(source, tmp_path / name) for name in ("baseline", "refined", "searched")}
+    for directory in dirs.values():
+        write_manifest(directory)
+    wide = stats_of([1.0] * 280 + [1.7 + 0.7 * i / 19 for i in range(20)])  # p95 under 2 ms, its upper bound over 1.9
+    steady, teacher = stats_of([1.0] * 300), stats_of([8.0] * 300)
+    target = target_of(2.0)
+    assert judge(wide, target, teacher, 0.05)[0] == "within noise" and judge(steady, target, teacher, 0.05)[0] == "meets"
+    batches: list[list[str]] = []
+
+    def time_together(artifacts, t) -> list[Timed]:
+        names = [a.dir.name for a in artifacts]
+        batches.append(names)
+        in_batch = len(names) > 2  # the shared batch; a confirmation is one candidate with the baseline
+        return [Timed({"latency": teacher if n == "baseline" else wide if in_batch and n == "refined" else steady})
+                for n in names]
+
+    task = SimpleNamespace(time_together=time_together, objective_name="accuracy")
+    pipeline = TrialPipeline(SimpleNamespace(target=target, task=task))
+    candidate = Candidate(layers=1, hidden=32, heads=4, ffn=64, bits=8).to_dict()
+    records = [TrialRecord(number=1, state="COMPLETE", candidate=candidate, stage=stage, accuracy=accuracy,
+                           latency_ms=1.5, artifact=str(dirs[name]))
+               for stage, accuracy, name in ((Stage.REFINED, 0.85, "refined"), (Stage.EVALUATED, 0.84, "searched"))]
+    choice = choose_recommendation(pipeline, load_artifact(dirs["baseline"]), records, margin=0.05)
+    assert choice.recommended is not None and choice.recommended.stage == Stage.REFINED and choice.verdict == "meets"
+    assert batches[0] == ["baseline", "refined", "searched"] and batches[1:] == [["baseline", "refined"]] * 3
