@@ -175,6 +175,14 @@ def build_variant(
     return out
 
 
+def published(source: Artifact, **changes: Any) -> Artifact:
+    """`source` with `changes` (its new directory, model file, bits, engine), described in that directory's
+    `artifact.json`: how every artifact derived from the plain export is finished."""
+    artifact = replace(source, **changes)
+    write_artifact_json(artifact)
+    return artifact
+
+
 def quantize_artifact(source: Artifact, out_dir: str | Path, *, bits: int, fuse: bool = True, **variant_options: Any) -> Artifact:
     """A new artifact directory holding `source`'s tokenizer and a `bits`-wide (optionally fused) ONNX model.
 
@@ -191,9 +199,8 @@ def quantize_artifact(source: Artifact, out_dir: str | Path, *, bits: int, fuse:
     build_variant(
         source.model_path, onnx_path, bits, fuse=fuse, num_heads=source.num_heads, hidden_size=source.hidden_size, **variant_options
     )
-    artifact = replace(source, dir=directory, model_path=onnx_path, bits=bits, fused=fuse, size_bytes=onnx_path.stat().st_size)
-    write_artifact_json(artifact)
-    return artifact
+    return published(source, dir=directory, model_path=onnx_path, bits=bits, fused=fuse,
+                     size_bytes=onnx_path.stat().st_size)
 
 
 #: The OpenVINO IR's file name in an artifact directory (its weights go to model.bin beside it).
@@ -213,9 +220,7 @@ def openvino_int8_artifact(source: Artifact, out_dir: str | Path, calibration: S
     wrapped = [{**feeds, "input_ids": np.asarray(feeds["input_ids"]) % source.vocab_size} for feeds in calibration]
     xml = quantize_openvino_int8(source.model_path, wrapped, directory / OPENVINO_FILENAME)
     size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
-    artifact = replace(source, dir=directory, model_path=xml, bits=8, engine="openvino", size_bytes=size)
-    write_artifact_json(artifact)
-    return artifact
+    return published(source, dir=directory, model_path=xml, bits=8, engine="openvino", size_bytes=size)
 
 
 def with_engine(source: Artifact, out_dir: str | Path, engine: str) -> Artifact:
@@ -223,6 +228,4 @@ def with_engine(source: Artifact, out_dir: str | Path, engine: str) -> Artifact:
     itself): the same model, deployed another way."""
     directory = Path(out_dir)
     shutil.copytree(source.dir, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ARTIFACT_JSON))
-    artifact = replace(source, dir=directory, model_path=directory / source.model_path.name, engine=engine)
-    write_artifact_json(artifact)
-    return artifact
+    return published(source, dir=directory, model_path=directory / source.model_path.name, engine=engine)
