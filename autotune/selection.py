@@ -55,9 +55,10 @@ def searched_finalists(pipeline: TrialPipeline, records: list[TrialRecord]) -> l
 
 def finalists(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRecord], count: int,
               margin: float) -> list[TrialRecord]:
-    """The `count` most accurate students of `searched_finalists` that still meet the target, or sit within its noise,
-    re-measured beside the baseline (`judge`, as the recommendation is), one per trained student (a refined student
-    serves every bit width, so two of one student would train it twice).
+    """The `count` most accurate students of `searched_finalists` that still meet the target re-measured beside the
+    baseline (`judge`, as the recommendation is; one within noise there is confirmed alone first, as the
+    recommendation is), one per trained student (a refined student serves every bit width, so two of one student
+    would train it twice).
 
     Re-measuring first keeps refinement, the selection's costliest step, off a student the selection would pass
     over: a host's pace moves between the search and the selection, and a student measured at the target's edge
@@ -74,7 +75,10 @@ def finalists(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRe
         baseline_timed, *timed = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
         for record, measured in zip(batch, timed):
             verdict, why = judge(target.latency(measured), target, target.latency(baseline_timed), margin)
-            if verdict == "over":
+            if verdict == "within noise":
+                confirmation = confirm(pipeline, baseline, record)
+                verdict, why = judge(confirmation.measured, target, confirmation.baseline, margin)
+            if verdict != "meets":
                 log.info("trial %d is not refined: %s", record.number, why)
                 continue
             chosen.setdefault(Candidate.from_dict(record.candidate).student_key, record)

@@ -169,6 +169,47 @@ def test_a_student_over_the_target_beside_the_baseline_is_not_refined_the_next_m
     assert calls == [["baseline", "edge"], ["baseline", "fits"]]  # the teacher and the one far over: never measured
 
 
+def test_a_student_within_noise_beside_the_baseline_is_refined_only_when_its_confirmation_meets_the_target(
+        tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """A full-width student at the target's edge once passed the re-measurement within noise, was refined for
+    minutes, then measured over: within noise, a finalist is confirmed alone first, as a recommendation is."""
+    import shutil
+
+    from autotune.caches import write_manifest
+    from autotune.runtime import load_artifact
+    from autotune.selection import finalists
+    from search_spaces import Candidate
+
+    source = export_shape(tmp_path / "source", tiny_bert_dir, 1, 32)
+    dirs = {name: shutil.copytree(source, tmp_path / name) for name in ("baseline", "edge", "fits")}
+    for directory in dirs.values():
+        write_manifest(directory)
+    target = target_of(3.0, baseline_p50_ms=10.0)
+    baseline, fits = stats_of([10.0] * 300), stats_of([2.0] * 300)
+    edge_in_batch, edge_alone = stats_of([2.9] * 300), stats_of([3.2] * 300)  # within noise (over 3.0 x 0.95), then over
+    assert judge(edge_in_batch, target, baseline, 0.05)[0] == "within noise"
+    calls: list[list[str]] = []
+
+    def time_together(artifacts, t) -> list[Timed]:
+        names = [a.dir.name for a in artifacts]
+        calls.append(names)
+        edge = edge_in_batch if len(calls) == 1 else edge_alone
+        return [Timed({"latency": {"baseline": baseline, "edge": edge, "fits": fits}[n]}) for n in names]
+
+    def candidate(layers: int) -> dict:
+        return Candidate(layers=layers, hidden=32, heads=4, ffn=64, bits=8).to_dict()
+
+    task = SimpleNamespace(time_together=time_together, is_teacher=lambda c: c.layers == 6)
+    pipeline = TrialPipeline(SimpleNamespace(target=target, task=task))
+    searched = stats_of([2.5] * 300).__dict__
+    records = [TrialRecord(number=n, state="COMPLETE", candidate=candidate(layers), stage=Stage.EVALUATED,
+                           accuracy=accuracy, latency_ms=2.5, latency=searched, artifact=str(dirs[name]))
+               for n, name, layers, accuracy in ((1, "edge", 4, 0.93), (2, "fits", 2, 0.90))]
+    chosen = finalists(pipeline, load_artifact(dirs["baseline"]), records, 1, margin=0.05)
+    assert [r.number for r in chosen] == [2]
+    assert calls == [["baseline", "edge"], *[["baseline", "edge"]] * 3, ["baseline", "fits"]]
+
+
 def test_a_candidate_within_noise_in_the_batch_is_confirmed_alone_and_recommended_when_it_meets(
         tmp_path: Path, tiny_bert_dir: Path) -> None:
     """A refined student and its searched twin share a shape: one wide interval in the shared batch must not hand the
