@@ -55,10 +55,10 @@ def searched_finalists(pipeline: TrialPipeline, records: list[TrialRecord]) -> l
 
 def finalists(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRecord], count: int,
               margin: float) -> list[TrialRecord]:
-    """The `count` most accurate students of `searched_finalists` that still meet the target re-measured beside the
-    baseline (`judge`, as the recommendation is; one within noise there is confirmed alone first, as the
-    recommendation is), one per trained student (a refined student serves every bit width, so two of one student
-    would train it twice).
+    """The `count` most accurate students of `searched_finalists` that still meet the target, or sit within its noise,
+    re-measured beside the baseline (`judge`, as the recommendation is; one within noise there is confirmed alone
+    first, as the recommendation is, and left out if it is over), one per trained student (a refined student serves
+    every bit width, so two of one student would train it twice).
 
     Re-measuring first keeps refinement, the selection's costliest step, off a student the selection would pass
     over: a host's pace moves between the search and the selection, and a student measured at the target's edge
@@ -78,7 +78,7 @@ def finalists(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRe
             if verdict == "within noise":
                 confirmation = confirm(pipeline, baseline, record)
                 verdict, why = judge(confirmation.measured, target, confirmation.baseline, margin)
-            if verdict != "meets":
+            if verdict == "over":
                 log.info("trial %d is not refined: %s", record.number, why)
                 continue
             chosen.setdefault(Candidate.from_dict(record.candidate).student_key, record)
