@@ -14,11 +14,11 @@ fp32 teacher on random token ids. Static int8 is calibrated on 64 rows of the tr
 `fp32-best`, the fastest fp32 teacher measured (ONNX Runtime unfused or fused, OpenVINO), so no slow reference
 inflates them; `teacher-best` is the fastest teacher row within 0.5 point of the fp32 teacher's validation
 accuracy. Rows are timed one after another, so two rows' ratio carries the host's drift between their minutes: the
-ratio the issue's goal is judged by, `teacher-best` over `fp32-best`, is also timed taking turns in one clean child
-process, three times (`teacher_best_alternating_speedups`). `roofline_pct` is each row's operations per second (the predictor's analytic count) against the
-profile's GEMM peak for its compute precision, measured at the start of the run. `*` marks the recipe
-profilers/recipes.py picks for this CPU and the modes its rules keep. The JSON line names the machine's ISA flags
-(`isa`), the ones that chose the recipes (`isa_deciding`), and a `recipe` on every row.
+headline ratio, `teacher-best` over `fp32-best`, is also timed taking turns in one clean child process, three times
+(`teacher_best_alternating_speedups`). `roofline_pct` is each row's operations per second (the predictor's analytic
+count) against the profile's GEMM peak for its compute precision, measured at the start of the run. `*` marks the
+recipe profilers/recipes.py picks for this CPU and the modes its rules keep. The JSON line names the machine's ISA
+flags (`isa`), the ones that chose the recipes (`isa_deciding`), and a `recipe` on every row.
 
 Every model is built first (all torch work done), then each is timed in a runtime of its own with spinning off,
 one alive at a time, so no idle pool competes for the cores.
