@@ -114,9 +114,10 @@ def latency_summary(stats: LatencyStats) -> dict[str, float]:
 def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: Score | None) -> dict[str, Any]:
     """The recommendation as result.json keeps it: its artifact copied to `model_dir`; its latency and speedup from
     the confirmation alternating it with the baseline, with the latency's confidence interval, the speedup's
-    spread over the repeats, and the verdict."""
+    spread over the repeats, the verdict, and the engine and input shape the deployed file needs."""
     record, confirmation = choice.recommended, choice.confirmation
     bounds = confirmation.measured.bounds_ms(choice.percentile)
+    deployed = load_artifact(model_dir)
     return {
         "number": record.number,
         "candidate": record.candidate,
@@ -139,7 +140,8 @@ def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: S
         "epochs": record.epochs or session.spec.training.epochs,
         "refined": record.stage == Stage.REFINED,
         "artifact": str(model_dir),
-        "engine": load_artifact(model_dir).engine,
+        "engine": deployed.engine,
+        "fixed_shape": None if deployed.fixed_shape is None else list(deployed.fixed_shape),
     }
 
 

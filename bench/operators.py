@@ -5,9 +5,10 @@ Rows: the demo's fine-tuned teacher (BERT 6x384, 12 heads) as fp32 unfused, fp32
 recipe choice that depends on the CPU (int8 with 7-bit or full-range weights; int4 MatMulNBits computing in fp32
 or in int8); the teacher under every engine and precision mode of `profilers.recipes.engine_modes` whose engine
 is installed (ONNX Runtime static int8; OpenVINO fp32, bf16, NNCF static int8), kept by this CPU's rules or not,
-so the rows show why; and student shapes 4x384, 2x384, 2x256 at fp32 (fused), ONNX Runtime's dynamic int8 and, where
-this CPU's recipe runs int8 in OpenVINO, OpenVINO's static int8 (random weights: latency depends on shape and bits,
-as in the tuner's latency gate).
+so the rows show why; and student shapes 4x384, 2x384, 2x256 at fp32 (fused), ONNX Runtime's dynamic int8 and,
+where this CPU's recipe runs int8 in OpenVINO, OpenVINO's static int8 (random weights: latency depends on shape and
+bits, as in the tuner's latency gate). OpenVINO's rows are IRs fixed to the timed shape, as the tuner deploys them;
+its fp32 and int8 teacher also come as the same models taking any shape (`-any-shape`), to show what fixing buys.
 
 Each teacher row gives its validation accuracy on the demo's split and its largest logit difference from the fused
 fp32 teacher on random token ids. Static int8 is calibrated on 64 rows of the training split. Speedups are against
@@ -51,9 +52,10 @@ from transformers import AutoModelForSequenceClassification  # noqa: E402
 from autotune.compress.quantization import build_variant  # noqa: E402
 from autotune.config import load_spec  # noqa: E402
 from autotune.runtime import OrtRuntime, export_artifact, feeds_for  # noqa: E402
-from autotune.runtime.engines import quantize_openvino_int8  # noqa: E402
+from autotune.runtime.engines import convert_openvino_fp32, quantize_openvino_int8  # noqa: E402
 from autotune.runtime.sessions import InferenceRuntime, OpenVinoRuntime  # noqa: E402
 from autotune.tasks import TextClassification, prepared_task  # noqa: E402
+from autotune.tasks.text_classification import openvino_input_shape  # noqa: E402
 from autotune.tasks.encoding import evaluate  # noqa: E402
 from profilers.cpu import probe_cpu  # noqa: E402
 from profilers.hardware import collect_profile  # noqa: E402
@@ -61,7 +63,7 @@ from profilers.isolated import OnnxRequest, measure_onnx_interleaved  # noqa: E4
 from profilers.latency import LatencyStats, MeasureSettings  # noqa: E402
 from profilers.microbench import Microbench  # noqa: E402
 from profilers.predictor import ModelShape, Workload  # noqa: E402
-from profilers.openvino import openvino_installed  # noqa: E402
+from profilers.openvino import Shape, openvino_installed  # noqa: E402
 from profilers.recipes import INT4_INT8_COMPUTE, INT8_DOT_FLAGS, EngineMode, Recipe, engine_modes, recipe_for  # noqa: E402
 from profilers.roofline import roofline  # noqa: E402
 
@@ -151,9 +153,10 @@ def prepared_teacher(spec_path: Path) -> TextClassification:
 
 
 def engine_variants(mode: EngineMode, unfused: Path, out_dir: Path, vocab: int, shape: ModelShape,
-                    calibration: list[dict[str, np.ndarray]], chosen: Recipe) -> list[Variant]:
+                    calibration: list[dict[str, np.ndarray]], chosen: Recipe, fixed: Shape | None) -> list[Variant]:
     """The teacher under one engine mode beyond ONNX Runtime's fp32 and dynamic int8 (built here; none when the
-    engine is not installed)."""
+    engine is not installed). OpenVINO's fp32 and int8 come as IRs fixed to the timed shape, as the tuner deploys
+    them, and beside them as the same models taking any shape (`-any-shape`), so the table shows what fixing buys."""
     if importlib.util.find_spec(mode.engine) is None:  # the engine's module has its name
         return []
     if mode.name == "onnxruntime-int8-static":
@@ -162,17 +165,27 @@ def engine_variants(mode: EngineMode, unfused: Path, out_dir: Path, vocab: int, 
         return [Variant(mode.name, path, vocab, "int8 static QDQ (fused graph), calibrated", replace(shape, bits=8),
                         chosen=mode.kept, teacher=True)]
     if mode.name == "openvino-int8-static":
-        path = quantize_openvino_int8(unfused, calibration, out_dir / "teacher-openvino-int8" / "model.xml")
-        return [Variant(mode.name, path, vocab, "NNCF int8 static, calibrated", replace(shape, bits=8), "openvino",
-                        chosen=mode.kept, teacher=True)]
+        recipe, int8 = "NNCF int8 static, calibrated", replace(shape, bits=8)
+        built = {kind: quantize_openvino_int8(unfused, calibration, out_dir / f"teacher-openvino-int8-{kind}" / "model.xml",
+                                              shape_of_kind) for kind, shape_of_kind in (("fixed", fixed), ("any", None))}
+        return [Variant(mode.name, built["fixed"], vocab, recipe, int8, "openvino", chosen=mode.kept, teacher=True),
+                Variant(f"{mode.name}-any-shape", built["any"], vocab, recipe, int8, "openvino", chosen=False, teacher=True)]
     if mode.engine == "openvino" and mode.kept:  # fp32, or bf16 where the rules keep it (OpenVINO refuses it elsewhere)
-        return [Variant(mode.name, unfused, vocab, f"OpenVINO {mode.precision}", shape, "openvino", mode.precision,
-                        chosen=True, teacher=True)]
+        ir = out_dir / "teacher-openvino-fp32" / "model.xml"
+        if not ir.exists():
+            convert_openvino_fp32(unfused, ir, fixed)
+        variants = [Variant(mode.name, ir, vocab, f"OpenVINO {mode.precision}", shape, "openvino", mode.precision,
+                            chosen=True, teacher=True)]
+        if mode.precision == "fp32":
+            variants.append(Variant(f"{mode.name}-any-shape", unfused, vocab, "OpenVINO fp32", shape, "openvino",
+                                    chosen=False, teacher=True))
+        return variants
     return []
 
 
-def build_variants(task: TextClassification, out_dir: Path, chosen: Recipe, modes: tuple[EngineMode, ...]) -> list[Variant]:
-    """Every model the table times, built before any timing starts."""
+def build_variants(task: TextClassification, out_dir: Path, chosen: Recipe, modes: tuple[EngineMode, ...],
+                   fixed: Shape | None) -> list[Variant]:
+    """Every model the table times, built before any timing starts; OpenVINO's fixed to `fixed` (None: any shape)."""
     teacher, tokenizer = task.teacher, task.tokenizer
     artifact = export_artifact(teacher, tokenizer, out_dir / "teacher")
     shape = dict(num_heads=artifact.num_heads, hidden_size=artifact.hidden_size)
@@ -189,7 +202,7 @@ def build_variants(task: TextClassification, out_dir: Path, chosen: Recipe, mode
                                 int4_int8_compute=recipe.int4_accuracy_level == INT4_INT8_COMPUTE))
     calibration = task.calibration_feeds()
     for mode in modes:
-        variants += engine_variants(mode, artifact.model_path, out_dir, vocab, teacher_shape, calibration, chosen)
+        variants += engine_variants(mode, artifact.model_path, out_dir, vocab, teacher_shape, calibration, chosen, fixed)
     for layers, hidden in STUDENT_SHAPES:
         student = export_artifact(student_shape(teacher, layers, hidden), tokenizer, out_dir / f"student-{layers}x{hidden}")
         dynamic = replace(chosen, int8_engine="onnxruntime")
@@ -197,7 +210,7 @@ def build_variants(task: TextClassification, out_dir: Path, chosen: Recipe, mode
         for suffix, bits, recipe in kinds:
             name = f"student-{layers}x{hidden}-{suffix}"
             engine = recipe.int8_engine if bits == 8 else "onnxruntime"
-            path = (quantize_openvino_int8(student.model_path, calibration, out_dir / name / "model.xml")
+            path = (quantize_openvino_int8(student.model_path, calibration, out_dir / name / "model.xml", fixed)
                     if engine == "openvino" else
                     build_variant(student.model_path, out_dir / f"{name}.onnx", bits, recipe=recipe,
                                   num_heads=student.num_heads, hidden_size=student.hidden_size))
@@ -317,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     task = prepared_teacher(args.spec)
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = args.out_dir or Path(tmp)
-        variants = build_variants(task, out_dir, chosen, modes)
+        fixed = openvino_input_shape(args.batch_size, args.seq_len, task.spec.data.max_length)
+        variants = build_variants(task, out_dir, chosen, modes, fixed)
         time.sleep(1.0)  # let torch's OpenMP workers from export go idle before timing
         reference = next(v for v in variants if v.name == "fp32-fused").open(args.threads)
         reference_logits = reference.run(error_feeds(reference))

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs and --rounds must be >= 1")
     logging.basicConfig(level=logging.WARNING)
     candidates = [parse_shape(text) for text in args.shapes.split(",")]
-    task = prepared_task(load_spec(args.spec, {"data": {"limit": args.limit}} if args.limit else None))
+    overrides = {"target": {"batch_size": 1, "seq_len": args.seq_len}} | ({"data": {"limit": args.limit}} if args.limit else {})
+    task = prepared_task(load_spec(args.spec, overrides))  # the timed shape is the target's: OpenVINO builds are fixed to it
     assert isinstance(task, TextClassification), "students of an encoder classifier"
     timing, recipe = Timing(1, args.seq_len, 2, "cpu"), recipe_for(probe_cpu().flags, openvino=openvino_installed())
     with tempfile.TemporaryDirectory() as tmp:

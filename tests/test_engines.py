@@ -93,7 +93,7 @@ def test_the_rules_keep_native_modes_only() -> None:
 
 def test_an_openvino_int8_artifact_is_built_run_timed_and_loaded_like_any_other(bert, tmp_path: Path) -> None:
     pytest.importorskip("nncf")
-    from autotune.compress.quantization import openvino_int8_artifact, quantize_artifact, with_engine
+    from autotune.compress.quantization import openvino_fp32_artifact, openvino_int8_artifact, quantize_artifact
     from autotune.runtime import artifact_runtime, load_artifact
     from profilers.isolated import OnnxRequest, measure_onnx_interleaved, measure_onnx_isolated
 
@@ -106,7 +106,8 @@ def test_an_openvino_int8_artifact_is_built_run_timed_and_loaded_like_any_other(
     fp32 = OrtRuntime(bert.model_path, threads=1, vocab_size=bert.vocab_size).run(feeds)
     logits = artifact_runtime(load_artifact(int8.dir), threads=1).run(feeds)
     assert float(np.abs(logits - fp32).max()) < 0.2 * float(np.abs(fp32).max()) + 0.05
-    compiled_fp32 = with_engine(bert, tmp_path / "ov-fp32", "openvino")
+    compiled_fp32 = openvino_fp32_artifact(bert, tmp_path / "ov-fp32")
+    assert (compiled_fp32.engine, compiled_fp32.bits, compiled_fp32.fixed_shape) == ("openvino", 32, None)
     np.testing.assert_allclose(artifact_runtime(compiled_fp32, threads=1).run(feeds), fp32, atol=1e-4)
 
     def request(artifact) -> OnnxRequest:
@@ -143,3 +144,63 @@ def test_int8_runs_in_openvino_where_the_cpu_has_int8_dot_products_and_openvino_
     assert recipe.int8_engine == engine
     assert ("OpenVINO" in recipe.describe(8)) == (engine == "openvino")
     assert ("OpenVINO" in recipe.reasons[0]) == (engine == "openvino")
+
+
+def test_an_openvino_ir_fixed_to_one_shape_pads_and_cuts_inputs_to_it_and_gives_the_same_logits(bert, tmp_path: Path) -> None:
+    pytest.importorskip("nncf")
+    from autotune.compress.quantization import openvino_fp32_artifact, openvino_int8_artifact
+    from autotune.runtime import artifact_runtime, load_artifact
+    from profilers.isolated import MeasurementError, OnnxRequest, measure_onnx_isolated
+
+    fixed = openvino_fp32_artifact(bert, tmp_path / "fixed", shape=(2, 16))
+    assert fixed.fixed_shape == (2, 16) and load_artifact(fixed.dir) == fixed
+    runtime = artifact_runtime(load_artifact(fixed.dir), threads=1)
+    assert runtime.describe()["fixed_shape"] == [2, 16]
+    feeds = feeds_for(bert.input_names, 3, 11, bert.vocab_size, seed=4)  # odd batch, shorter rows: padded and cut
+    expected = OrtRuntime(bert.model_path, threads=1, vocab_size=bert.vocab_size).run(feeds)
+    np.testing.assert_allclose(runtime.run(feeds), expected, atol=1e-4)
+    assert runtime.measure(2, 8, QUICK).p50_ms > 0  # timed at the shape it is fixed to, whatever the feeds' length
+    with pytest.raises(ValueError, match="fixed to inputs of 16 tokens.*truncate inputs to 16"):
+        runtime.run(feeds_for(bert.input_names, 1, 17, bert.vocab_size, seed=4))
+    with pytest.raises(ValueError, match="fixed to batch 2"):
+        runtime.measure(1, 16, QUICK)
+
+    int8 = openvino_int8_artifact(bert, tmp_path / "int8", calibration(bert), shape=(1, 16))
+    assert int8.fixed_shape == (1, 16) and load_artifact(int8.dir).fixed_shape == (1, 16)
+    assert artifact_runtime(int8, threads=1).run(feeds).shape == expected.shape
+
+    def request(seq_len: int) -> OnnxRequest:
+        return OnnxRequest(model_path=str(int8.model_path), input_names=int8.input_names, batch_size=1,
+                           seq_len=seq_len, vocab_size=int8.vocab_size, threads=1, engine="openvino")
+
+    assert measure_onnx_isolated(request(16), QUICK).p50_ms > 0
+    with pytest.raises(MeasurementError):  # the child times the file as it is: another shape is refused
+        measure_onnx_isolated(request(8), QUICK)
+
+
+def test_inputs_are_cut_into_batches_of_the_fixed_shape_and_padded_with_zeros() -> None:
+    from autotune.runtime.sessions import at_fixed_shape
+
+    feeds = {"input_ids": np.arange(1, 16).reshape(5, 3), "attention_mask": np.ones((5, 3), dtype=np.int64)}
+    chunks = at_fixed_shape(feeds, (2, 4))
+    assert [real for _, real in chunks] == [2, 2, 1]
+    last, _ = chunks[-1]
+    assert last["input_ids"].tolist() == [[13, 14, 15, 0], [0, 0, 0, 0]]
+    assert last["attention_mask"].tolist() == [[1, 1, 1, 0], [0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (1, 0), (1, 16, 2)])
+def test_a_bad_fixed_shape_is_refused_in_one_sentence(bert, shape: tuple[int, ...]) -> None:
+    ov = pytest.importorskip("openvino")
+    from profilers.openvino import fix_shape
+
+    with pytest.raises(ValueError, match=r"shape must be \(batch, sequence length\)"):
+        fix_shape(ov.Core().read_model(str(bert.model_path)), shape)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("max_length, expected", [(64, (1, 64)), (32, (1, 64)), (128, None)])
+def test_openvino_builds_are_fixed_to_the_timed_shape_only_where_every_input_fits_in_it(
+        max_length: int, expected: tuple[int, int] | None) -> None:
+    from autotune.tasks.text_classification import openvino_input_shape
+
+    assert openvino_input_shape(1, 64, max_length) == expected

@@ -203,3 +203,15 @@ def test_a_student_with_pruned_heads_is_named_and_counted_at_its_attention_s_wid
     assert architecture(pruned["candidate"]) == f"{c['layers']}x32 (2h of 8, FFN {c['ffn']})"
     assert "of" not in architecture(c)
     assert roofline_pct(result, pruned) < roofline_pct(result, trial)  # fewer operations in the same milliseconds
+
+
+def test_a_model_fixed_to_one_input_shape_says_how_to_feed_it(result: dict) -> None:
+    def use_section(report_result: dict) -> str:
+        section = next(s for s in build_report(report_result).sections if s.title == "Use the model")
+        return " ".join(section.paragraphs)
+
+    assert "fixed to" not in use_section(result)  # an ONNX model takes any shape
+    result["recommended"] |= {"engine": "openvino", "fixed_shape": [1, 64]}
+    text = use_section(result)
+    assert "model.xml and model.bin" in text and "fixed to batch 1 x 64 tokens" in text
+    assert "with zeros to 64 tokens and feed 1 row(s) per call" in text

@@ -180,6 +180,8 @@ def test_recommendation_meets_target_with_full_schema_and_portable_artifact(
     moved = shutil.copytree(recommended["artifact"], tmp_path / "shipped")
     artifact = load_artifact(moved)
     assert recommended["engine"] == artifact.engine
+    openvino_shape = (target["batch_size"], target["seq_len"]) if artifact.engine == "openvino" else None
+    assert artifact.fixed_shape == openvino_shape and recommended["fixed_shape"] == (openvino_shape and list(openvino_shape))
     model_file = "model.xml" if artifact.engine == "openvino" else "model.onnx"
     assert artifact.model_path == moved / model_file and artifact.model_path.exists()
     runtime = artifact_runtime(artifact, threads=1)

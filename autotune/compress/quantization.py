@@ -43,10 +43,11 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.onnx_model import OnnxModel
 
-from autotune.runtime.engines import quantize_openvino_int8
+from autotune.runtime.engines import convert_openvino_fp32, quantize_openvino_int8
 from autotune.runtime.export import ARTIFACT_JSON, ONNX_FILENAME, Artifact, write_artifact_json
 from autotune.runtime.fusion import fuse_onnx
 from profilers import recipes
+from profilers.openvino import Shape
 from profilers.recipes import PORTABLE, Recipe
 from search_spaces import BIT_WIDTHS
 
@@ -207,25 +208,37 @@ def quantize_artifact(source: Artifact, out_dir: str | Path, *, bits: int, fuse:
 OPENVINO_FILENAME = "model.xml"
 
 
-def openvino_int8_artifact(source: Artifact, out_dir: str | Path, calibration: Sequence[Feeds]) -> Artifact:
-    """A new artifact directory holding `source`'s tokenizer and its int8 OpenVINO IR: NNCF's static quantization
-    calibrated on `calibration` (feeds from the training split), run by OpenVINO. Token ids beyond `source`'s
-    vocabulary (a latency gate's stand-in keeps a cut token table) wrap into it: calibration values only matter for
-    accuracy, which a stand-in does not have."""
+def _openvino_directory(source: Artifact, out_dir: str | Path, what: str) -> Path:
+    """A new artifact directory holding `source`'s tokenizer, for an OpenVINO IR built from `source`'s plain export."""
     if source.bits != 32 or source.fused or source.engine != "onnxruntime":
-        raise ValueError(f"openvino_int8_artifact needs the plain fp32 ONNX export as source, got bits={source.bits}, "
+        raise ValueError(f"{what} needs the plain fp32 ONNX export as source, got bits={source.bits}, "
                          f"fused={source.fused}, engine={source.engine}")
     directory = Path(out_dir)
     shutil.copytree(source.dir, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ONNX_FILENAME, ARTIFACT_JSON))
-    wrapped = [{**feeds, "input_ids": np.asarray(feeds["input_ids"]) % source.vocab_size} for feeds in calibration]
-    xml = quantize_openvino_int8(source.model_path, wrapped, directory / OPENVINO_FILENAME)
+    return directory
+
+
+def _openvino_published(source: Artifact, xml: Path, bits: int, shape: Shape | None) -> Artifact:
     size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
-    return published(source, dir=directory, model_path=xml, bits=8, engine="openvino", size_bytes=size)
+    return published(source, dir=xml.parent, model_path=xml, bits=bits, engine="openvino", size_bytes=size,
+                     fixed_shape=None if shape is None else tuple(shape))
 
 
-def with_engine(source: Artifact, out_dir: str | Path, engine: str) -> Artifact:
-    """A copy of `source`'s directory whose model file another engine runs (OpenVINO compiles the ONNX export
-    itself): the same model, deployed another way."""
-    directory = Path(out_dir)
-    shutil.copytree(source.dir, directory, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ARTIFACT_JSON))
-    return published(source, dir=directory, model_path=directory / source.model_path.name, engine=engine)
+def openvino_int8_artifact(source: Artifact, out_dir: str | Path, calibration: Sequence[Feeds],
+                           shape: Shape | None = None) -> Artifact:
+    """`source`'s int8 OpenVINO IR in a new artifact directory: NNCF's static quantization calibrated on
+    `calibration` (feeds from the training split), inputs fixed to `shape` (None: any shape), run by OpenVINO. Token
+    ids beyond `source`'s vocabulary (a latency gate's stand-in keeps a cut token table) wrap into it: calibration
+    values only matter for accuracy, which a stand-in does not have."""
+    directory = _openvino_directory(source, out_dir, "openvino_int8_artifact")
+    wrapped = [{**feeds, "input_ids": np.asarray(feeds["input_ids"]) % source.vocab_size} for feeds in calibration]
+    return _openvino_published(source, quantize_openvino_int8(source.model_path, wrapped, directory / OPENVINO_FILENAME,
+                                                              shape), bits=8, shape=shape)
+
+
+def openvino_fp32_artifact(source: Artifact, out_dir: str | Path, shape: Shape | None = None) -> Artifact:
+    """`source`'s fp32 OpenVINO IR in a new artifact directory, inputs fixed to `shape` (None: any shape): the same
+    model, deployed in another engine."""
+    directory = _openvino_directory(source, out_dir, "openvino_fp32_artifact")
+    return _openvino_published(source, convert_openvino_fp32(source.model_path, directory / OPENVINO_FILENAME, shape),
+                               bits=32, shape=shape)

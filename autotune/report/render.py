@@ -165,7 +165,18 @@ def _use_section(result: dict[str, Any]) -> Section | None:
              if rec.get("engine") == "openvino" else "model.onnx")
     return Section("Use the model", (
         f"{model} holds {holds}, the tokenizer, config.json (with the label names) and artifact.json (engine, bits, "
-        "recipe, and the latency it was measured at). Label texts from the command line, or from Python:",), code=code)
+        "recipe, input shape, and the latency it was measured at).", *_fixed_shape_note(rec.get("fixed_shape")),
+        "Label texts from the command line, or from Python:"), code=code)
+
+
+def _fixed_shape_note(shape: list[int] | None) -> tuple[str, ...]:
+    """What a model fixed to one input shape asks of whoever runs it outside autotune."""
+    if not shape:
+        return ()
+    batch, length = shape
+    return (f"Its inputs are fixed to batch {batch} x {length} tokens, the target's shape (OpenVINO compiles a fixed "
+            f"shape faster): `load_model` pads shorter inputs and cuts batches to it. Running the IR yourself, pad every "
+            f"input (the attention mask too) with zeros to {length} tokens and feed {batch} row(s) per call.",)
 
 
 def _samples_section(result: dict[str, Any]) -> Section | None:

@@ -18,12 +18,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from autotune.runtime.sessions import select_feeds
-from profilers.openvino import optional_module
+from profilers.openvino import Shape, fix_shape, optional_module
 
 
-def quantize_openvino_int8(onnx_path: Path, calibration: Sequence[Mapping[str, np.ndarray]], out_xml: Path) -> Path:
+def quantize_openvino_int8(onnx_path: Path, calibration: Sequence[Mapping[str, np.ndarray]], out_xml: Path,
+                           shape: Shape | None = None) -> Path:
     """NNCF's post-training int8 quantization (transformer preset: SmoothQuant, fast bias correction) of an ONNX
-    classifier, calibrated on `calibration` feeds, saved as OpenVINO IR at `out_xml`."""
+    classifier, calibrated on `calibration` feeds (of any shape), saved as OpenVINO IR at `out_xml` with its inputs
+    fixed to `shape` (None: any shape)."""
     if not calibration:
         raise ValueError("static int8 needs calibration feeds (batches of the training split); got none")
     ov, nncf = optional_module("openvino"), optional_module("nncf")
@@ -33,5 +35,14 @@ def quantize_openvino_int8(onnx_path: Path, calibration: Sequence[Mapping[str, n
     with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars: a tuner's own progress line is the one shown
         quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
     out_xml.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(quantized, str(out_xml))
+    ov.save_model(fix_shape(quantized, shape), str(out_xml))
+    return out_xml
+
+
+def convert_openvino_fp32(onnx_path: Path, out_xml: Path, shape: Shape | None = None) -> Path:
+    """The ONNX export as an OpenVINO IR at `out_xml`, weights kept in fp32 (OpenVINO would store them in fp16 by
+    default), inputs fixed to `shape` (None: any shape): OpenVINO's fp32 deployment of the same model."""
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    ov = optional_module("openvino")
+    ov.save_model(fix_shape(ov.Core().read_model(str(onnx_path)), shape), str(out_xml), compress_to_fp16=False)
     return out_xml

@@ -38,7 +38,8 @@ class Artifact:
     """A deployable model directory: the model file, its tokenizer and what it is.
 
     `engine` is what runs the model file: "onnxruntime" (an ONNX file) or "openvino" (an OpenVINO IR, `model.xml`
-    with its weights in `model.bin` beside it). `bits` and `fused` say which variant the file is (the plain export is
+    with its weights in `model.bin` beside it); `fixed_shape` is the (batch, sequence length) an OpenVINO IR's inputs
+    are fixed to, which its runtime pads inputs to (None: any shape). `bits` and `fused` say which variant the file is (the plain export is
     32 bits, unfused, ONNX); `size_bytes` is the model's size on disk, the figure reports quote. `num_heads` and `hidden_size` are the
     attention's heads and width, what ONNX Runtime's attention fusion is told (the width is the model's hidden size
     unless its heads were pruned).
@@ -61,6 +62,7 @@ class Artifact:
     #: threads, hardware fingerprint, quantization recipe); set on the recommended model, None elsewhere.
     measured: dict[str, Any] | None = None
     engine: str = "onnxruntime"
+    fixed_shape: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `artifact.json` payload: paths are stored relative to the directory so it can move."""
@@ -69,6 +71,7 @@ class Artifact:
         payload["model_path"] = self.model_path.name
         payload["input_names"] = list(self.input_names)
         payload["labels"] = list(self.labels) if self.labels is not None else None
+        payload["fixed_shape"] = list(self.fixed_shape) if self.fixed_shape is not None else None
         return payload
 
 
@@ -194,6 +197,7 @@ def load_artifact(directory: str | Path) -> Artifact:
     root = Path(directory)
     payload = json.loads((root / ARTIFACT_JSON).read_text(encoding="utf-8"))
     labels = payload.pop("labels")
+    shape = payload.pop("fixed_shape", None)
     if "onnx_path" in payload:
         payload["model_path"] = payload.pop("onnx_path")
     return Artifact(
@@ -203,5 +207,6 @@ def load_artifact(directory: str | Path) -> Artifact:
             "model_path": root / payload["model_path"],
             "input_names": tuple(payload["input_names"]),
             "labels": tuple(labels) if labels is not None else None,
+            "fixed_shape": tuple(shape) if shape is not None else None,
         }
     )

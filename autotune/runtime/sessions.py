@@ -7,7 +7,8 @@ object on synthetic feeds of that shape through `profilers.latency`.
 
 - `OrtRuntime`: an ONNX file in an ONNX Runtime session built by `profilers.ort.make_session` (spinning off,
   so several runtimes alive in one process do not steal each other's cores).
-- `OpenVinoRuntime`: an ONNX file or OpenVINO IR compiled by `profilers.openvino.compile_openvino`.
+- `OpenVinoRuntime`: an ONNX file or OpenVINO IR compiled by `profilers.openvino.compile_openvino`; an IR fixed to
+  one input shape gets every input padded and cut to it.
 - `TorchRuntime`: an in-memory transformers model in fp32, bf16 or dynamic int8 (Linear layers).
 """
 
@@ -29,7 +30,7 @@ from autotune.runtime.export import Artifact, load_artifact, model_family
 from profilers.isolated import feeds_for
 from search_spaces.hardware import DEVICES, RUNTIMES
 from profilers.latency import LatencyStats, MeasureSettings, measure_ort_session, measure_pooled, measure_torch_module, torch_threads
-from profilers.openvino import OvPrecision, compile_openvino, optional_module
+from profilers.openvino import OvPrecision, Shape, compile_openvino, fixed_shape, optional_module
 from profilers.ort import CUDA_PROVIDER, make_session, providers_for, session_threads
 
 logger = logging.getLogger(__name__)
@@ -122,9 +123,27 @@ class OrtRuntime(InferenceRuntime):
         }
 
 
+def at_fixed_shape(feeds: Mapping[str, np.ndarray], shape: Shape) -> list[tuple[dict[str, np.ndarray], int]]:
+    """`feeds` cut into batches of `shape`'s batch size and right-padded with zeros to its sequence length, each with
+    how many of its rows are real: zero attention mask on the padding, so no real token's output changes (the
+    encoders export their mask into every attention)."""
+    batch, length = shape
+    rows, given = next(iter(feeds.values())).shape[:2]
+    if given > length:
+        raise ValueError(f"the model is fixed to inputs of {length} tokens (batch {batch}), got {given}: truncate inputs "
+                         f"to {length} tokens (the tokenizer's max_length)")
+    chunks = []
+    for start in range(0, rows, batch):
+        real = min(batch, rows - start)
+        chunks.append(({name: np.pad(array[start:start + real], ((0, batch - real), (0, length - given)))
+                        for name, array in feeds.items()}, real))
+    return chunks
+
+
 class OpenVinoRuntime(InferenceRuntime):
     """An ONNX (or OpenVINO IR) classifier compiled by OpenVINO for the CPU at `threads` threads, latency hint, in
-    `precision` (bf16 only where the CPU has it natively)."""
+    `precision` (bf16 only where the CPU has it natively). An IR fixed to one input shape (`fixed_shape`) runs every
+    input through that shape, so the logits of evaluation come from the compiled model that is timed."""
 
     def __init__(self, model_path: str | os.PathLike[str], *, threads: int, vocab_size: int,
                  precision: OvPrecision = "fp32") -> None:
@@ -136,23 +155,34 @@ class OpenVinoRuntime(InferenceRuntime):
         self.version = optional_module("openvino").__version__
         self.request = self.compiled.create_infer_request()
         self.input_names = tuple(port.get_any_name() for port in self.compiled.inputs)
+        self.fixed_shape = fixed_shape(self.compiled)
+
+    def _logits(self, feeds: Feeds) -> np.ndarray:
+        return np.asarray(self.request.infer(feeds)[self.compiled.outputs[0]], dtype=np.float32)
 
     def run(self, feeds: Feeds) -> np.ndarray:
-        """Float32 logits of the first output."""
-        result = self.request.infer(select_feeds(feeds, self.input_names))
-        return np.asarray(result[self.compiled.outputs[0]], dtype=np.float32)
+        """Float32 logits of the first output (one call per batch of the fixed shape, if the model has one)."""
+        selected = select_feeds(feeds, self.input_names)
+        if self.fixed_shape is None:
+            return self._logits(selected)
+        return np.concatenate([self._logits(chunk)[:real] for chunk, real in at_fixed_shape(selected, self.fixed_shape)])
 
     def measure_feeds(self, feeds: Feeds, *, batch_size: int, settings: MeasureSettings) -> LatencyStats:
-        """Time this compiled model's infer request on `feeds`."""
+        """Time this compiled model's infer request on `feeds` (padded to the fixed shape, whose batch they must have)."""
         selected = select_feeds(feeds, self.input_names)
+        if self.fixed_shape is not None:
+            if batch_size != self.fixed_shape[0]:
+                raise ValueError(f"the model is fixed to batch {self.fixed_shape[0]}, asked to time batch {batch_size}")
+            selected = at_fixed_shape(selected, self.fixed_shape)[0][0]
         return measure_pooled(lambda: self.request.infer(selected), threads=self.threads, batch_size=batch_size,
                               settings=settings)
 
     def describe(self) -> dict[str, Any]:
-        """The engine as compiled: version, precision, threads read back from OpenVINO."""
+        """The engine as compiled: version, precision, threads read back from OpenVINO, the fixed input shape."""
         return {"runtime": "openvino", "openvino_version": self.version, "model_path": str(self.model_path),
                 "precision": self.precision, "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
-                "input_names": list(self.input_names)}
+                "input_names": list(self.input_names),
+                "fixed_shape": list(self.fixed_shape) if self.fixed_shape else None}
 
 
 def _prepare_torch_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:

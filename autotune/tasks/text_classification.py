@@ -24,7 +24,7 @@ from autotune.compress import (
     teacher_states, tokenize,
 )
 from autotune.compress.distillation import TokenizedData
-from autotune.compress.quantization import openvino_int8_artifact, quantize_artifact, with_engine
+from autotune.compress.quantization import openvino_fp32_artifact, openvino_int8_artifact, quantize_artifact
 from autotune.config import TuneSpec
 from autotune.models import load_classifier, shape_of, state_fingerprint
 from autotune.runtime import Artifact, artifact_runtime, export_artifact
@@ -34,7 +34,7 @@ from autotune.tasks.data import LabeledTexts, Splits, load_labeled_texts, split,
 from autotune.tasks.encoding import encode_batches, evaluate, predict_logits
 from profilers.isolated import OnnxRequest, measure_onnx_interleaved, measure_onnx_isolated
 from profilers.latency import MeasureSettings
-from profilers.openvino import openvino_installed, optional_module
+from profilers.openvino import Shape, openvino_installed, optional_module
 from profilers.ort import providers_for
 from profilers.recipes import Recipe
 from search_spaces import Candidate, Space, TeacherShape, preset, with_overrides
@@ -51,6 +51,13 @@ GATE_VOCAB = 1021
 #: Rows of the training split static int8 calibrates its activation ranges on, and their batch: 64 rows took NNCF
 #: 11 s on the demo's teacher and kept its validation accuracy.
 CALIBRATION_ROWS, CALIBRATION_BATCH = 64, 8
+
+
+def openvino_input_shape(batch_size: int, seq_len: int, max_length: int) -> Shape | None:
+    """The input shape OpenVINO artifacts are fixed to (compiled faster, see `profilers.openvino.fix_shape`): the
+    timed batch and sequence length, which every input the task evaluates (cut to `max_length` tokens) fits in once
+    padded; any shape when inputs can be longer than the timed sequence."""
+    return (batch_size, seq_len) if max_length <= seq_len else None
 
 
 @dataclass(frozen=True)
@@ -239,8 +246,13 @@ class TextClassification(TaskFamily):
 
     @property
     def stand_in_identity(self) -> tuple[Any, ...]:
-        """The stand-in's vocabulary size, capped at GATE_VOCAB."""
-        return (self.gate_vocab(),)
+        """The stand-in's vocabulary size (capped at GATE_VOCAB) and the input shape its OpenVINO builds are fixed to."""
+        return (self.gate_vocab(), "openvino shape", self.openvino_shape())
+
+    def openvino_shape(self) -> Shape | None:
+        """The input shape this run's OpenVINO artifacts are fixed to (`openvino_input_shape` of the target)."""
+        target = self.spec.target
+        return openvino_input_shape(target.batch_size, target.seq_len, self.spec.data.max_length)
 
     def stand_in(self, candidate: Candidate) -> nn.Module:
         """The candidate's shape with random weights and at most GATE_VOCAB token embeddings."""
@@ -275,7 +287,7 @@ class TextClassification(TaskFamily):
         """ORT's transformer fusion, then the bit width; or, where the recipe runs int8 in OpenVINO, NNCF's static
         int8 calibrated on the training split (profilers/recipes.py says which on this CPU)."""
         if bits == 8 and recipe.int8_engine == "openvino":
-            return openvino_int8_artifact(plain, out_dir, self.calibration_feeds())
+            return openvino_int8_artifact(plain, out_dir, self.calibration_feeds(), self.openvino_shape())
         return quantize_artifact(plain, out_dir, bits=bits, recipe=recipe)
 
     def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
@@ -296,13 +308,13 @@ class TextClassification(TaskFamily):
             return self.quantize(self.export(model, tmp / "fp32"), out_dir, candidate.bits, recipe)
 
     def fp32_deployments(self, out_dir: Path) -> dict[str, Artifact]:
-        """The teacher's export with ONNX Runtime's transformer fusion and without, and compiled by OpenVINO where it
-        is installed: fusion measured 0.95-1.16x across CPUs and OpenVINO 0.91x (AVX2) to 1.24x (AVX-512 VNNI), so
+        """The teacher's export with ONNX Runtime's transformer fusion and without, and as OpenVINO's fp32 IR where it
+        is installed (inputs fixed as its int8 students' are): fusion measured 0.95-1.16x across CPUs and OpenVINO 0.91x (AVX2) to 1.24x (AVX-512 VNNI), so
         only timing says which is the fastest reference."""
         plain = self.export(self.teacher, out_dir / "unfused")
         deployments = {"fp32 fused": quantize_artifact(plain, out_dir / "fused", bits=32), "fp32 unfused": plain}
         if openvino_installed():
-            deployments["fp32 openvino"] = with_engine(plain, out_dir / "openvino", "openvino")
+            deployments["fp32 openvino"] = openvino_fp32_artifact(plain, out_dir / "openvino", self.openvino_shape())
         return deployments
 
     def request(self, artifact: Artifact, timing: Timing) -> OnnxRequest:
