@@ -170,6 +170,7 @@ def result_document(session: Session, records: list[TrialRecord], **found: Any) 
             "size_mb": baseline.artifact.size_bytes / MB,
             "artifact": str(baseline.artifact.dir),
             "fused": baseline.artifact.fused,
+            "engine": baseline.artifact.engine,
             "fp32_p50_ms": baseline.fp32_p50_ms,
             "teacher_fine_tuned": session.task.teacher_fine_tuned,
         },

@@ -34,6 +34,7 @@ from profilers.cpu import probe_cpu
 from profilers.hardware import PROFILE_ENV, HardwareProfile, collect_profile, default_threads, profile_for, with_throughput
 from profilers.latency import LatencyStats
 from profilers.predictor import Workload
+from profilers.recipes import engines_text
 from search_spaces import Candidate, Removal, Space, restrict_to_hardware
 
 #: The default safety margin is the measured noise, at most this.
@@ -285,21 +286,22 @@ def start_session(spec: TuneSpec, run_dir: Path, *, resume: bool, join: bool, st
     objective = make_objective(space, run_once_per_candidate(pipeline, progress),
                                lambda outcome: target.constraints(outcome.latency_ms, outcome.extras), profile.fingerprint,
                                spec.search.minimize_size, spec.search.trials, on_start=progress.trial_started)
-    progress.note(f"target: {describe_target(target)}; baseline p{t.percentile:g} {baseline_ms:.2f} ms")
+    engines = engines_text(t.runtime, baseline.artifact.engine, profile.recipe.int8_engine if timing.prompt_len is None else None)
+    progress.note(f"target: {describe_target(target, engines)}; baseline p{t.percentile:g} {baseline_ms:.2f} ms")
     return Session(spec=spec, run_dir=run_dir, storage=opened.storage, study=opened.study, profile=profile,
                    pipeline=pipeline, baseline=baseline, space=space, removals=removals, objective=objective,
                    poll_s=opened.poll_s)
 
 
-def describe_target(target: Target) -> str:
+def describe_target(target: Target, engines: str) -> str:
     """The target in words, e.g. 'p95 decode <= 7.40 ms, ttft_ms <= 450 at batch 1, context 256, prompt 128,
-    2 threads (onnxruntime, cpu)'."""
+    2 threads (onnxruntime, cpu)', naming the `engines` the run's figures come from."""
     name = "" if target.measure == "latency" else f"{target.measure} "
     limits = "".join(f", {limit.figure} <= {limit.value:g}" for limit in target.limits)
     shape = (f"seq {target.seq_len}" if target.prompt_len is None
              else f"context {target.seq_len}, prompt {target.prompt_len}")
     return (f"p{target.percentile:g} {name}<= {target.latency_ms:.2f} ms{limits} at batch {target.batch_size}, {shape}, "
-            f"{target.threads} threads ({target.runtime}, {target.device})")
+            f"{target.threads} threads ({engines}, {target.device})")
 
 
 def run_once_per_candidate(pipeline: TrialPipeline, progress: SilentProgress) -> Callable[[Candidate], TrialOutcome]:

@@ -66,6 +66,13 @@ class Recipe:
         return {32: "fp32", 16: "fp16 weights and compute"}.get(bits, f"{bits} bits")
 
 
+def engines_text(*engines: str | None) -> str:
+    """The engines a run's figures come from, each named once in order (e.g. the target's runtime, the baseline's
+    engine, the recipe's int8 engine): "onnxruntime and openvino"; None entries (not recorded) are skipped."""
+    named = list(dict.fromkeys(engine for engine in engines if engine))
+    return " and ".join(named)
+
+
 def recipe_for(flags: Iterable[str], *, openvino: bool = False) -> Recipe:
     """The recipe for a CPU with these ISA flags (kernel spelling), `openvino` saying whether OpenVINO and NNCF are
     installed (see the module docstring for why)."""

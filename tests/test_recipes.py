@@ -58,3 +58,10 @@ def test_the_profile_chain_and_the_deployed_model_carry_the_same_int4_recipe(lev
     plain = export_artifact(model, AutoTokenizer.from_pretrained(tiny_bert_dir), tmp_path / "plain")
     deployed = onnx.load(str(quantize_artifact(plain, tmp_path / "int4", bits=4, recipe=recipe).model_path))
     assert accuracy_levels(chain) == accuracy_levels(deployed) == {level}
+
+
+def test_engines_are_named_once_each_in_order_and_unrecorded_ones_skipped() -> None:
+    from profilers.recipes import engines_text
+
+    assert engines_text("onnxruntime", "onnxruntime", "openvino") == "onnxruntime and openvino"
+    assert engines_text("onnxruntime", None, "onnxruntime") == "onnxruntime"

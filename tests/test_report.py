@@ -215,3 +215,14 @@ def test_a_model_fixed_to_one_input_shape_says_how_to_feed_it(result: dict) -> N
     text = use_section(result)
     assert "model.xml and model.bin" in text and "fixed to batch 1 x 64 tokens" in text
     assert "with zeros to 64 tokens and feed 1 row(s) per call" in text
+
+
+def test_the_measurement_sentence_names_every_engine_the_figures_come_from(result: dict) -> None:
+    def measurement(report_result: dict) -> str:
+        section = next(s for s in build_report(report_result).sections if s.title.startswith("Hardware"))
+        assert section.table is not None
+        return dict(section.table.rows)["measurement"]
+
+    assert "threads, onnxruntime on cpu" in measurement(result)  # a result from before OpenVINO came
+    result["baseline"]["engine"], result["recipe"] = "openvino", {"int8_engine": "openvino"}
+    assert "threads, onnxruntime and openvino on cpu" in measurement(result)

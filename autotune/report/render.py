@@ -69,7 +69,7 @@ def _measurement_text(result: dict[str, Any]) -> str:
                 f"{target['device']}; each artifact generating in a fresh process, and the searched latency is "
                 f"{summary.latency_label(result)}")
     return (f"{pct} latency at batch {target['batch_size']}, sequence length {target['seq_len']}, {target['threads']} "
-            f"threads, {target['runtime']} on {target['device']}; each figure timed in a fresh process until the median's "
+            f"threads, {summary.engines_of(result)} on {target['device']}; each figure timed in a fresh process until the median's "
             "95% interval is within 2% (or a 3 s cap)")
 
 

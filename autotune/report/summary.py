@@ -12,7 +12,7 @@ from autotune.records import Stage
 from profilers.hardware import HardwareProfile
 from autotune.screening import model_shape
 from profilers.predictor import PredictionError, Workload
-from profilers.recipes import INT4_INT8_COMPUTE
+from profilers.recipes import INT4_INT8_COMPUTE, engines_text
 from profilers.roofline import roofline
 from search_spaces import Candidate
 
@@ -55,6 +55,12 @@ def fp32_reference_text(result: dict[str, Any]) -> str:
     fastest = min(choices, key=choices.get)
     others = ", ".join(f"{name} {ms:.2f} ms" for name, ms in choices.items() if name != fastest)
     return f"{fastest} (p50 {choices[fastest]:.2f} ms, the fastest measured; {others}, timed together)"
+
+
+def engines_of(result: dict[str, Any]) -> str:
+    """The engines an encoder run's figures come from: the target's runtime, the baseline's and int8's engines."""
+    return engines_text(result["target"]["runtime"], result["baseline"].get("engine"),
+                        (result.get("recipe") or {}).get("int8_engine"))
 
 
 def sparsity_text(candidate: dict[str, Any]) -> str:
