@@ -27,6 +27,7 @@ from typing import Any, Callable
 from autotune.progress import SilentProgress
 from autotune.records import Stage, TrialRecord, closest_measured, with_final_latencies
 from autotune.runtime import Artifact, load_artifact
+from autotune.tasks import Timed
 from autotune.trial import REMEASURE_ROUNDS, Target, TrialPipeline, noise_margin
 from profilers.latency import LatencyStats
 from search_spaces import Candidate
@@ -150,6 +151,8 @@ class Choice:
     confirmation: Confirmation | None
     margin: float
     percentile: float
+    #: Whether the confirmation pools the recommendation's repeats with its searched twin's (same shape and bits).
+    twin_pooled: bool = False
 
     @property
     def target_ms(self) -> float | None:
@@ -167,18 +170,32 @@ class Choice:
         return None if self.confirmation is None else (min(self.confirmation.speedups), max(self.confirmation.speedups))
 
 
-def confirm(pipeline: TrialPipeline, baseline: Artifact, record: TrialRecord) -> Confirmation:
+#: One repeat of a confirmation: the baseline's and the candidate's figures, measured taking turns.
+Pair = tuple[Timed, Timed]
+
+
+def confirmation_pairs(pipeline: TrialPipeline, baseline: Artifact, record: TrialRecord) -> list[Pair]:
     """A candidate chosen in a batch, measured again alone with the baseline (so no third model shares the caches),
     REMEASURE_ROUNDS times."""
-    target = pipeline.ctx.target
+    artifacts = [baseline, load_artifact(record.artifact)]
+    return [tuple(pipeline.measure_together(artifacts)) for _ in range(REMEASURE_ROUNDS)]  # type: ignore[misc]
+
+
+def confirmation_of(target: Target, timed: list[Pair]) -> Confirmation:
+    """The repeats as one Confirmation: the repeat with the median candidate percentile (the upper one of an even
+    count) and every repeat's speedup."""
     percentile = target.percentile
-    timed = sorted((pipeline.measure_together([baseline, load_artifact(record.artifact)]) for _ in range(REMEASURE_ROUNDS)),
-                   key=lambda pair: target.latency(pair[1]).percentile_ms(percentile))
+    timed = sorted(timed, key=lambda pair: target.latency(pair[1]).percentile_ms(percentile))
     pairs = [(target.latency(b), target.latency(m)) for b, m in timed]
     base, mine = pairs[len(pairs) // 2]
     return Confirmation(base, mine, tuple(b.p50_ms / m.p50_ms for b, m in pairs),
                         tuple(b.percentile_ms(percentile) / m.percentile_ms(percentile) for b, m in pairs),
                         timed[len(timed) // 2][1].figures(percentile), target.latency_ms_beside(base))
+
+
+def confirm(pipeline: TrialPipeline, baseline: Artifact, record: TrialRecord) -> Confirmation:
+    """`confirmation_pairs` of a candidate as one Confirmation."""
+    return confirmation_of(pipeline.ctx.target, confirmation_pairs(pipeline, baseline, record))
 
 
 def passed(record: TrialRecord, reason: str, stats: LatencyStats | None = None, percentile: float = 95.0) -> dict[str, Any]:
@@ -241,17 +258,32 @@ def within_limits(verdict: str, why: str, over: list[str]) -> tuple[str, str]:
     return "over", f"{why}, but {'; '.join(over)}"
 
 
+def latency_identity(record: TrialRecord) -> str | None:
+    """What a candidate's latency depends on (its shape and bits, `Candidate.shape_key`): a refined student and its
+    searched twin share it. None for a record without a candidate."""
+    return None if record.candidate is None else Candidate.from_dict(record.candidate).shape_key
+
+
 def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: list[TrialRecord], margin: float,
                           note: Callable[[str], None] = log.info) -> Choice:
     """The most accurate evaluated or refined candidate whose latency, re-measured alternating with the baseline's
     in one child process, meets the target at least within noise, and meets it with its upper confidence bound and
     the margin when confirmed alone with the baseline (three pairwise measurements: one batch's interval is wide
-    for a model at the target's edge, and a refined student and its searched twin share a shape and so a latency);
-    failing that, the most accurate one whose confirmation meets it within noise, said so. `note` hears every
-    candidate passed over and why."""
+    for a model at the target's edge); failing that, the most accurate one whose confirmation meets it within noise,
+    said so. `note` hears every candidate passed over and why.
+
+    A refined student and its searched twin share a shape and so a latency, but their confirmations fall in
+    different minutes: when the twin's meets the target and the more accurate one's only met it within noise, the
+    two are judged together on all their repeats, and the more accurate one is recommended if that meets it."""
     target = pipeline.ctx.target
     ranked, passed_over = contenders(pipeline, records)
     fallback: tuple[TrialRecord, Confirmation] | None = None
+    within_noise: dict[str, tuple[TrialRecord, list[Pair]]] = {}  # by latency identity: the first, most accurate
+
+    def verdict_of(confirmation: Confirmation) -> tuple[str, str]:
+        verdict, why = judge(confirmation.measured, target, confirmation.baseline, margin)
+        return within_limits(verdict, why, target.limits_over(confirmation.figures))
+
     for start in range(0, len(ranked), FINAL_BATCH):
         batch = ranked[start:start + FINAL_BATCH]
         baseline_timed, *timed = pipeline.measure_together([baseline, *(load_artifact(r.artifact) for r in batch)])
@@ -260,16 +292,22 @@ def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: 
             verdict, why = judge(measured, target, target.latency(baseline_timed), margin)
             verdict, why = within_limits(verdict, why, target.limits_over(measured_timed.figures(target.percentile)))
             if verdict != "over":
-                confirmation = confirm(pipeline, baseline, record)
-                verdict, why = judge(confirmation.measured, target, confirmation.baseline, margin)
-                verdict, why = within_limits(verdict, why, target.limits_over(confirmation.figures))
+                pairs = confirmation_pairs(pipeline, baseline, record)
+                confirmation = confirmation_of(target, pairs)
+                verdict, why = verdict_of(confirmation)
+                identity = latency_identity(record)
                 if verdict == "meets":
+                    twin, twin_pooled = within_noise.get(identity) if identity else None, False
+                    if twin is not None and verdict_of(pooled := confirmation_of(target, twin[1] + pairs))[0] == "meets":
+                        record, confirmation, twin_pooled = twin[0], pooled, True
                     chosen = record.with_latency(confirmation.measured.percentile_ms(target.percentile))
                     return Choice(chosen, verdict, None, more_accurate(passed_over, chosen), confirmation, margin,
-                                  target.percentile)
+                                  target.percentile, twin_pooled)
                 measured = confirmation.measured
-                if verdict == "within noise" and fallback is None:
-                    fallback = (record, confirmation)
+                if verdict == "within noise":
+                    fallback = fallback or (record, confirmation)
+                    if identity:
+                        within_noise.setdefault(identity, (record, pairs))
             passed_over.append(passed(record, why, measured, target.percentile))
             note(f"trial {record.number} ({record.stage}, {pipeline.ctx.task.objective_name} {record.accuracy:.4f}): "
                  f"{why}: not recommended")

@@ -81,6 +81,35 @@ def export_shape(directory: Path, tiny_bert_dir: Path, layers: int, hidden: int)
     return export_artifact(model, AutoTokenizer.from_pretrained(tiny_bert_dir), directory).dir
 
 
+def published_copies(tmp_path: Path, tiny_bert_dir: Path, names) -> dict[str, Path]:
+    """One tiny export copied under each name and published with its manifest (verified, not rebuilt): the fake
+    timings below tell the copies apart by name."""
+    import shutil
+
+    from autotune.caches import write_manifest
+
+    source = export_shape(tmp_path / "source", tiny_bert_dir, 1, 32)
+    dirs = {name: shutil.copytree(source, tmp_path / name) for name in names}
+    for directory in dirs.values():
+        write_manifest(directory)
+    return dirs
+
+
+def recommend_between_twins(dirs: dict[str, Path], target: Target, time_together):
+    """The recommendation between a refined student (0.85) and its searched twin (0.84), one shape, timed by
+    `time_together`."""
+    from autotune.runtime import load_artifact
+    from search_spaces import Candidate
+
+    task = SimpleNamespace(time_together=time_together, objective_name="accuracy")
+    pipeline = TrialPipeline(SimpleNamespace(target=target, task=task))
+    candidate = Candidate(layers=1, hidden=32, heads=4, ffn=64, bits=8).to_dict()
+    records = [TrialRecord(number=1, state="COMPLETE", candidate=candidate, stage=stage, accuracy=accuracy,
+                           latency_ms=1.5, artifact=str(dirs[name]))
+               for stage, accuracy, name in ((Stage.REFINED, 0.85, "refined"), (Stage.EVALUATED, 0.84, "searched"))]
+    return choose_recommendation(pipeline, load_artifact(dirs["baseline"]), records, margin=0.05)
+
+
 @pytest.mark.slow
 def test_the_more_accurate_but_slower_candidate_is_passed_over_with_its_reason_at_the_host_s_pace(tmp_path: Path, tiny_bert_dir: Path) -> None:
     from autotune.runtime import load_artifact
@@ -134,19 +163,12 @@ def test_a_student_over_the_target_beside_the_baseline_is_not_refined_the_next_m
         tmp_path: Path, tiny_bert_dir: Path) -> None:
     """Refinement is the selection's costliest step: it goes to the most accurate student that still meets the target
     re-measured beside the teacher, not to one that met it alone in a slower minute of the search."""
-    import shutil
-
-    from autotune.caches import write_manifest
     from autotune.runtime import load_artifact
     from autotune.selection import finalists
     from search_spaces import Candidate
 
-    source = export_shape(tmp_path / "source", tiny_bert_dir, 1, 32)
     p50_ms = {"baseline": 10.0, "edge": 3.6, "fits": 2.0, "teacher": 2.0, "far": 2.0}  # the edge one: over, beside it
-    dirs = {}
-    for name in p50_ms:
-        dirs[name] = shutil.copytree(source, tmp_path / name)
-        write_manifest(dirs[name])
+    dirs = published_copies(tmp_path, tiny_bert_dir, p50_ms)
     calls: list[list[str]] = []
 
     def time_together(artifacts, t) -> list[Timed]:
@@ -176,17 +198,11 @@ def test_a_student_within_noise_beside_the_baseline_is_confirmed_alone_and_not_r
     minutes, then measured over: within noise, a finalist is confirmed alone first, as a recommendation is. One the
     confirmation puts within noise again stays a finalist (requiring "meets" outright, under a 15% noise margin,
     passed over the student the selection then recommended with 26% headroom)."""
-    import shutil
-
-    from autotune.caches import write_manifest
     from autotune.runtime import load_artifact
     from autotune.selection import finalists
     from search_spaces import Candidate
 
-    source = export_shape(tmp_path / "source", tiny_bert_dir, 1, 32)
-    dirs = {name: shutil.copytree(source, tmp_path / name) for name in ("baseline", "edge", "fits")}
-    for directory in dirs.values():
-        write_manifest(directory)
+    dirs = published_copies(tmp_path, tiny_bert_dir, ("baseline", "edge", "fits"))
     target = target_of(3.0, baseline_p50_ms=10.0)
     baseline, fits = stats_of([10.0] * 300), stats_of([2.0] * 300)
     edge_in_batch, edge_alone = stats_of([2.9] * 300), stats_of([alone_ms] * 300)  # within noise (over 3.0 x 0.95)
@@ -218,16 +234,9 @@ def test_a_candidate_within_noise_in_the_batch_is_confirmed_alone_and_recommende
         tmp_path: Path, tiny_bert_dir: Path) -> None:
     """A refined student and its searched twin share a shape: one wide interval in the shared batch must not hand the
     recommendation to the less accurate twin."""
-    import shutil
 
-    from autotune.caches import write_manifest
-    from autotune.runtime import load_artifact
-    from search_spaces import Candidate
 
-    source = export_shape(tmp_path / "source", tiny_bert_dir, 1, 32)
-    dirs = {name: shutil.copytree(source, tmp_path / name) for name in ("baseline", "refined", "searched")}
-    for directory in dirs.values():
-        write_manifest(directory)
+    dirs = published_copies(tmp_path, tiny_bert_dir, ("baseline", "refined", "searched"))
     wide = stats_of([1.0] * 280 + [1.7 + 0.7 * i / 19 for i in range(20)])  # p95 under 2 ms, its upper bound over 1.9
     steady, teacher = stats_of([1.0] * 300), stats_of([8.0] * 300)
     target = target_of(2.0)
@@ -241,12 +250,36 @@ def test_a_candidate_within_noise_in_the_batch_is_confirmed_alone_and_recommende
         return [Timed({"latency": teacher if n == "baseline" else wide if in_batch and n == "refined" else steady})
                 for n in names]
 
-    task = SimpleNamespace(time_together=time_together, objective_name="accuracy")
-    pipeline = TrialPipeline(SimpleNamespace(target=target, task=task))
-    candidate = Candidate(layers=1, hidden=32, heads=4, ffn=64, bits=8).to_dict()
-    records = [TrialRecord(number=1, state="COMPLETE", candidate=candidate, stage=stage, accuracy=accuracy,
-                           latency_ms=1.5, artifact=str(dirs[name]))
-               for stage, accuracy, name in ((Stage.REFINED, 0.85, "refined"), (Stage.EVALUATED, 0.84, "searched"))]
-    choice = choose_recommendation(pipeline, load_artifact(dirs["baseline"]), records, margin=0.05)
+    choice = recommend_between_twins(dirs, target, time_together)
     assert choice.recommended is not None and choice.recommended.stage == Stage.REFINED and choice.verdict == "meets"
     assert batches[0] == ["baseline", "refined", "searched"] and batches[1:] == [["baseline", "refined"]] * 3
+
+
+@pytest.mark.parametrize("refined_repeats, recommended_stage, pooled", [
+    (("steady", "wide", "wide"), Stage.REFINED, True),  # the twins' six repeats, judged together, meet the target
+    (("wide", "wide", "wide"), Stage.EVALUATED, False),  # together they still meet it only within noise
+])
+def test_twins_confirmed_in_different_minutes_are_judged_together_before_the_less_accurate_one_is_recommended(
+        tmp_path: Path, tiny_bert_dir: Path, refined_repeats: tuple[str, ...], recommended_stage: Stage,
+        pooled: bool) -> None:
+    """A refined student's confirmation met the target only within noise, its searched twin's (same shape, a minute
+    later) met it: the CI's quick demo recommended the less accurate twin. Their latency is one latency, so all six
+    repeats decide."""
+
+
+    dirs = published_copies(tmp_path, tiny_bert_dir, ("baseline", "refined", "searched"))
+    stats = {"wide": stats_of([1.0] * 280 + [1.7 + 0.7 * i / 19 for i in range(20)]), "steady": stats_of([1.0] * 300)}
+    teacher, target = stats_of([8.0] * 300), target_of(2.0)
+    alone = {"refined": list(refined_repeats), "searched": ["steady"] * 3}
+
+    def time_together(artifacts, t) -> list[Timed]:
+        names = [a.dir.name for a in artifacts]
+        if len(names) > 2:  # the shared batch: both within noise there
+            return [Timed({"latency": teacher if n == "baseline" else stats["wide"]}) for n in names]
+        return [Timed({"latency": teacher}), Timed({"latency": stats[alone[names[1]].pop(0)]})]
+
+    choice = recommend_between_twins(dirs, target, time_together)
+    assert choice.recommended is not None and choice.recommended.stage == recommended_stage
+    assert choice.verdict == "meets" and choice.twin_pooled == pooled
+    assert len(choice.confirmation.speedups) == (6 if pooled else 3)
+    assert alone == {"refined": [], "searched": []}  # each confirmed once: three repeats apiece

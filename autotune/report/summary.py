@@ -146,6 +146,20 @@ def lm_answer(result: dict[str, Any]) -> str:
             f"disk{memory}.{caveat}")
 
 
+def words_of(count: int) -> str:
+    """A small count in words, as the answer reads."""
+    return {3: "three", 6: "six"}.get(count, str(count))
+
+
+def measurements_text(rec: dict[str, Any]) -> str:
+    """How many confirmation measurements the recommendation's speedup spans, and whose (its searched twin's, of the
+    same shape, where the two were judged together)."""
+    final = rec.get("final_measurement") or {}
+    count = len(final.get("speedups") or ()) or 3
+    twin = f" ({words_of(count // 2)} of them of its searched twin, the same shape)" if final.get("twin_pooled") else ""
+    return f"{words_of(count)} measurements{twin}"
+
+
 def one_line_answer(result: dict[str, Any]) -> str:
     """The recommendation in words with its latency vs the target, accuracy vs the teacher, speedup and size."""
     target = result["target"]
@@ -168,7 +182,7 @@ def one_line_answer(result: dict[str, Any]) -> str:
     latency = f"{pct} {rec['latency_ms']:.2f} ms" + (f" (95% interval {interval[0]:.2f}-{interval[1]:.2f})" if interval else "")
     spread = rec.get("speedup_interval")
     speedup = f"{rec['speedup']:.2f}x faster" + (
-        f" (median latency; {spread[0]:.2f}-{spread[1]:.2f}x over three measurements alternating with the teacher, "
+        f" (median latency; {spread[0]:.2f}-{spread[1]:.2f}x over {measurements_text(rec)} alternating with the teacher, "
         f"{rec['speedup_at_percentile']:.2f}x at {pct})" if spread else "")
     caveat = ""
     if rec.get("verdict") == "meets within noise" and interval:
