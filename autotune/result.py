@@ -135,7 +135,7 @@ def recommended_entry(session: Session, choice: Choice, model_dir: Path, test: S
         "speedup_interval": None if choice.speedup_interval is None else list(choice.speedup_interval),
         "speedup_at_percentile": median(confirmation.tail_speedups),
         "final_measurement": {"interleaved_runs": confirmation.measured.runs, "speedups": list(confirmation.speedups),
-                              "twin_pooled": choice.twin_pooled,
+                              "reconfirmed_after_twin": choice.reconfirmed,
                               "speedups_at_percentile": list(confirmation.tail_speedups),
                               "baseline": confirmation.baseline.to_dict(), "recommended": confirmation.measured.to_dict()},
         "epochs": record.epochs or session.spec.training.epochs,

@@ -27,7 +27,6 @@ from typing import Any, Callable
 from autotune.progress import SilentProgress
 from autotune.records import Stage, TrialRecord, closest_measured, with_final_latencies
 from autotune.runtime import Artifact, load_artifact
-from autotune.tasks import Timed
 from autotune.trial import REMEASURE_ROUNDS, Target, TrialPipeline, noise_margin
 from profilers.latency import LatencyStats
 from search_spaces import Candidate
@@ -151,8 +150,9 @@ class Choice:
     confirmation: Confirmation | None
     margin: float
     percentile: float
-    #: Whether the confirmation pools the recommendation's repeats with its searched twin's (same shape and bits).
-    twin_pooled: bool = False
+    #: Whether the recommendation was confirmed a second time, right after its searched twin (same shape and bits, so
+    #: the same latency) met the target, its first confirmation having met it only within noise.
+    reconfirmed: bool = False
 
     @property
     def target_ms(self) -> float | None:
@@ -170,32 +170,18 @@ class Choice:
         return None if self.confirmation is None else (min(self.confirmation.speedups), max(self.confirmation.speedups))
 
 
-#: One repeat of a confirmation: the baseline's and the candidate's figures, measured taking turns.
-Pair = tuple[Timed, Timed]
-
-
-def confirmation_pairs(pipeline: TrialPipeline, baseline: Artifact, record: TrialRecord) -> list[Pair]:
+def confirm(pipeline: TrialPipeline, baseline: Artifact, record: TrialRecord) -> Confirmation:
     """A candidate chosen in a batch, measured again alone with the baseline (so no third model shares the caches),
     REMEASURE_ROUNDS times."""
-    artifacts = [baseline, load_artifact(record.artifact)]
-    return [tuple(pipeline.measure_together(artifacts)) for _ in range(REMEASURE_ROUNDS)]  # type: ignore[misc]
-
-
-def confirmation_of(target: Target, timed: list[Pair]) -> Confirmation:
-    """The repeats as one Confirmation: the repeat with the median candidate percentile (the upper one of an even
-    count) and every repeat's speedup."""
+    target = pipeline.ctx.target
     percentile = target.percentile
-    timed = sorted(timed, key=lambda pair: target.latency(pair[1]).percentile_ms(percentile))
+    timed = sorted((pipeline.measure_together([baseline, load_artifact(record.artifact)]) for _ in range(REMEASURE_ROUNDS)),
+                   key=lambda pair: target.latency(pair[1]).percentile_ms(percentile))
     pairs = [(target.latency(b), target.latency(m)) for b, m in timed]
     base, mine = pairs[len(pairs) // 2]
     return Confirmation(base, mine, tuple(b.p50_ms / m.p50_ms for b, m in pairs),
                         tuple(b.percentile_ms(percentile) / m.percentile_ms(percentile) for b, m in pairs),
                         timed[len(timed) // 2][1].figures(percentile), target.latency_ms_beside(base))
-
-
-def confirm(pipeline: TrialPipeline, baseline: Artifact, record: TrialRecord) -> Confirmation:
-    """`confirmation_pairs` of a candidate as one Confirmation."""
-    return confirmation_of(pipeline.ctx.target, confirmation_pairs(pipeline, baseline, record))
 
 
 def passed(record: TrialRecord, reason: str, stats: LatencyStats | None = None, percentile: float = 95.0) -> dict[str, Any]:
@@ -273,12 +259,12 @@ def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: 
     said so. `note` hears every candidate passed over and why.
 
     A refined student and its searched twin share a shape and so a latency, but their confirmations fall in
-    different minutes: when the twin's meets the target and the more accurate one's only met it within noise, the
-    two are judged together on all their repeats, and the more accurate one is recommended if that meets it."""
+    different minutes: when the twin's meets the target and the more accurate one's met it only within noise, the
+    more accurate one is confirmed again in these minutes, and recommended if that meets it."""
     target = pipeline.ctx.target
     ranked, passed_over = contenders(pipeline, records)
     fallback: tuple[TrialRecord, Confirmation] | None = None
-    within_noise: dict[str, tuple[TrialRecord, list[Pair]]] = {}  # by latency identity: the first, most accurate
+    within_noise: dict[str, TrialRecord] = {}  # by latency identity: the first, most accurate
 
     def verdict_of(confirmation: Confirmation) -> tuple[str, str]:
         verdict, why = judge(confirmation.measured, target, confirmation.baseline, margin)
@@ -292,22 +278,21 @@ def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: 
             verdict, why = judge(measured, target, target.latency(baseline_timed), margin)
             verdict, why = within_limits(verdict, why, target.limits_over(measured_timed.figures(target.percentile)))
             if verdict != "over":
-                pairs = confirmation_pairs(pipeline, baseline, record)
-                confirmation = confirmation_of(target, pairs)
+                confirmation = confirm(pipeline, baseline, record)
                 verdict, why = verdict_of(confirmation)
                 identity = latency_identity(record)
                 if verdict == "meets":
-                    twin, twin_pooled = within_noise.get(identity) if identity else None, False
-                    if twin is not None and verdict_of(pooled := confirmation_of(target, twin[1] + pairs))[0] == "meets":
-                        record, confirmation, twin_pooled = twin[0], pooled, True
+                    twin, reconfirmed = within_noise.get(identity) if identity else None, False
+                    if twin is not None and verdict_of(again := confirm(pipeline, baseline, twin))[0] == "meets":
+                        record, confirmation, reconfirmed = twin, again, True
                     chosen = record.with_latency(confirmation.measured.percentile_ms(target.percentile))
                     return Choice(chosen, verdict, None, more_accurate(passed_over, chosen), confirmation, margin,
-                                  target.percentile, twin_pooled)
+                                  target.percentile, reconfirmed)
                 measured = confirmation.measured
                 if verdict == "within noise":
                     fallback = fallback or (record, confirmation)
                     if identity:
-                        within_noise.setdefault(identity, (record, pairs))
+                        within_noise.setdefault(identity, record)
             passed_over.append(passed(record, why, measured, target.percentile))
             note(f"trial {record.number} ({record.stage}, {pipeline.ctx.task.objective_name} {record.accuracy:.4f}): "
                  f"{why}: not recommended")

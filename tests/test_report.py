@@ -228,10 +228,11 @@ def test_the_measurement_sentence_names_every_engine_the_figures_come_from(resul
     assert "threads, onnxruntime and openvino on cpu" in measurement(result)
 
 
-def test_the_answer_counts_the_measurements_its_speedup_spans_and_names_a_twin_s(result: dict) -> None:
+def test_the_answer_says_when_its_speedup_comes_from_a_second_confirmation(result: dict) -> None:
     rec = result["recommended"]
     rec |= {"speedup_interval": [2.9, 3.1], "speedup_at_percentile": 3.0,
-            "final_measurement": {"speedups": [2.9, 3.0, 3.1], "twin_pooled": False}}
+            "final_measurement": {"speedups": [2.9, 3.0, 3.1], "reconfirmed_after_twin": False}}
     assert "2.90-3.10x over three measurements alternating with the teacher" in one_line_answer(result)
-    rec["final_measurement"] = {"speedups": [2.9, 3.0, 3.1] * 2, "twin_pooled": True}
-    assert "over six measurements (three of them of its searched twin, the same shape) alternating" in one_line_answer(result)
+    rec["final_measurement"]["reconfirmed_after_twin"] = True
+    assert ("over three measurements, its second confirmation, after its searched twin of the same shape met the "
+            "target, alternating") in one_line_answer(result)

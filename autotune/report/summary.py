@@ -146,18 +146,13 @@ def lm_answer(result: dict[str, Any]) -> str:
             f"disk{memory}.{caveat}")
 
 
-def words_of(count: int) -> str:
-    """A small count in words, as the answer reads."""
-    return {3: "three", 6: "six"}.get(count, str(count))
-
-
 def measurements_text(rec: dict[str, Any]) -> str:
-    """How many confirmation measurements the recommendation's speedup spans, and whose (its searched twin's, of the
-    same shape, where the two were judged together)."""
+    """The confirmation the recommendation's speedup comes from: three measurements, and whether they were its second
+    confirmation, taken after its searched twin (same shape) met the target."""
     final = rec.get("final_measurement") or {}
-    count = len(final.get("speedups") or ()) or 3
-    twin = f" ({words_of(count // 2)} of them of its searched twin, the same shape)" if final.get("twin_pooled") else ""
-    return f"{words_of(count)} measurements{twin}"
+    again = ", its second confirmation, after its searched twin of the same shape met the target," if final.get(
+        "reconfirmed_after_twin") else ""
+    return f"three measurements{again}"
 
 
 def one_line_answer(result: dict[str, Any]) -> str:
