@@ -39,10 +39,10 @@ class Artifact:
 
     `engine` is what runs the model file: "onnxruntime" (an ONNX file) or "openvino" (an OpenVINO IR, `model.xml`
     with its weights in `model.bin` beside it); `fixed_shape` is the (batch, sequence length) an OpenVINO IR's inputs
-    are fixed to, which its runtime pads inputs to (None: any shape). `bits` and `fused` say which variant the file is (the plain export is
-    32 bits, unfused, ONNX); `size_bytes` is the model's size on disk, the figure reports quote. `num_heads` and `hidden_size` are the
-    attention's heads and width, what ONNX Runtime's attention fusion is told (the width is the model's hidden size
-    unless its heads were pruned).
+    are fixed to, which its runtime pads inputs to (None: any shape). `bits` and `fused` say which variant the file
+    is (the plain export is 32 bits, unfused, ONNX); `size_bytes` is the model's size on disk, the figure reports
+    quote. `num_heads` and `hidden_size` are the attention's heads and width, what ONNX Runtime's attention fusion is
+    told (the width is the model's hidden size unless its heads were pruned).
     """
 
     dir: Path

@@ -309,8 +309,8 @@ class TextClassification(TaskFamily):
 
     def fp32_deployments(self, out_dir: Path) -> dict[str, Artifact]:
         """The teacher's export with ONNX Runtime's transformer fusion and without, and as OpenVINO's fp32 IR where it
-        is installed (inputs fixed as its int8 students' are): fusion measured 0.95-1.16x across CPUs and OpenVINO 0.91x (AVX2) to 1.24x (AVX-512 VNNI), so
-        only timing says which is the fastest reference."""
+        is installed (inputs fixed as its int8 students' are): fusion measured 0.95-1.16x across CPUs and OpenVINO
+        0.91x (AVX2) to 1.24x (AVX-512 VNNI), so only timing says which is the fastest reference."""
         plain = self.export(self.teacher, out_dir / "unfused")
         deployments = {"fp32 fused": quantize_artifact(plain, out_dir / "fused", bits=32), "fp32 unfused": plain}
         if openvino_installed():
