@@ -294,8 +294,9 @@ def choose_recommendation(pipeline: TrialPipeline, baseline: Artifact, records: 
                     if identity:
                         within_noise.setdefault(identity, record)
             passed_over.append(passed(record, why, measured, target.percentile))
+            outcome = "not recommended yet" if verdict == "within noise" else "not recommended"  # a fallback, or a twin's
             note(f"trial {record.number} ({record.stage}, {pipeline.ctx.task.objective_name} {record.accuracy:.4f}): "
-                 f"{why}: not recommended")
+                 f"{why}: {outcome}")
     if fallback is not None:
         record, confirmation = fallback
         chosen = record.with_latency(confirmation.measured.percentile_ms(target.percentile))

@@ -95,9 +95,9 @@ def published_copies(tmp_path: Path, tiny_bert_dir: Path, names) -> dict[str, Pa
     return dirs
 
 
-def recommend_between_twins(dirs: dict[str, Path], target: Target, time_together):
+def recommend_between_twins(dirs: dict[str, Path], target: Target, time_together, notes: list[str] | None = None):
     """The recommendation between a refined student (0.85) and its searched twin (0.84), one shape, timed by
-    `time_together`."""
+    `time_together`; `notes` hears what was passed over."""
     from autotune.runtime import load_artifact
     from search_spaces import Candidate
 
@@ -107,7 +107,8 @@ def recommend_between_twins(dirs: dict[str, Path], target: Target, time_together
     records = [TrialRecord(number=1, state="COMPLETE", candidate=candidate, stage=stage, accuracy=accuracy,
                            latency_ms=1.5, artifact=str(dirs[name]))
                for stage, accuracy, name in ((Stage.REFINED, 0.85, "refined"), (Stage.EVALUATED, 0.84, "searched"))]
-    return choose_recommendation(pipeline, load_artifact(dirs["baseline"]), records, margin=0.05)
+    return choose_recommendation(pipeline, load_artifact(dirs["baseline"]), records, margin=0.05,
+                                 note=(notes if notes is not None else []).append)
 
 
 @pytest.mark.slow
@@ -274,7 +275,10 @@ def test_a_refined_student_within_noise_is_confirmed_again_when_its_searched_twi
         order.append(names[1])
         return [Timed({"latency": teacher}), Timed({"latency": stats[alone[names[1]].pop(0)]})]
 
-    choice = recommend_between_twins(dirs, target, time_together)
+    notes: list[str] = []
+    choice = recommend_between_twins(dirs, target, time_together, notes)
+    assert notes and notes[0].startswith("trial 1 (refined") and "meets only within noise" in notes[0]
+    assert notes[0].endswith(": not recommended yet")  # it may be, when its twin's confirmation meets the target
     assert choice.recommended is not None and choice.recommended.stage == recommended_stage
     assert choice.verdict == "meets" and choice.reconfirmed == (recommended_stage == Stage.REFINED)
     assert order == ["refined"] * 3 + ["searched"] * 3 + ["refined"] * 3
