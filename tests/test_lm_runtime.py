@@ -12,7 +12,9 @@ import onnx
 import pytest
 import torch
 
-from autotune.runtime.genai import ExportError, LMArtifact, WeightOnly, cache_shape, empty_cache_feeds, export_causal_lm
+from autotune.runtime.genai import (
+    ExportError, LMArtifact, WeightOnly, cache_shape, empty_cache_feeds, export_causal_lm, greedy_continuation,
+)
 from autotune.tasks.lm_quality import _session, score_lm, window_logits
 from profilers.generation import GenerationError, GenerationRequest, measure_generation, measure_generations
 from conftest import save_tiny_llama
@@ -203,6 +205,22 @@ def test_perplexity_on_the_artifact_equals_the_torch_model_s(fp32_artifact: LMAr
     assert score.perplexity == pytest.approx(np.exp(loss), rel=1e-4)
     assert score.tokens == data.shape[0] * (data.shape[1] - 1)
     assert score_lm(fp32_artifact.directory, data, reference=score.predictions).agreement == 1.0
+
+
+@pytest.mark.parametrize("weights", [None, WeightOnly(bits=4, block_size=16, method="rtn-offset")])
+def test_a_prompt_s_lm_head_on_its_last_token_alone_generates_and_scores_as_on_every_token(
+        fp32_artifact: LMArtifact, tiny_llama_dir: Path, tmp_path: Path, weights: WeightOnly | None) -> None:
+    full = fp32_artifact if weights is None else export_causal_lm(tiny_llama_dir, tmp_path / "full", weights)
+    last = export_causal_lm(tiny_llama_dir, tmp_path / "last", weights, last_logits_only=True)
+    graph = onnx.load(str(last.onnx_path), load_external_data=False).graph
+    logits = next(output for output in graph.output if output.name == "logits")
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1  # what GenAI reads as last-token logits
+    prompt = windows(1, 12)[0].tolist()
+    assert greedy_continuation(last.directory, prompt, 6) == greedy_continuation(full.directory, prompt, 6)
+    data = windows()
+    expected = score_lm(full.directory, data)
+    scored = score_lm(last.directory, data, reference=expected.predictions)
+    assert scored.perplexity == pytest.approx(expected.perplexity, rel=1e-6) and scored.agreement == 1.0
 
 
 def test_agreement_falls_when_the_model_differs(fp32_artifact: LMArtifact, torch_model, tiny_llama_dir: Path,

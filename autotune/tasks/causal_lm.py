@@ -392,17 +392,19 @@ class CausalLM(TaskFamily):
         return 0.0
 
     def build(self, model: nn.Module, candidate: Candidate, out_dir: Path, recipe: Recipe) -> Artifact:
-        """The builder's GenAI export at the candidate's weight-only scheme; the teacher's exports are cached per
+        """The builder's GenAI export at the candidate's weight-only scheme, its prompt's LM head on the last token
+        alone (the baseline's too, so TTFT gains are the compression's); the teacher's exports are cached per
         machine (autotune.lm_measure), a student is saved beside `out_dir` first."""
         from autotune.tasks.lm_exports import cached_export, save_causal_lm
 
         weights = weight_only(candidate, int(model.config.vocab_size))
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         if model is self.model:
-            link_tree(cached_export(self.hf_dir, weights).directory, out_dir)
+            link_tree(cached_export(self.hf_dir, weights, last_logits_only=True).directory, out_dir)
         else:
             with owned_temporary_directory(STAGING, out_dir.parent) as tmp:
-                export_causal_lm(save_causal_lm(model, self.hf_dir, tmp / "hf"), out_dir, weights)
+                export_causal_lm(save_causal_lm(model, self.hf_dir, tmp / "hf"), out_dir, weights,
+                                 last_logits_only=True)
         return artifact_of(out_dir, model.config, candidate.bits)
 
     def request(self, artifact: Artifact, timing: Timing, runs: int) -> GenerationRequest:
@@ -432,7 +434,7 @@ class CausalLM(TaskFamily):
         from autotune.tasks.lm_quality import score_lm
 
         if split not in self.references:
-            teacher = cached_export(self.hf_dir, None)
+            teacher = cached_export(self.hf_dir, None, last_logits_only=True)
             self.references[split] = score_lm(teacher.directory, getattr(self.windows, split), threads=threads)
         return self.references[split]
 

@@ -56,8 +56,9 @@ def weights_identity(hf_dir: Path) -> list[Any]:
 
 
 def cached_export(hf_dir: Path, weights: WeightOnly | None, calibration: np.ndarray | None = None,
-                  cache_dir: Path | None = None) -> LMArtifact:
-    """The GenAI export of `hf_dir` at `weights` (GPTQ calibrated on `calibration`), built once per machine under
+                  cache_dir: Path | None = None, last_logits_only: bool = False) -> LMArtifact:
+    """The GenAI export of `hf_dir` at `weights` (GPTQ calibrated on `calibration`; the prompt's LM head on its last
+    token alone with `last_logits_only`, see `export_causal_lm`), built once per machine under
     `<cache root>/lm-exports`."""
     import hashlib
 
@@ -71,10 +72,10 @@ def cached_export(hf_dir: Path, weights: WeightOnly | None, calibration: np.ndar
     text = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest() if calibrated else None
     key = key_of("lm-export", str(hf_dir), weights_identity(hf_dir), weights and weights.name,
                  weights and weights.accuracy_level, text, onnxruntime.__version__, onnxruntime_genai.__version__,
-                 source_identity(genai, offset_grid))
+                 source_identity(genai, offset_grid), *(["last logits only"] if last_logits_only else []))
     final = (cache_dir or cache_root() / "lm-exports") / key
-    hit = cached_dir(final, "genai_config.json",
-                     lambda staging: export_causal_lm(hf_dir, staging, weights, calibration if calibrated else None))
+    hit = cached_dir(final, "genai_config.json", lambda staging: export_causal_lm(
+        hf_dir, staging, weights, calibration if calibrated else None, last_logits_only=last_logits_only))
     log.info("%s export of %s %s", weights.name if weights else "fp32", hf_dir, "reused" if hit else "built")
     return LMArtifact(final, weights)
 

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from autotune.runtime.genai import cache_shape, empty_cache_feeds
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -36,13 +40,52 @@ class LMScore:
         return {"perplexity": self.perplexity, "agreement": self.agreement, "tokens": self.tokens}
 
 
+#: The nodes the builder's `prune_lm_head` puts before the LM head: the last position's hidden state, given back
+#: its sequence axis.
+PRUNE_GATHER, PRUNE_UNSQUEEZE = "/prune/Gather", "/prune/Unsqueeze"
+
+
+def every_position_view(model: onnx.ModelProto) -> bool:
+    """Give, in place, a graph whose LM head sees the last position alone (the builder's `prune_lm_head`) the hidden
+    states of every position again, so it yields logits [batch, sequence, vocab] from the same weights; whether it
+    was such a graph. Shapes the builder recorded for the single position are dropped for ONNX Runtime to infer."""
+    graph = model.graph
+    gather = next((n for n in graph.node if n.op_type == "Gather" and n.name.endswith(PRUNE_GATHER)), None)
+    if gather is None:
+        return False
+    unsqueeze = next(n for n in graph.node if n.op_type == "Unsqueeze" and n.name.endswith(PRUNE_UNSQUEEZE)
+                     and n.input[0] == gather.output[0])
+    for node in graph.node:
+        node.input[:] = [gather.input[0] if name == unsqueeze.output[0] else name for name in node.input]
+    graph.node.remove(gather)
+    graph.node.remove(unsqueeze)
+    index = gather.input[1]  # the position's constant: left unread, ONNX Runtime would warn as it drops it
+    if not any(index in node.input for node in graph.node):
+        for unread in [node for node in graph.node if list(node.output) == [index]]:
+            graph.node.remove(unread)
+        for unread in [init for init in graph.initializer if init.name == index]:
+            graph.initializer.remove(unread)
+    logits = next(output for output in graph.output if output.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
+    del graph.value_info[:]
+    return True
+
+
 def _session(model_dir: Path, threads: int | None):
+    """An ONNX Runtime session of the model in `model_dir` with logits at every position (`every_position_view`
+    of a graph built with the prompt's LM head on its last token; its weights read from `model_dir` as they are)."""
+    import onnx
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    source: str | bytes = str(model_dir / "model.onnx")
+    model = onnx.load(source, load_external_data=False)
+    if every_position_view(model):
+        source = model.SerializeToString()
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_dir))
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
