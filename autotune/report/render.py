@@ -157,7 +157,9 @@ def _use_section(result: dict[str, Any]) -> Section | None:
                 "print(tokenizer.decode(generator.get_sequence(0)))")
         return Section("Use the model", (
             f"{model} is an ONNX Runtime GenAI model (model.onnx with its KV cache, genai_config.json, the tokenizer) "
-            "and artifact.json (bits and the figures it was measured at). Generate with onnxruntime-genai:",), code=code)
+            "and artifact.json (bits and the figures it was measured at). Its logits are the last position's only "
+            "(the prompt's LM head runs on its last token, which is all generation samples from): running model.onnx "
+            "yourself gives logits [batch, 1, vocab]. Generate with onnxruntime-genai:",), code=code)
     code = (f'autotune predict {model} "a gripping, funny film"\n\n'
             f'from autotune import load_model\nmodel = load_model("{model}")\n'
             'print(model.predict(["a gripping, funny film"]))')
