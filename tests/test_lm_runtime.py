@@ -223,6 +223,20 @@ def test_a_prompt_s_lm_head_on_its_last_token_alone_generates_and_scores_as_on_e
     assert scored.perplexity == pytest.approx(expected.perplexity, rel=1e-6) and scored.agreement == 1.0
 
 
+def test_the_every_position_view_refuses_a_pruned_head_it_does_not_know() -> None:
+    from onnx import TensorProto, helper
+
+    from autotune.tasks.lm_quality import every_position_view
+
+    gather = helper.make_node("Gather", ["hidden", "last"], ["picked"], name="/lm_head/prune/Gather", axis=1)
+    graph = helper.make_graph([gather], "g", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor_value_info("picked", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor("last", TensorProto.INT64, [], [-1])])
+    with pytest.raises(ValueError, match="not a graph this view knows"):
+        every_position_view(helper.make_model(graph))
+    assert every_position_view(helper.make_model(helper.make_graph([], "plain", [], []))) is False
+
+
 def test_agreement_falls_when_the_model_differs(fp32_artifact: LMArtifact, torch_model, tiny_llama_dir: Path,
                                                tmp_path: Path) -> None:
     # A random tiny llama with tied embeddings predicts its input token back; blocks with large weights do not.

@@ -53,8 +53,10 @@ def every_position_view(model: onnx.ModelProto) -> bool:
     gather = next((n for n in graph.node if n.op_type == "Gather" and n.name.endswith(PRUNE_GATHER)), None)
     if gather is None:
         return False
-    unsqueeze = next(n for n in graph.node if n.op_type == "Unsqueeze" and n.name.endswith(PRUNE_UNSQUEEZE)
-                     and n.input[0] == gather.output[0])
+    unsqueeze = next((n for n in graph.node if n.op_type == "Unsqueeze" and n.name.endswith(PRUNE_UNSQUEEZE)
+                      and n.input[0] == gather.output[0]), None)
+    if unsqueeze is None:
+        raise ValueError(f"{gather.name} does not feed the builder's {PRUNE_UNSQUEEZE}: not a graph this view knows")
     for node in graph.node:
         node.input[:] = [gather.input[0] if name == unsqueeze.output[0] else name for name in node.input]
     graph.node.remove(gather)
