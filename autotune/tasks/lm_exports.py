@@ -72,7 +72,7 @@ def cached_export(hf_dir: Path, weights: WeightOnly | None, calibration: np.ndar
     text = hashlib.sha256(np.ascontiguousarray(calibration).tobytes()).hexdigest() if calibrated else None
     key = key_of("lm-export", str(hf_dir), weights_identity(hf_dir), weights and weights.name,
                  weights and weights.accuracy_level, text, onnxruntime.__version__, onnxruntime_genai.__version__,
-                 source_identity(genai, offset_grid), *(["last logits only"] if last_logits_only else []))
+                 source_identity(genai, offset_grid), last_logits_only)
     final = (cache_dir or cache_root() / "lm-exports") / key
     hit = cached_dir(final, "genai_config.json", lambda staging: export_causal_lm(
         hf_dir, staging, weights, calibration if calibrated else None, last_logits_only=last_logits_only))
