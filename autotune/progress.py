@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from autotune.records import Stage
-from autotune.study import SURPLUS_ATTR, finished_count
+from autotune.study import REPEAT_ATTR, SURPLUS_ATTR, finished_count
 from search_spaces import Candidate
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,13 @@ class TuneProgress(SilentProgress):
 
     def trial_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Count the outcome (failure, gate rejection, new best feasible accuracy) and move the bar to the study's
-        finished count; a surplus trial ran nothing and is ignored."""
+        finished count; a surplus trial ran nothing and is ignored, a repeat only noted."""
         attrs = trial.user_attrs
         if attrs.get(SURPLUS_ATTR):
+            return
+        if attrs.get(REPEAT_ATTR) is not None:
+            self.note(f"trial {trial.number}: the sampler proposed trial {attrs[REPEAT_ATTR]}'s candidate again; its "
+                      "figures reused, no budget used")
             return
         if trial.state == TrialState.FAIL:
             self.failures += 1

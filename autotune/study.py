@@ -59,6 +59,8 @@ WORKER_ATTR = "worker"
 INTERRUPTED_ATTR = "interrupted"
 SURPLUS_ATTR = "surplus"
 ERROR_ATTR = "error"
+#: Trial user attribute: the number of the earlier trial whose candidate this one repeats (see `repeated_trial`).
+REPEAT_ATTR = "repeat_of"
 #: Trial user attribute "<host>:<pid>/<trial number>": the process that claimed this very trial. A retry copies its
 #: attributes, so the number tells a claim of the retry from its failed attempt's.
 OWNER_ATTR = "owner"
@@ -295,9 +297,10 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 
 def uses_budget(trial: FrozenTrial, retried: set[int]) -> bool:
-    """Whether a trial counts against the budget: not a surplus trial (it ran nothing), nor a failed attempt Optuna
-    retried (its retry counts instead)."""
-    return not trial.user_attrs.get(SURPLUS_ATTR) and not (trial.state == TrialState.FAIL and trial.number in retried)
+    """Whether a trial counts against the budget: not a surplus trial (it ran nothing), nor a repeat (it returned an
+    earlier trial's figures), nor a failed attempt Optuna retried (its retry counts instead)."""
+    skipped = trial.user_attrs.get(SURPLUS_ATTR) or trial.user_attrs.get(REPEAT_ATTR) is not None
+    return not skipped and not (trial.state == TrialState.FAIL and trial.number in retried)
 
 
 def budget_use(trials: Sequence[FrozenTrial]) -> BudgetUse:
@@ -335,8 +338,32 @@ def surplus_reason(study: optuna.Study, number: int, budget: int) -> str | None:
     return None
 
 
+def repeated_trial(trials: Sequence[FrozenTrial], candidate: dict[str, Any], fingerprint: str,
+                   budget: int) -> FrozenTrial | None:
+    """The earlier COMPLETE trial that measured `candidate` on the hardware `fingerprint`, which a new trial of it
+    repeats, or None. Optuna does not deduplicate: NSGA-II's first generation samples at random, and in a small
+    space it proposes a measured candidate again (a fifth of the quick LLM demo's 5 trials). A repeat returns the
+    earlier figures, so the sampler still learns the point, and uses no budget; but only `budget` repeats per
+    study, since a converged sampler, or a space it has exhausted, proposes nothing else and the study must end."""
+    if sum(t.user_attrs.get(REPEAT_ATTR) is not None for t in trials) >= budget:
+        return None
+    return next((t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(REPEAT_ATTR) is None
+                 and t.user_attrs.get("candidate") == candidate and t.user_attrs.get(HARDWARE_ATTR) == fingerprint),
+                None)
+
+
+def repeat(trial: optuna.Trial, earlier: FrozenTrial) -> list[float]:
+    """Record `trial` as a repeat of `earlier`: its constraints, and its objective values to return."""
+    for name, value in earlier.constraints.items():
+        trial.set_constraint(name, value)
+    trial.set_user_attr(REPEAT_ATTR, earlier.number)
+    log.info("trial %d repeats trial %d's candidate: its figures again, no budget used", trial.number, earlier.number)
+    return list(earlier.values)
+
+
 def kept_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The study's trials for results and reports: without surplus trials, retried attempts, waiting trials."""
+    """The study's trials for results and reports: without surplus trials, repeats, retried attempts, waiting
+    trials."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     return [t for t in trials if uses_budget(t, retried) and t.state != TrialState.WAITING]
@@ -389,7 +416,8 @@ def make_objective(
     budget: int, on_start: Callable[[int, Candidate], None] = lambda number, candidate: None,
 ) -> Callable[[optuna.Trial], list[float]]:
     """The Optuna objective of a run: suggest a candidate, evaluate it, record the outcome. A trial started beyond the
-    budget is pruned before it runs anything, since several workers can start the last trial at once."""
+    budget is pruned before it runs anything, since several workers can start the last trial at once; a trial of a
+    candidate already measured returns its figures (`repeated_trial`)."""
     def objective(trial: optuna.Trial) -> list[float]:
         trial.set_user_attr(OWNER_ATTR, f"{worker_id()}/{trial.number}")
         trial.set_user_attr(WORKER_ATTR, worker_id())
@@ -400,6 +428,9 @@ def make_objective(
         trial.set_user_attr(HARDWARE_ATTR, fingerprint)
         candidate = suggest(trial, space)
         trial.set_user_attr("candidate", candidate.to_dict())
+        earlier = repeated_trial(trial.study.get_trials(deepcopy=False), candidate.to_dict(), fingerprint, budget)
+        if earlier is not None:
+            return repeat(trial, earlier)
         on_start(trial.number, candidate)
         try:
             outcome = evaluate(candidate)
