@@ -296,11 +296,15 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     return {number for t in trials for number in t.system_attrs.get("retry_history", ())}
 
 
+def ran_nothing(trial: FrozenTrial) -> bool:
+    """Whether a trial ran nothing of its own: a surplus trial, or a repeat returning an earlier trial's figures."""
+    return bool(trial.user_attrs.get(SURPLUS_ATTR)) or trial.user_attrs.get(REPEAT_ATTR) is not None
+
+
 def uses_budget(trial: FrozenTrial, retried: set[int]) -> bool:
-    """Whether a trial counts against the budget: not a surplus trial (it ran nothing), nor a repeat (it returned an
-    earlier trial's figures), nor a failed attempt Optuna retried (its retry counts instead)."""
-    skipped = trial.user_attrs.get(SURPLUS_ATTR) or trial.user_attrs.get(REPEAT_ATTR) is not None
-    return not skipped and not (trial.state == TrialState.FAIL and trial.number in retried)
+    """Whether a trial counts against the budget: not one that ran nothing (`ran_nothing`), nor a failed attempt
+    Optuna retried (its retry counts instead)."""
+    return not ran_nothing(trial) and not (trial.state == TrialState.FAIL and trial.number in retried)
 
 
 def budget_use(trials: Sequence[FrozenTrial]) -> BudgetUse:

@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the tests' tiny model and synthetic d
 
 from conftest import save_tiny_model, synthetic_rows, write_csv  # noqa: E402
 
-from autotune.study import ERROR_ATTR, MAX_RETRY, OWNER_ATTR, SURPLUS_ATTR, WORKER_ATTR, retried_numbers  # noqa: E402
+from autotune.study import ERROR_ATTR, MAX_RETRY, OWNER_ATTR, WORKER_ATTR, ran_nothing, retried_numbers  # noqa: E402
 
 SPACE = {"layers": [1, 2], "hidden": [32], "heads": [4], "ffn": [64], "sparsity": [0.0, 0.3], "bits": [32, 8]}
 
@@ -110,7 +110,7 @@ def trials_lost_under_kills(spec: Path, storage: str, root: Path, budget: int, k
             procs[victim] = start_worker(spec, storage, study, root, cache)
             last_kill = time.monotonic()
     trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("surplus")]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and not ran_nothing(t)]
     running = [t for t in trials if t.state == TrialState.RUNNING]
     return max(0, budget - len(complete)) + len(running), kills
 
@@ -164,12 +164,12 @@ def running_owners(storage: str, study: str) -> set[int]:
 
 
 def budget_done(storage: str, study: str, budget: int) -> bool:
-    """Whether the study holds `budget` COMPLETE trials (surplus ones aside)."""
+    """Whether the study holds `budget` COMPLETE trials (those that ran nothing aside: surplus trials, repeats)."""
     try:
         trials = load_trials(storage, study)
     except Exception:  # noqa: BLE001 - not created yet
         return False
-    return sum(t.state.name == "COMPLETE" and not t.user_attrs.get(SURPLUS_ATTR) for t in trials) >= budget
+    return sum(t.state.name == "COMPLETE" and not ran_nothing(t) for t in trials) >= budget
 
 
 def kill_storm(spec: Path, storage: str, study: str, root: Path, cache: Path, *, workers: int, budget: int,
@@ -227,7 +227,7 @@ def storm_figures(trials: list, budget: int, killed_pids: list[int]) -> dict:
     """What the storm left: COMPLETE trials against the budget, retries, duplicates, RUNNING leftovers, and the
     trials lost to kills that were never retried."""
     retried = retried_numbers(trials)
-    complete = [t for t in trials if t.state.name == "COMPLETE" and not t.user_attrs.get(SURPLUS_ATTR)]
+    complete = [t for t in trials if t.state.name == "COMPLETE" and not ran_nothing(t)]
     lineage = [t.system_attrs.get("retry_history", [t.number])[0] for t in complete]
     numbers = [t.number for t in trials]
     lost = [t for t in trials if t.state.name == "FAIL" and ERROR_ATTR not in t.user_attrs]  # killed, not failed by its candidate
@@ -235,7 +235,7 @@ def storm_figures(trials: list, budget: int, killed_pids: list[int]) -> dict:
     return {
         "complete": len(complete), "budget": budget,
         # a second retry of one attempt (two workers recovered its lost retry at once) runs nothing: not counted
-        "retries": sum(1 for t in trials if t.system_attrs.get("retry_history") and not t.user_attrs.get(SURPLUS_ATTR)),
+        "retries": sum(1 for t in trials if t.system_attrs.get("retry_history") and not ran_nothing(t)),
         "duplicates": (len(numbers) - len(set(numbers))) + (len(lineage) - len(set(lineage))),
         "left_running": sum(1 for t in trials if t.state.name == "RUNNING"),
         "kills_mid_trial": sum(1 for t in lost if owners[t.number] in {str(pid) for pid in killed_pids}),
@@ -261,7 +261,7 @@ def storm(args: argparse.Namespace) -> None:
                           seconds=args.minutes * 60,
                           kill_every=args.kill_every, seed=args.seed, aim_at_trials=args.aim_at_trials)
         at_end = load_trials(storage, study)
-        done = sum(1 for t in at_end if t.state.name == "COMPLETE" and not t.user_attrs.get(SURPLUS_ATTR))
+        done = sum(1 for t in at_end if t.state.name == "COMPLETE" and not ran_nothing(t))
         print(f"storm: {seen['storm_s']:.0f} s, {seen['kills']} kills, {done} of {args.trials} trials COMPLETE when it "
               f"ended ({seen['drained_s']:.0f} s more for the workers left to exit)", flush=True)
         start = time.monotonic()

@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotune.caches import publish_dir, read_json, write_json_atomic
 from autotune.cli import main
-from autotune.study import INTERRUPTED_ATTR, SURPLUS_ATTR, WORKER_ATTR, budget_use
+from autotune.study import INTERRUPTED_ATTR, REPEAT_ATTR, SURPLUS_ATTR, WORKER_ATTR, budget_use, ran_nothing
 
 pytestmark = pytest.mark.usefixtures("machine_profiles")  # every run reads this machine's profile
 
@@ -126,15 +126,16 @@ def retries_of(trials: list[FrozenTrial], number: int) -> list[FrozenTrial]:
 
 
 def outline(trials: list[FrozenTrial]) -> list[tuple[Any, ...]]:
-    """What a failure message needs to tell a race from a bug: number, state, retry history, surplus mark."""
-    return [(t.number, t.state.name, t.system_attrs.get("retry_history"), t.user_attrs.get(SURPLUS_ATTR)) for t in trials]
+    """What a failure message needs to tell a race from a bug: number, state, retry history, surplus and repeat marks."""
+    return [(t.number, t.state.name, t.system_attrs.get("retry_history"), t.user_attrs.get(SURPLUS_ATTR),
+             t.user_attrs.get(REPEAT_ATTR)) for t in trials]
 
 
 def assert_study_complete(trials: list[FrozenTrial], budget: int) -> None:
     """Exactly `budget` trials used the budget, all COMPLETE; none left running; no trial ran twice."""
     assert not [t.number for t in trials if t.state == TrialState.RUNNING]
     assert budget_use(trials).finished == budget
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get(SURPLUS_ATTR)]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and not ran_nothing(t)]
     assert len(complete) == budget
     assert len({t.number for t in trials}) == len(trials)
     assert all(t.user_attrs.get(WORKER_ATTR) for t in complete)
