@@ -357,9 +357,13 @@ def repeated_trial(trials: Sequence[FrozenTrial], candidate: dict[str, Any], fin
 
 
 def repeat(trial: optuna.Trial, earlier: FrozenTrial) -> list[float]:
-    """Record `trial` as a repeat of `earlier`: its constraints, and its objective values to return."""
+    """Record `trial` as a repeat of `earlier`: its constraints and figures (so the study, in optuna-dashboard say,
+    shows what the repeat stands for), and its objective values to return."""
     for name, value in earlier.constraints.items():
         trial.set_constraint(name, value)
+    for name, value in earlier.user_attrs.items():
+        if name not in (OWNER_ATTR, WORKER_ATTR):  # the repeat's own process
+            trial.set_user_attr(name, value)
     trial.set_user_attr(REPEAT_ATTR, earlier.number)
     log.info("trial %d repeats trial %d's candidate: its figures again, no budget used", trial.number, earlier.number)
     return list(earlier.values)
