@@ -125,7 +125,7 @@ def test_a_candidate_proposed_again_is_not_measured_again_and_uses_no_budget_up_
         assert earlier.user_attrs.get(REPEAT_ATTR) is None and earlier.number < trial.number
         assert trial.params == earlier.params and trial.values == earlier.values
         assert trial.constraints == earlier.constraints and trial.state == TrialState.COMPLETE
-        assert trial.user_attrs["latency_ms"] == earlier.user_attrs["latency_ms"]  # its figures, for whoever reads the study
+        assert trial.user_attrs["latency_ms"] == earlier.user_attrs["latency_ms"]  # its figures too
     candidate = trials[0].user_attrs["candidate"]
     assert repeated_trial(trials, candidate, "other hardware", budget=10) is None  # its latency was not measured there
     assert repeated_trial(trials, candidate, "hw", budget=len(repeats)) is None  # the cap reached

@@ -126,7 +126,8 @@ def retries_of(trials: list[FrozenTrial], number: int) -> list[FrozenTrial]:
 
 
 def outline(trials: list[FrozenTrial]) -> list[tuple[Any, ...]]:
-    """What a failure message needs to tell a race from a bug: number, state, retry history, surplus and repeat marks."""
+    """What a failure message needs to tell a race from a bug: number, state, retry history, surplus and repeat
+    marks."""
     return [(t.number, t.state.name, t.system_attrs.get("retry_history"), t.user_attrs.get(SURPLUS_ATTR),
              t.user_attrs.get(REPEAT_ATTR)) for t in trials]
 
