@@ -17,8 +17,8 @@ Optuna never finds stale an RDB trial killed before its first heartbeat), so eac
 pid, trial number) first thing, and a worker fails and re-enqueues, with the same callback, the RUNNING trials
 whose owner is a dead process of its own host, or that no process claimed within UNCLAIMED_GRACE_S. The budget
 counts trials, not attempts: a trial lost to a crash or a Ctrl-C and retried does not use it, a trial whose
-candidate failed does. A full disk stops the run (DiskFullError), its trial re-enqueued for the run that
-resumes once space is freed.
+candidate failed does, and a repeat (a candidate already measured on this hardware, `repeated_trial`) does not. A
+full disk stops the run (DiskFullError), its trial re-enqueued for the run that resumes once space is freed.
 """
 
 from __future__ import annotations
