@@ -351,7 +351,7 @@ def repeated_trial(trials: Sequence[FrozenTrial], candidate: dict[str, Any], fin
     study, since a converged sampler, or a space it has exhausted, proposes nothing else and the study must end."""
     if sum(t.user_attrs.get(REPEAT_ATTR) is not None for t in trials) >= budget:
         return None
-    return next((t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(REPEAT_ATTR) is None
+    return next((t for t in trials if t.state == TrialState.COMPLETE and not ran_nothing(t)
                  and t.user_attrs.get("candidate") == candidate and t.user_attrs.get(HARDWARE_ATTR) == fingerprint),
                 None)
 
@@ -435,8 +435,9 @@ def make_objective(
             raise optuna.TrialPruned(surplus)
         trial.set_user_attr(HARDWARE_ATTR, fingerprint)
         candidate = suggest(trial, space)
-        trial.set_user_attr("candidate", candidate.to_dict())
-        earlier = repeated_trial(trial.study.get_trials(deepcopy=False), candidate.to_dict(), fingerprint, budget)
+        stored = candidate.to_dict()
+        trial.set_user_attr("candidate", stored)
+        earlier = repeated_trial(trial.study.get_trials(deepcopy=False), stored, fingerprint, budget)
         if earlier is not None:
             return repeat(trial, earlier)
         on_start(trial.number, candidate)

@@ -16,7 +16,7 @@ from autotune import api
 from autotune.config import ConfigError
 from autotune.plan import plan_for
 from autotune.records import Stage
-from autotune.study import REPEAT_ATTR
+from autotune.study import kept_trials
 from conftest import save_tiny_llama
 from profilers.hardware import HardwareProfile
 
@@ -70,8 +70,8 @@ def test_a_binding_decode_target_over_a_worker_and_a_resumed_tune_recommends_the
 
     def finished() -> list[tuple[int, dict[str, Any], list[float] | None]]:
         """The trials that used the budget (a repeat of a measured candidate does not: see autotune.study)."""
-        trials = optuna.load_study(study_name="tiny-lm", storage=storage).trials
-        return [(t.number, t.params, t.values) for t in trials if t.user_attrs.get(REPEAT_ATTR) is None]
+        study = optuna.load_study(study_name="tiny-lm", storage=storage)
+        return [(t.number, t.params, t.values) for t in kept_trials(study)]
 
     summary = api.work(spec, storage=storage, study_name="tiny-lm", out=out, trials=3)
     before = finished()

@@ -31,7 +31,7 @@ from autotune.predict import load_model
 from autotune.runtime import artifact_runtime, load_artifact
 from autotune.tasks import TextClassification, evaluate, predict_logits, prepared_task
 from autotune.records import LATENCY_CONSTRAINT
-from autotune.study import REPEAT_ATTR, anchors
+from autotune.study import anchors, kept_trials
 from autotune.tasks.text_classification import encoder_anchors, load_splits
 from autotune.trial import TrialPipeline
 from profilers.hardware import PROFILE_ENV, collect_profile, profile_for
@@ -364,8 +364,8 @@ def test_resume_adds_trials_and_keeps_finished_ones(
 
     def finished() -> list[tuple[int, dict[str, Any], list[float] | None]]:
         """The trials that used the budget (a repeat of a measured candidate does not: see autotune.study)."""
-        trials = optuna.load_study(study_name="tiny", storage=storage).trials
-        return [(t.number, t.params, t.values) for t in trials if t.user_attrs.get(REPEAT_ATTR) is None]
+        study = optuna.load_study(study_name="tiny", storage=storage)
+        return [(t.number, t.params, t.values) for t in kept_trials(study)]
 
     assert tune_cli(spec, "--out", out, "--trials", 3) == 0
     before = finished()
